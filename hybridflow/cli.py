@@ -1,0 +1,159 @@
+"""Command line: ``hybridflow train | eval | sweep | list``.
+
+Every training option is a ``--key=value`` override of ``hybridflow.training.DEFAULTS``
+(nested keys with dots: ``--backbone_args.hidden_channels=32``); ``--config FILE.json`` loads a
+base config first. The resolved config is saved as ``config.json`` in the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _split_known(argv: Sequence[str], flags: set[str]) -> tuple[list[str], list[str]]:
+    """Separate the subcommand's own flags from ``--key=value`` config overrides."""
+    own, overrides = [], []
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        (own if key in flags or not arg.startswith("--") else overrides).append(arg)
+    return own, overrides
+
+
+def _base_config(path: str | None) -> dict:
+    if not path:
+        return {}
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"error: config file {path} not found") from None
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"error: config file {path} is not valid JSON: {err}") from None
+
+
+def _cmd_train(argv: Sequence[str]) -> int:
+    from .training import parse_overrides, train
+
+    parser = argparse.ArgumentParser(prog="hybridflow train", description="Train a hybrid model.")
+    parser.add_argument("--config", help="JSON file with a base config")
+    own, rest = _split_known(argv, {"--config"})
+    args = parser.parse_args(own)
+    run_dir = train(_base_config(args.config), **parse_overrides(rest))
+    print(run_dir)
+    return 0
+
+
+def _cmd_eval(argv: Sequence[str]) -> int:
+    from .reports import evaluate_run
+
+    parser = argparse.ArgumentParser(prog="hybridflow eval", description="Evaluate a run folder.")
+    parser.add_argument("run_dir")
+    parser.add_argument("--split", default="test")
+    parser.add_argument(
+        "--ood",
+        action="append",
+        default=[],
+        help="OOD dataset (repeatable), e.g. mnist, npz:PATH, fashion-mnist@test",
+    )
+    parser.add_argument("--dequant-samples", type=int, default=1)
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    result = evaluate_run(
+        args.run_dir,
+        args.split,
+        ood=args.ood,
+        dequant_samples=args.dequant_samples,
+        data_root=args.data_root,
+        device=args.device,
+    )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_sweep(argv: Sequence[str]) -> int:
+    from .reports import run_sweep
+    from .training import parse_overrides
+
+    parser = argparse.ArgumentParser(
+        prog="hybridflow sweep", description="Train and compare runs across λ (and backbones)."
+    )
+    parser.add_argument("--name", required=True, help="report name: reports/<name>/")
+    parser.add_argument("--lams", default="0,1/D,1", help="comma-separated λ values")
+    parser.add_argument("--backbones", default=None, help="comma-separated backbone names")
+    parser.add_argument("--ood", action="append", default=[])
+    parser.add_argument("--config", help="JSON file with a base config")
+    parser.add_argument("--report-root", default="reports")
+    parser.add_argument("--runs-root", default="runs")
+    parser.add_argument("--dequant-samples", type=int, default=1)
+    flags = {
+        "--name",
+        "--lams",
+        "--backbones",
+        "--ood",
+        "--config",
+        "--report-root",
+        "--runs-root",
+        "--dequant-samples",
+    }
+    own, rest = _split_known(argv, flags)
+    args = parser.parse_args(own)
+    config = {**_base_config(args.config), **parse_overrides(rest)}
+    out = run_sweep(
+        args.name,
+        lams=args.lams.split(","),
+        backbones=args.backbones.split(",") if args.backbones else None,
+        config=config,
+        ood=args.ood,
+        report_root=args.report_root,
+        runs_root=args.runs_root,
+        dequant_samples=args.dequant_samples,
+    )
+    print((out / "report.md").read_text())
+    return 0
+
+
+def _cmd_list(argv: Sequence[str]) -> int:
+    from .data import available_datasets
+    from .models import list_backbones
+    from .training import DEFAULTS
+
+    print("backbones:", ", ".join(list_backbones()))
+    print("datasets: ", ", ".join(available_datasets()))
+    print("config defaults:")
+    print(json.dumps(DEFAULTS, indent=2))
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "sweep": _cmd_sweep, "list": _cmd_list}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hybridflow`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        known = ", ".join(COMMANDS)
+        print(f"usage: hybridflow {{{known}}} [options]\n\n{__doc__}", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from .training import CheckpointError, ConfigError, TrainingDivergedError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (
+        ConfigError,
+        ValueError,
+        FileNotFoundError,
+        CheckpointError,
+        TrainingDivergedError,
+    ) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

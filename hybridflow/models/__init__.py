@@ -1,0 +1,23 @@
+"""Flow density models, backbones (registered by name), classifier heads and the hybrid model."""
+
+from . import realnvp  # noqa: F401  (registers the coupling backbones)
+from .factory import create_hybrid_model
+from .flow import FlowModel, standard_normal_log_prob
+from .heads import DIGHead, ResidualFlowsHead, create_head
+from .hybrid import HybridModel, HybridOutput, resolve_lambda
+from .registry import create_backbone, list_backbones, register_backbone
+
+__all__ = [
+    "DIGHead",
+    "FlowModel",
+    "HybridModel",
+    "HybridOutput",
+    "ResidualFlowsHead",
+    "create_backbone",
+    "create_head",
+    "create_hybrid_model",
+    "list_backbones",
+    "register_backbone",
+    "resolve_lambda",
+    "standard_normal_log_prob",
+]

@@ -1,0 +1,37 @@
+"""Named backbones, registered timm-style: ``@register_backbone def name(input_shape, **kw)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..transforms import MultiscaleFlow
+
+__all__ = ["create_backbone", "list_backbones", "register_backbone"]
+
+BackboneFn = Callable[..., MultiscaleFlow]
+_BACKBONES: dict[str, BackboneFn] = {}
+
+
+def register_backbone(fn: BackboneFn | None = None, *, name: str | None = None):
+    """Register a backbone builder under ``name`` (default: the function name, ``_`` → ``-``)."""
+
+    def wrap(f: BackboneFn) -> BackboneFn:
+        key = name or f.__name__.replace("_", "-")
+        if key in _BACKBONES:
+            raise ValueError(f"backbone {key!r} is already registered")
+        _BACKBONES[key] = f
+        return f
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def list_backbones() -> list[str]:
+    """Names accepted by :func:`create_backbone`."""
+    return sorted(_BACKBONES)
+
+
+def create_backbone(name: str, input_shape: tuple[int, ...], **kwargs) -> MultiscaleFlow:
+    """Build the backbone ``name`` for inputs of ``input_shape`` (``(C, H, W)`` or ``(D,)``)."""
+    if name not in _BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
+    return _BACKBONES[name](tuple(input_shape), **kwargs)

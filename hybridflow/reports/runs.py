@@ -1,0 +1,80 @@
+"""Evaluate finished run folders: test metrics and OOD tables, written beside the run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import load_dataset
+from ..evaluation import evaluate_predictions, ood_table, predict
+from ..training import load_run
+
+__all__ = ["evaluate_run"]
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    split: str = "test",
+    ood: Sequence[str] = (),
+    dequant_samples: int = 1,
+    data_root: str | None = None,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Evaluate a run's EMA model on ``split`` and against each OOD dataset.
+
+    Writes ``eval_<split>.json`` (all metrics) and, with ``ood``, ``ood_<split>.csv`` (one row per
+    OOD dataset × score) into the run folder and returns the same dict.
+    OOD datasets are read whole (split ``"all"``) unless given as ``NAME@SPLIT``.
+    """
+    run_dir = Path(run_dir)
+    model, cfg = load_run(run_dir, device=device)
+    root = data_root if data_root is not None else cfg["data_root"]
+    data_kw = {"data_root": root, "seed": cfg["seed"], "val_fraction": cfg["val_fraction"]}
+    in_set = load_dataset(cfg["dataset"], split, **data_kw)
+    in_pred = predict(
+        model, in_set, batch_size=batch_size, dequant_samples=dequant_samples, device=device
+    )
+    result: dict[str, Any] = {
+        "run": run_dir.name,
+        "dataset": cfg["dataset"],
+        "split": split,
+        "lam": cfg["lam"],
+        "backbone": cfg["backbone"],
+        "dequant_samples": dequant_samples,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        **evaluate_predictions(in_pred),
+        "ood": {},
+    }
+    rows = []
+    for spec in ood:
+        name, _, ood_split = spec.partition("@")
+        out_set = load_dataset(name, ood_split or "all", **data_kw)
+        if getattr(out_set, "num_levels", None) != getattr(in_set, "num_levels", None):
+            raise ValueError(
+                f"OOD dataset {name} has {out_set.num_levels} levels per pixel, the model reads "
+                f"{in_set.num_levels}"
+            )
+        if tuple(out_set.shape) != tuple(in_set.shape):
+            raise ValueError(
+                f"OOD dataset {name} has examples of shape {tuple(out_set.shape)}, the model reads "
+                f"{tuple(in_set.shape)}"
+            )
+        out_pred = predict(
+            model, out_set, batch_size=batch_size, dequant_samples=dequant_samples, device=device
+        )
+        table = ood_table(in_pred, out_pred)
+        result["ood"][spec] = {"bpd": evaluate_predictions(out_pred)["bpd"], "scores": table}
+        rows += [{"ood": spec, "score": score, **metrics} for score, metrics in table.items()]
+    (run_dir / f"eval_{split}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if rows:
+        with (run_dir / f"ood_{split}.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return result

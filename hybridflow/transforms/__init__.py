@@ -1,0 +1,26 @@
+"""Invertible layers. Convention: ``forward(x) -> (z, logdet)`` maps data to latent.
+
+Every public layer here is listed in ``__all__`` and must have a case in the conformance test
+suite (``tests/test_conformance.py``), which fails for any layer that is missing.
+"""
+
+from .base import Inverse, InvertibleModule, InvertibleSequential, sum_except_batch
+from .coupling import AffineCoupling, checkerboard_mask
+from .multiscale import MultiscaleFlow
+from .normalization import ActNorm
+from .preprocessing import LogitTransform, UniformDequantization
+from .reshape import Squeeze
+
+__all__ = [
+    "ActNorm",
+    "AffineCoupling",
+    "Inverse",
+    "InvertibleModule",
+    "InvertibleSequential",
+    "LogitTransform",
+    "MultiscaleFlow",
+    "Squeeze",
+    "UniformDequantization",
+    "checkerboard_mask",
+    "sum_except_batch",
+]

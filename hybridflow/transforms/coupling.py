@@ -1,0 +1,132 @@
+"""Affine coupling layers (Dinh et al. 2017, "Density estimation using Real NVP", §3.3-3.4).
+
+A coupling splits the input into a conditioning part ``x_a`` that passes unchanged and a
+transformed part ``x_b``: ``z_b = x_b * exp(s(x_a)) + t(x_a)``. The Jacobian is triangular,
+so ``log|det J| = Σ s(x_a)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..nets import MLP, ConvResNet
+from .base import InvertibleModule, sum_except_batch
+
+__all__ = ["AffineCoupling", "checkerboard_mask"]
+
+NetFactory = Callable[[int, int], nn.Module]
+
+
+def checkerboard_mask(height: int, width: int, parity: int, *, device=None, dtype=None) -> Tensor:
+    """``[1, 1, H, W]`` mask with ones where ``(h + w + parity)`` is even (the kept sites)."""
+    h = torch.arange(height, device=device).view(-1, 1)
+    w = torch.arange(width, device=device).view(1, -1)
+    return (
+        ((h + w + parity) % 2 == 0).to(dtype or torch.get_default_dtype()).view(1, 1, height, width)
+    )
+
+
+def _default_factory(spatial: bool) -> NetFactory:
+    if spatial:
+        return lambda c_in, c_out: ConvResNet(c_in, c_out, hidden_channels=64, num_blocks=2)
+    return lambda c_in, c_out: MLP(c_in, c_out, hidden_features=64, num_layers=2)
+
+
+class AffineCoupling(InvertibleModule):
+    """Affine coupling with a checkerboard or channel mask.
+
+    Args:
+        num_channels: Channels ``C`` of the input (features for vector inputs).
+        mask: ``"checkerboard"`` (images ``[N, C, H, W]``; the conditioner sees ``x·mask`` and the
+            mask itself) or ``"channel"`` (images or vectors; splits dimension 1 in halves).
+        parity: 0 or 1, which half is kept; alternate it between consecutive couplings.
+        net_factory: ``(in_channels, out_channels) -> nn.Module``; defaults to a small
+            :class:`~hybridflow.nets.ConvResNet` for images and :class:`~hybridflow.nets.MLP`
+            for vectors. The net's output should start at zero so the layer starts as identity.
+        spatial: Whether inputs are images (``True``) or vectors (``False``).
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        mask: str = "checkerboard",
+        parity: int = 0,
+        net_factory: NetFactory | None = None,
+        *,
+        spatial: bool = True,
+    ) -> None:
+        super().__init__()
+        if mask not in ("checkerboard", "channel"):
+            raise ValueError(f"mask must be 'checkerboard' or 'channel', got {mask!r}")
+        if mask == "checkerboard" and not spatial:
+            raise ValueError("a checkerboard mask needs image inputs (spatial=True)")
+        if mask == "channel" and num_channels < 2:
+            raise ValueError("a channel mask needs at least 2 channels")
+        if parity not in (0, 1):
+            raise ValueError(f"parity must be 0 or 1, got {parity}")
+        self.num_channels, self.mask, self.parity, self.spatial = (
+            num_channels,
+            mask,
+            parity,
+            spatial,
+        )
+        factory = net_factory or _default_factory(spatial)
+        if mask == "checkerboard":
+            c_in, c_out = num_channels + 1, num_channels
+        else:
+            first = num_channels // 2
+            c_in, c_out = (
+                (first, num_channels - first) if parity == 0 else (num_channels - first, first)
+            )
+        self.net = factory(c_in, 2 * c_out)
+        # RealNVP's "scale · tanh" keeps log-scales bounded early in training.
+        self.scale = nn.Parameter(torch.ones(c_out))
+
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(kept, moved)`` channel groups."""
+        first, second = x[:, : self.num_channels // 2], x[:, self.num_channels // 2 :]
+        return (first, second) if self.parity == 0 else (second, first)
+
+    def _merge(self, kept: Tensor, moved: Tensor) -> Tensor:
+        return torch.cat([kept, moved] if self.parity == 0 else [moved, kept], dim=1)
+
+    def _params(self, kept: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        shift, raw = self.net(kept).chunk(2, dim=1)
+        view = (1, -1) + (1,) * (raw.dim() - 2)
+        log_s = self.scale.view(view) * torch.tanh(raw)
+        return shift, log_s
+
+    def _check(self, x: Tensor) -> None:
+        want = 4 if self.spatial else 2
+        if x.dim() != want or x.shape[1] != self.num_channels:
+            shape = "[N, C, H, W]" if self.spatial else "[N, C]"
+            raise ValueError(
+                f"AffineCoupling expects {shape} with C={self.num_channels}, got {tuple(x.shape)}"
+            )
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._check(x)
+        if self.mask == "checkerboard":
+            m = checkerboard_mask(*x.shape[2:], self.parity, device=x.device, dtype=x.dtype)
+            inp = torch.cat([x * m, m.expand(x.shape[0], 1, *x.shape[2:])], dim=1)
+            shift, log_s = self._params(inp, context)
+            log_s = log_s * (1 - m)
+            z = x * m + (1 - m) * (x * log_s.exp() + shift)
+            return z, sum_except_batch(log_s)
+        kept, moved = self._split(x)
+        shift, log_s = self._params(kept, context)
+        return self._merge(kept, moved * log_s.exp() + shift), sum_except_batch(log_s)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        self._check(z)
+        if self.mask == "checkerboard":
+            m = checkerboard_mask(*z.shape[2:], self.parity, device=z.device, dtype=z.dtype)
+            inp = torch.cat([z * m, m.expand(z.shape[0], 1, *z.shape[2:])], dim=1)
+            shift, log_s = self._params(inp, context)
+            return z * m + (1 - m) * ((z - shift) * (-log_s).exp())
+        kept, moved = self._split(z)
+        shift, log_s = self._params(kept, context)
+        return self._merge(kept, (moved - shift) * (-log_s).exp())

@@ -1,0 +1,433 @@
+"""Tests of hybridflow.data: image datasets, IDX/npz parsing, splits and toy densities."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import hybridflow.data.images as images_mod
+from hybridflow.data import (
+    TOY_DATASETS,
+    DatasetNotFoundError,
+    ImageDataset,
+    ToyDataset,
+    available_datasets,
+    load_dataset,
+    read_idx,
+    sample_toy,
+    toy_log_density,
+)
+
+__all__: list[str] = []
+
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+MNIST10K = Path("/work/shared/data/mnist10k.npz")
+SPLITS = ("train", "val", "test")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def write_idx(path: Path, array: np.ndarray, *, compress: bool = True) -> None:
+    """Write ``array`` as an IDX file (big-endian header), gzip-compressed by default."""
+    codes = {np.dtype("u1"): 0x08, np.dtype(">i4"): 0x0C}
+    dtype = np.dtype(">i4") if array.dtype.kind == "i" and array.itemsize == 4 else array.dtype
+    header = bytes([0, 0, codes[dtype], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + np.ascontiguousarray(array, dtype=dtype).tobytes()
+    path.write_bytes(gzip.compress(payload) if compress else payload)
+
+
+def write_fake_idx_set(
+    folder: Path, *, n_train: int = 30, n_test: int = 7, seed: int = 0, compress: bool = True
+) -> dict[str, np.ndarray]:
+    """Write a tiny valid MNIST-style IDX set into ``folder`` and return its arrays."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    for stem, array in arrays.items():
+        write_idx(folder / (f"{stem}.gz" if compress else stem), array, compress=compress)
+    return arrays
+
+
+@pytest.fixture
+def no_system_dirs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Point the Debian location of Fashion-MNIST at an empty folder for this test."""
+    nowhere = tmp_path / "no-system-data"
+    source = images_mod.IDX_SOURCES["fashion-mnist"]
+    monkeypatch.setitem(
+        images_mod.IDX_SOURCES,
+        "fashion-mnist",
+        dataclasses.replace(source, system_dirs=(str(nowhere),)),
+    )
+    return nowhere
+
+
+def split_indices(datasets: dict[str, ImageDataset]) -> dict[str, set[int]]:
+    return {split: set(ds.indices.tolist()) for split, ds in datasets.items()}
+
+
+def assert_disjoint_cover(parts: dict[str, set[int]], total: int) -> None:
+    """The parts are pairwise disjoint and together give ``range(total)``."""
+    names = list(parts)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not parts[a] & parts[b], f"{a} and {b} overlap"
+    assert set().union(*parts.values()) == set(range(total))
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def test_digits_splits_shapes_and_values() -> None:
+    from sklearn.datasets import load_digits
+
+    reference = load_digits().images.astype(np.uint8)
+    parts = {split: load_dataset("digits", split) for split in SPLITS}
+    for split, ds in parts.items():
+        assert isinstance(ds, ImageDataset)
+        assert ds.split == split and ds.name == "digits"
+        assert ds.images.dtype == torch.uint8 and ds.labels.dtype == torch.int64
+        assert ds.shape == (1, 8, 8) and ds.dim == 64
+        assert ds.num_levels == 17 and ds.num_classes == 10
+        assert int(ds.images.min()) >= 0 and int(ds.images.max()) <= 16
+        # Images are the sklearn images at the recorded positions, unchanged.
+        np.testing.assert_array_equal(ds.images[:, 0].numpy(), reference[ds.indices.numpy()])
+        image, label = ds[0]
+        assert image.shape == (1, 8, 8) and image.dtype == torch.uint8
+        assert label.dtype == torch.int64 and label.ndim == 0
+    assert [len(parts[s]) for s in SPLITS] == [1257, 180, 360]
+    assert_disjoint_cover(split_indices(parts), 1797)
+    # Stratified: every class in test and val, in roughly the global proportions.
+    for split in ("val", "test"):
+        counts = torch.bincount(parts[split].labels, minlength=10)
+        assert (counts > 0).all()
+        assert counts.max() - counts.min() <= 3
+    everything = load_dataset("digits", "all")
+    assert len(everything) == 1797
+    assert int(everything.images.max()) == 16
+
+
+def test_digits_seeded_reproducible() -> None:
+    a = load_dataset("digits", "train", seed=3)
+    b = load_dataset("digits", "train", seed=3)
+    c = load_dataset("digits", "train", seed=4)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.indices, c.indices)
+    assert len(a) == len(c)
+
+
+def test_digits_val_fraction() -> None:
+    assert len(load_dataset("digits", "val", val_fraction=0.0)) == 0
+    assert len(load_dataset("digits", "val", val_fraction=0.25)) == round(0.25 * 1797)
+    with pytest.raises(ValueError, match="val_fraction"):
+        load_dataset("digits", "train", val_fraction=0.8)
+
+
+# --------------------------------------------------------------------------- IDX parsing
+
+
+def test_read_idx_roundtrip(tmp_path: Path) -> None:
+    data = np.arange(24, dtype=np.int32).reshape(2, 3, 4) - 5
+    write_idx(tmp_path / "a.idx", data, compress=False)
+    out = read_idx(tmp_path / "a.idx")
+    assert out.shape == (2, 3, 4) and out.dtype == np.int32
+    np.testing.assert_array_equal(out, data)
+    pixels = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    write_idx(tmp_path / "b.idx.gz", pixels)
+    np.testing.assert_array_equal(read_idx(tmp_path / "b.idx.gz"), pixels)
+
+
+def test_read_idx_corrupt(tmp_path: Path) -> None:
+    pixels = np.ones((5, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "good.gz", pixels)
+    blob = (tmp_path / "good.gz").read_bytes()
+    (tmp_path / "truncated_gz.gz").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="gzip"):
+        read_idx(tmp_path / "truncated_gz.gz")
+    payload = gzip.decompress(blob)
+    (tmp_path / "short.gz").write_bytes(gzip.compress(payload[:-10]))
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        read_idx(tmp_path / "short.gz")
+    (tmp_path / "magic").write_bytes(b"\x12\x34" + payload[2:])
+    with pytest.raises(ValueError, match="magic"):
+        read_idx(tmp_path / "magic")
+
+
+# --------------------------------------------------------------------------- fashion-mnist / mnist
+
+
+@pytest.mark.skipif(
+    not DEBIAN_FASHION.is_dir(),
+    reason=f"{DEBIAN_FASHION} absent (apt-get install -y dataset-fashion-mnist)",
+)
+def test_fashion_mnist_debian(tmp_path: Path) -> None:
+    # An empty data_root forces the lookup to fall through to the Debian location.
+    parts = {
+        split: load_dataset("fashion-mnist", split, data_root=str(tmp_path)) for split in SPLITS
+    }
+    assert [len(parts[s]) for s in SPLITS] == [54_000, 6_000, 10_000]
+    for ds in parts.values():
+        assert ds.shape == (1, 28, 28) and ds.images.dtype == torch.uint8
+        assert ds.num_levels == 256 and ds.num_classes == 10
+        assert int(ds.labels.min()) == 0 and int(ds.labels.max()) == 9
+    assert_disjoint_cover(split_indices(parts), 70_000)
+    assert parts["test"].indices.tolist() == list(range(60_000, 70_000))
+    t10k = read_idx(DEBIAN_FASHION / "t10k-images-idx3-ubyte.gz")
+    np.testing.assert_array_equal(parts["test"].images[:, 0].numpy(), t10k)
+    assert len(load_dataset("fashion-mnist", "all", data_root=str(tmp_path))) == 70_000
+    again = load_dataset("fashion-mnist", "val", data_root=str(tmp_path))
+    assert torch.equal(again.indices, parts["val"].indices)
+
+
+@pytest.mark.parametrize(
+    ("name", "folder"), [("fashion-mnist", "FashionMNIST"), ("mnist", "MNIST")]
+)
+def test_idx_torchvision_layout(
+    tmp_path: Path, no_system_dirs: Path, name: str, folder: str
+) -> None:
+    arrays = write_fake_idx_set(tmp_path / folder / "raw")
+    train = load_dataset(name, "train", data_root=str(tmp_path))
+    val = load_dataset(name, "val", data_root=str(tmp_path))
+    test = load_dataset(name, "test", data_root=str(tmp_path))
+    assert (len(train), len(val), len(test)) == (27, 3, 7)
+    assert train.shape == (1, 28, 28)
+    np.testing.assert_array_equal(test.images[:, 0].numpy(), arrays["t10k-images-idx3-ubyte"])
+    np.testing.assert_array_equal(test.labels.numpy(), arrays["t10k-labels-idx1-ubyte"])
+    merged = torch.cat([train.indices, val.indices]).sort().values
+    assert merged.tolist() == list(range(30))
+    np.testing.assert_array_equal(
+        val.images[:, 0].numpy(), arrays["train-images-idx3-ubyte"][val.indices.numpy()]
+    )
+
+
+def test_idx_data_root_first_and_uncompressed(tmp_path: Path, no_system_dirs: Path) -> None:
+    # Files directly in data_root win over the torchvision layout below it.
+    direct = write_fake_idx_set(tmp_path, n_train=12, seed=1, compress=False)
+    write_fake_idx_set(tmp_path / "FashionMNIST" / "raw", n_train=40, seed=2)
+    ds = load_dataset("fashion-mnist", "all", data_root=str(tmp_path))
+    assert len(ds) == 12 + 7
+    np.testing.assert_array_equal(ds.images[:12, 0].numpy(), direct["train-images-idx3-ubyte"])
+
+
+def test_idx_corrupt_file_raises(tmp_path: Path, no_system_dirs: Path) -> None:
+    write_fake_idx_set(tmp_path)
+    bad = tmp_path / "train-images-idx3-ubyte.gz"
+    bad.write_bytes(bad.read_bytes()[:100])
+    with pytest.raises(ValueError, match="train-images"):
+        load_dataset("fashion-mnist", "train", data_root=str(tmp_path))
+
+
+def test_idx_missing_raises_helpful(tmp_path: Path, no_system_dirs: Path) -> None:
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset("fashion-mnist", "train", data_root=str(tmp_path))
+    message = str(info.value)
+    assert isinstance(info.value, FileNotFoundError)
+    assert "apt-get install -y dataset-fashion-mnist" in message
+    assert "download=True" in message and "--download" in message
+    assert str(no_system_dirs) in message and str(tmp_path / "FashionMNIST" / "raw") in message
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset("mnist", "test", data_root=str(tmp_path))
+    assert "torchvision.datasets.MNIST" in str(info.value)
+    assert "apt-get" not in str(info.value)
+
+
+def test_idx_download_uses_torchvision(
+    tmp_path: Path, no_system_dirs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchvision.datasets
+
+    calls: list[str] = []
+
+    class FakeFashion:
+        def __init__(self, root: str, train: bool = True, download: bool = False) -> None:
+            calls.append(root)
+            write_fake_idx_set(Path(root) / "FashionMNIST" / "raw", n_train=10)
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", FakeFashion)
+    ds = load_dataset("fashion-mnist", "train", data_root=str(tmp_path), download=True)
+    assert calls == [str(tmp_path)] and len(ds) == 9
+
+    class Offline:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            raise RuntimeError("no internet")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
+    with pytest.raises(DatasetNotFoundError, match="no internet"):
+        load_dataset("mnist", "train", data_root=str(tmp_path / "empty"), download=True)
+
+
+# --------------------------------------------------------------------------- npz
+
+
+def test_npz_adds_channel_axis_and_splits(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (50, 6, 5), dtype=np.uint8)
+    y = rng.integers(0, 3, 50).astype(np.int16)
+    y[0] = 4
+    path = tmp_path / "small.npz"
+    np.savez(path, x=x, y=y)
+    parts = {split: load_dataset(f"npz:{path}", split, seed=1) for split in SPLITS}
+    assert [len(parts[s]) for s in SPLITS] == [35, 5, 10]
+    assert_disjoint_cover(split_indices(parts), 50)
+    for ds in parts.values():
+        assert ds.shape == (1, 6, 5) and ds.num_levels == 256 and ds.num_classes == 5
+        assert ds.name == f"npz:{path}"
+        np.testing.assert_array_equal(ds.images[:, 0].numpy(), x[ds.indices.numpy()])
+        np.testing.assert_array_equal(ds.labels.numpy(), y[ds.indices.numpy()])
+    everything = load_dataset(f"npz:{path}", "all")
+    np.testing.assert_array_equal(everything.images[:, 0].numpy(), x)
+    other = load_dataset(f"npz:{path}", "test", seed=2)
+    assert not torch.equal(other.indices, parts["test"].indices)
+
+
+def test_npz_four_dims_and_no_labels(tmp_path: Path) -> None:
+    x = np.zeros((10, 3, 4, 4), dtype=np.uint8)
+    x[:, 2] = 255
+    np.savez(tmp_path / "rgb.npz", x=x)
+    ds = load_dataset(f"npz:{tmp_path / 'rgb.npz'}", "all")
+    assert ds.shape == (3, 4, 4) and ds.dim == 48
+    assert (ds.labels == -1).all() and ds.num_classes == 0
+    assert torch.equal(ds.images, torch.from_numpy(x))
+    # Relative paths are also looked up under data_root.
+    rel = load_dataset("npz:rgb.npz", "all", data_root=str(tmp_path))
+    assert torch.equal(rel.images, ds.images)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "match"),
+    [
+        ({"x": np.zeros((4, 5, 5), dtype=np.float32)}, "uint8"),
+        ({"x": np.zeros((4, 25), dtype=np.uint8)}, "N x H x W"),
+        ({"x": np.zeros((4, 8, 8, 3), dtype=np.uint8)}, "channels-last"),
+        ({"images": np.zeros((4, 5, 5), dtype=np.uint8)}, "missing key 'x'"),
+        ({"x": np.zeros((4, 5, 5), dtype=np.uint8), "y": np.zeros(3, dtype=np.int64)}, "'y'"),
+        ({"x": np.zeros((4, 5, 5), dtype=np.uint8), "y": np.zeros(4)}, "integer"),
+    ],
+)
+def test_npz_bad_content(tmp_path: Path, arrays: dict[str, np.ndarray], match: str) -> None:
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match=match):
+        load_dataset(f"npz:{tmp_path / 'bad.npz'}", "train")
+
+
+def test_npz_missing_or_not_npz(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError, match=r"numpy\.savez"):
+        load_dataset(f"npz:{tmp_path / 'absent.npz'}")
+    (tmp_path / "junk.npz").write_bytes(b"this is not a zip archive")
+    with pytest.raises(ValueError, match="npz"):
+        load_dataset(f"npz:{tmp_path / 'junk.npz'}")
+
+
+@pytest.mark.skipif(not MNIST10K.is_file(), reason=f"{MNIST10K} absent")
+def test_npz_real_mnist10k() -> None:
+    train = load_dataset(f"npz:{MNIST10K}", "train")
+    test = load_dataset(f"npz:{MNIST10K}", "test")
+    assert (len(train), len(test)) == (7_000, 2_000)
+    assert train.shape == (1, 28, 28) and train.num_classes == 10
+    assert int(train.images.max()) == 255
+
+
+# --------------------------------------------------------------------------- toy densities
+
+
+@pytest.mark.parametrize("toy", TOY_DATASETS)
+def test_toy_datasets(toy: str) -> None:
+    name = f"toy:{toy}"
+    parts = {split: load_dataset(name, split, seed=0) for split in SPLITS}
+    assert [len(parts[s]) for s in SPLITS] == [20_000, 2_000, 10_000]
+    for ds in parts.values():
+        assert isinstance(ds, ToyDataset) and ds.name == name
+        assert ds.points.dtype == torch.float32 and ds.points.shape[1] == 2
+        assert ds.shape == (2,) and ds.dim == 2 and ds.num_levels is None
+        assert torch.isfinite(ds.points).all()
+        assert ds.points.abs().max() < 4.0
+        assert int(ds.labels.min()) >= 0 and int(ds.labels.max()) < ds.num_classes
+        point, label = ds[3]
+        assert point.shape == (2,) and label.dtype == torch.int64
+    # Independent generators per split: no point is shared.
+    train = {tuple(p) for p in parts["train"].points.tolist()}
+    assert not train & {tuple(p) for p in parts["test"].points.tolist()}
+    everything = load_dataset(name, "all", seed=0)
+    assert torch.equal(everything.points, torch.cat([parts[s].points for s in SPLITS]))
+    assert torch.equal(load_dataset(name, "val", seed=0).points, parts["val"].points)
+    assert not torch.equal(load_dataset(name, "val", seed=1).points, parts["val"].points)
+
+
+@pytest.mark.parametrize(
+    ("toy", "step"), [("8gaussians", 0.02), ("grid", 0.02), ("checkerboard", 0.02)]
+)
+def test_toy_log_density_integrates_to_one(toy: str, step: float) -> None:
+    ticks = torch.arange(-4.0 + step / 2, 4.0, step, dtype=torch.float64)
+    xx, yy = torch.meshgrid(ticks, ticks, indexing="ij")
+    log_p = toy_log_density(f"toy:{toy}", torch.stack([xx, yy], dim=-1))
+    assert log_p.shape == xx.shape
+    total = log_p.exp().sum().item() * step**2
+    assert total == pytest.approx(1.0, abs=2e-3)
+
+
+@pytest.mark.parametrize("toy", ["8gaussians", "grid", "checkerboard"])
+def test_toy_samples_match_density(toy: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    points, _ = sample_toy(toy, 4_000, gen)
+    uniform = torch.rand(4_000, 2, generator=gen) * 8 - 4
+    on_samples = toy_log_density(toy, points)
+    assert torch.isfinite(on_samples).all()  # every sample lies on the support
+    assert on_samples.mean() > toy_log_density(toy, uniform).mean() + 1.0
+
+
+def test_toy_mixture_labels_are_components() -> None:
+    points, labels = sample_toy("toy:8gaussians", 2_000, torch.Generator().manual_seed(1))
+    angles = labels.double() * math.pi / 4
+    centres = 2.0 * torch.stack([angles.cos(), angles.sin()], dim=1)
+    assert ((points.double() - centres).norm(dim=1) < 5 * 0.2).all()
+    points, labels = sample_toy("grid", 2_000, torch.Generator().manual_seed(1))
+    centres = torch.stack([labels % 5, labels // 5], dim=1).double() - 2.0
+    assert ((points.double() - centres).norm(dim=1) < 5 * 0.1).all()
+
+
+def test_toy_errors_and_edge_cases() -> None:
+    for toy in ("moons", "rings", "spirals"):
+        with pytest.raises(NotImplementedError, match="closed-form"):
+            toy_log_density(toy, torch.zeros(3, 2))
+    points, labels = sample_toy("rings", 0, torch.Generator())
+    assert points.shape == (0, 2) and labels.shape == (0,)
+    with pytest.raises(ValueError, match="toy:moons"):
+        sample_toy("toy:swissroll", 5, torch.Generator())
+
+
+# --------------------------------------------------------------------------- names and splits
+
+
+def test_unknown_name_and_split() -> None:
+    with pytest.raises(ValueError, match="digits") as info:
+        load_dataset("cifar10")
+    assert "fashion-mnist" in str(info.value) and "toy:moons" in str(info.value)
+    with pytest.raises(ValueError, match="valid splits"):
+        load_dataset("digits", "validation")
+    with pytest.raises(ValueError, match="valid splits"):
+        load_dataset("toy:moons", "dev")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_dataset("toy:nothing")
+    with pytest.raises(ValueError, match="seed"):
+        load_dataset("digits", seed=-1)
+
+
+def test_available_datasets() -> None:
+    names = available_datasets()
+    assert {"digits", "fashion-mnist", "mnist", "npz:PATH", "toy:moons", "toy:grid"} <= set(names)
+    assert {"toy:8gaussians", "toy:checkerboard"} <= set(names)
+    for name in names:
+        if name == "digits" or name.startswith("toy:"):
+            assert len(load_dataset(name, "val")) > 0

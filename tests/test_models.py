@@ -1,0 +1,161 @@
+"""Flow model, hybrid model and heads: density bookkeeping, sampling, loss convention."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hybridflow.models import (
+    FlowModel,
+    HybridModel,
+    create_backbone,
+    create_hybrid_model,
+    list_backbones,
+    resolve_lambda,
+    standard_normal_log_prob,
+)
+
+SMALL = {
+    "num_scales": 2,
+    "couplings_per_scale": 1,
+    "final_couplings": 2,
+    "hidden_channels": 8,
+    "num_res_blocks": 1,
+}
+
+
+def _flow(levels: int = 17, preprocessing: str = "logit") -> FlowModel:
+    backbone = create_backbone("realnvp", (1, 4, 4), **SMALL)
+    flow = FlowModel(
+        backbone, (1, 4, 4), num_levels=levels, preprocessing=preprocessing, logit_alpha=0.01
+    )
+    flow.data_init(torch.randint(0, levels, (32, 1, 4, 4)))
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return flow.eval()
+
+
+def test_log_prob_is_density_on_level_scale() -> None:
+    """log_prob(x; u) = log N(z) + log|det dz/dv| for v = x + u, checked by autograd."""
+    flow = _flow()
+    x = torch.randint(0, 17, (2, 1, 4, 4)).double()
+    u = torch.rand_like(x)
+    expected = []
+    for i in range(2):
+        v = (x[i : i + 1] + u[i : i + 1]).requires_grad_(True)
+
+        def to_latent(v_):
+            y = flow.preprocess(v_ / 17)[0]
+            return flow.backbone(y)[0].reshape(-1)
+
+        jac = torch.autograd.functional.jacobian(to_latent, v).reshape(16, 16)
+        z = to_latent(v).reshape(1, -1)
+        expected.append(standard_normal_log_prob(z)[0] + torch.linalg.slogdet(jac)[1])
+    torch.testing.assert_close(flow.log_prob(x, dequant_noise=u), torch.stack(expected))
+    bpd = flow.bits_per_dim(x, dequant_noise=u)
+    torch.testing.assert_close(bpd, -torch.stack(expected) / (16 * math.log(2)))
+
+
+def test_decode_inverts_encode_to_the_exact_levels() -> None:
+    flow = _flow()
+    x = torch.randint(0, 17, (5, 1, 4, 4)).double()
+    y, _ = flow.dequantize(x)
+    h, _ = flow.preprocess(y)
+    z, _ = flow.backbone(h)
+    torch.testing.assert_close(flow.decode(z), x)
+
+
+def test_sample_gives_levels_in_range_and_checks_temperature() -> None:
+    flow = _flow()
+    gen = torch.Generator().manual_seed(1)
+    s = flow.sample(7, temperature=0.7, generator=gen)
+    assert s.shape == (7, 1, 4, 4)
+    assert torch.all(s == s.round()) and s.min() >= 0 and s.max() <= 16
+    with pytest.raises(ValueError, match="temperature"):
+        flow.sample(2, temperature=0.0)
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    flow = _flow()
+    with pytest.raises(ValueError, match="shape"):
+        flow.log_prob(torch.zeros(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="integer levels"):
+        flow.log_prob(torch.full((2, 1, 4, 4), 17.0))
+    with pytest.raises(ValueError, match="unknown backbone"):
+        create_backbone("no-such-flow", (1, 4, 4))
+    assert "realnvp" in list_backbones()
+
+
+def _hybrid(head: str = "resflow") -> HybridModel:
+    cfg = {
+        "backbone": "realnvp",
+        "backbone_args": SMALL,
+        "head": head,
+        "head_args": {"width": 8} if head == "resflow" else {},
+        "logit_alpha": 0.01,
+    }
+    model = create_hybrid_model(cfg, (1, 4, 4), 17, 3)
+    model.data_init(torch.randint(0, 17, (32, 1, 4, 4)))
+    return model
+
+
+@pytest.mark.parametrize("head", ["resflow", "dig"])
+def test_hybrid_loss_convention(head: str) -> None:
+    model = _hybrid(head).eval()
+    x, y = torch.randint(0, 17, (4, 1, 4, 4)), torch.tensor([0, 1, 2, 1])
+    torch.manual_seed(3)
+    terms = model.loss(x, y, "1/D")
+    torch.testing.assert_close(terms["loss"], terms["ce"] + terms["nll"] / 16)
+    torch.testing.assert_close(terms["bpd"], terms["nll"] / (16 * math.log(2)))
+    torch.manual_seed(3)
+    torch.testing.assert_close(model.loss(x, y, 0.0)["loss"], terms["ce"])
+    torch.manual_seed(3)
+    torch.testing.assert_close(model.loss(x, y, 1)["loss"], terms["ce"] + terms["nll"])
+
+
+def test_resolve_lambda() -> None:
+    assert resolve_lambda("1/D", 64) == 1 / 64
+    assert resolve_lambda(" 1/d ", 64) == 1 / 64
+    assert resolve_lambda("0.5", 64) == 0.5
+    for bad in ("half", -1.0, float("nan")):
+        with pytest.raises(ValueError, match="lambda"):
+            resolve_lambda(bad, 64)
+
+
+def test_resflow_head_reads_every_scale_including_final_latent() -> None:
+    model = _hybrid("resflow").eval()
+    feats, _ = model.forward_features(torch.randint(0, 17, (3, 1, 4, 4)), dequant_noise=0.5)
+    assert len(feats) == 2
+    feats = [f.detach().requires_grad_(True) for f in feats]
+    model.forward_head(feats).sum().backward()
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in feats)
+    assert model.forward_head(feats, pre_logits=True).shape == (3, model.num_features)
+    model.reset_classifier(5)
+    assert model.forward_head(feats).shape == (3, 5)
+
+
+def test_hybrid_eval_outputs_do_not_depend_on_batch() -> None:
+    model = _hybrid().eval()
+    x = torch.randint(0, 17, (6, 1, 4, 4))
+    full = model(x, dequant_noise=0.5)
+    one = model(x[4:5], dequant_noise=0.5)
+    torch.testing.assert_close(full.logits[4:5], one.logits)
+    torch.testing.assert_close(full.log_prob[4:5], one.log_prob)
+
+
+def test_vector_backbone_on_continuous_data() -> None:
+    cfg = {
+        "backbone": "realnvp-vector",
+        "backbone_args": {"num_couplings": 4, "hidden_features": 8},
+        "head": "dig",
+    }
+    model = create_hybrid_model(cfg, (2,), None, 2)
+    x = torch.randn(10, 2)
+    model.data_init(x)
+    out = model.eval()(x)
+    assert out.logits.shape == (10, 2) and torch.isfinite(out.log_prob).all()
+    with pytest.raises(TypeError, match="floating-point"):
+        model(torch.ones(3, 2, dtype=torch.long))

@@ -27,7 +27,7 @@ CONFIG = {
         "num_res_blocks": 1,
     },
     "head": "resflow",  # per scale conv → ActNorm → ReLU → pool; concat; linear
-    "head_args": {"width": 64, "dropout": 0.2},
+    "head_args": {"width": 64, "dropout": 0.2, "pool": "flatten"},  # 4×4 maps: keep layout
     "preprocessing": "logit",
     "logit_alpha": 1e-3,
     "epochs": 150,

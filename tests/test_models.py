@@ -159,3 +159,16 @@ def test_vector_backbone_on_continuous_data() -> None:
     assert out.logits.shape == (10, 2) and torch.isfinite(out.log_prob).all()
     with pytest.raises(TypeError, match="floating-point"):
         model(torch.ones(3, 2, dtype=torch.long))
+
+
+def test_resflow_head_pooling_options() -> None:
+    from hybridflow.models import ResidualFlowsHead
+
+    shapes = [(2, 4, 4), (3, 2, 2)]
+    feats = [torch.randn(5, *s) for s in shapes]
+    flat = ResidualFlowsHead(shapes, 4, width=6, pool="flatten")
+    assert flat.num_features == 6 * (16 + 4)
+    assert flat(feats, pre_logits=True).shape == (5, 6 * 20)
+    assert ResidualFlowsHead(shapes, 4, width=6)(feats, pre_logits=True).shape == (5, 12)
+    with pytest.raises(ValueError, match="pool"):
+        ResidualFlowsHead(shapes, 4, pool="max")

@@ -164,3 +164,16 @@ def test_short_fashion_mnist_run_from_debian_files(tmp_path: Path) -> None:
     )
     state = load_checkpoint(run_dir / "model.pt")
     assert state["data"] == {"shape": [1, 28, 28], "num_levels": 256, "num_classes": 10}
+
+
+def test_random_shift_translates_with_zero_fill() -> None:
+    from hybridflow.training.trainer import random_shift
+
+    x = torch.zeros(200, 1, 5, 5, dtype=torch.uint8)
+    x[:, 0, 2, 2] = 7
+    shifted = random_shift(x, 1)
+    assert shifted.shape == x.shape and shifted.dtype == x.dtype
+    assert torch.all(shifted.sum(dim=(1, 2, 3)) == 7)  # the pixel moves, nothing else appears
+    rows, cols = (shifted[:, 0] == 7).nonzero()[:, 1:].T
+    assert set(rows.tolist()) == {1, 2, 3} and set(cols.tolist()) == {1, 2, 3}
+    assert torch.equal(random_shift(x, 0), x)

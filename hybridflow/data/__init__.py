@@ -7,6 +7,7 @@ from hybridflow.data.images import (
     DatasetNotFoundError,
     ImageDataset,
     available_datasets,
+    dataset_tensors,
     load_dataset,
     read_idx,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "ImageDataset",
     "ToyDataset",
     "available_datasets",
+    "dataset_tensors",
     "load_dataset",
     "read_idx",
     "sample_toy",

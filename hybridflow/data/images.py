@@ -34,6 +34,7 @@ __all__ = [
     "IdxSource",
     "ImageDataset",
     "available_datasets",
+    "dataset_tensors",
     "load_dataset",
     "read_idx",
 ]
@@ -556,3 +557,12 @@ def load_dataset(
     raise ValueError(
         f"unknown dataset {name!r}; valid choices are {', '.join(available_datasets())}"
     )
+
+
+def dataset_tensors(dataset: ImageDataset | ToyDataset) -> tuple[Tensor, Tensor]:
+    """The ``(inputs, labels)`` tensors of an in-memory dataset: images or toy points."""
+    if isinstance(dataset, ImageDataset):
+        return dataset.images, dataset.labels
+    if isinstance(dataset, ToyDataset):
+        return dataset.points, dataset.labels
+    raise TypeError(f"expected an ImageDataset or ToyDataset, got {type(dataset).__name__}")

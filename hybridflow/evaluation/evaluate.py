@@ -7,8 +7,8 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from torch import Tensor
 
+from ..data import dataset_tensors
 from ..models import HybridModel
 from .metrics import classification_metrics, ood_metrics
 
@@ -17,14 +17,6 @@ __all__ = ["Predictions", "evaluate_predictions", "ood_scores", "ood_table", "pr
 
 class Predictions(dict):
     """Per-example arrays from :func:`predict`: ``logits``, ``log_prob`` (nats), ``labels``."""
-
-
-def _tensors(dataset) -> tuple[Tensor, Tensor]:
-    if hasattr(dataset, "images"):
-        return dataset.images, dataset.labels
-    if hasattr(dataset, "points"):
-        return dataset.points, dataset.labels
-    raise TypeError(f"cannot read tensors from {type(dataset).__name__}")
 
 
 @torch.no_grad()
@@ -45,7 +37,7 @@ def predict(
     model.eval()
     device = device or next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    inputs, labels = _tensors(dataset)
+    inputs, labels = dataset_tensors(dataset)
     discrete = model.flow.num_levels is not None
     gen = torch.Generator(device="cpu").manual_seed(seed)
     logits, log_probs = [], []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -24,12 +26,15 @@ class ResidualFlowsHead(nn.Module):
 
     The hybrid head of Chen et al. 2019 ("Residual Flows", §5.4). Every scale is read, the final
     latent included. Vector features use a linear layer in place of the convolution.
+    ``pool="flatten"`` keeps the spatial layout instead of averaging it away, which helps on
+    tiny images (8×8 digits) where a 4×4 latent map still carries the digit's shape.
 
     Args:
         feature_shapes: Shapes of the per-scale features.
         num_classes: Number of classes.
         width: Channels of each per-scale convolution.
         dropout: Dropout before the final linear layer.
+        pool: ``"avg"`` (global average pooling, the paper's head) or ``"flatten"``.
     """
 
     def __init__(
@@ -38,20 +43,26 @@ class ResidualFlowsHead(nn.Module):
         num_classes: int,
         width: int = 256,
         dropout: float = 0.0,
+        pool: str = "avg",
     ) -> None:
         super().__init__()
+        if pool not in ("avg", "flatten"):
+            raise ValueError(f"pool must be 'avg' or 'flatten', got {pool!r}")
+        self.pool = pool
         self.convs = nn.ModuleList(
             nn.Conv2d(s[0], width, 3, padding=1) if len(s) == 3 else nn.Linear(s[0], width)
             for s in feature_shapes
         )
         self.norms = nn.ModuleList(ActNorm(width) for _ in feature_shapes)
-        self.num_features = width * len(feature_shapes)
+        sites = [math.prod(s[1:]) if pool == "flatten" else 1 for s in feature_shapes]
+        self.num_features = width * sum(sites)
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def pre_logits(self, features: Sequence[Tensor]) -> Tensor:
+        reduce = _pool if self.pool == "avg" else partial(torch.flatten, start_dim=1)
         pooled = [
-            _pool(torch.relu(norm(conv(f))[0]))
+            reduce(torch.relu(norm(conv(f))[0]))
             for f, conv, norm in zip(features, self.convs, self.norms, strict=True)
         ]
         return torch.cat(pooled, dim=1)

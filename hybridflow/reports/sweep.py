@@ -1,7 +1,8 @@
 """λ (and backbone) sweeps: train every combination, evaluate, write a comparison report.
 
 The report folder holds ``results.csv`` (one row per run), ``report.md`` (tables, baselines and
-the settings) and ``sweep.png`` (accuracy and bits/dim against λ).
+the settings), ``config.json`` (the shared training config) and ``sweep.png`` (accuracy and
+bits/dim against λ).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import matplotlib.pyplot as plt
 from ..data import load_dataset
 from ..evaluation import OOD_METRIC_DESCRIPTIONS, categorical_bits_per_dim, uniform_bits_per_dim
 from ..models import resolve_lambda
-from ..training import load_checkpoint, resolve_config, train
+from ..training import load_checkpoint, resolve_config, save_config, train
 from .runs import evaluate_run
 
 __all__ = ["RESULT_COLUMNS", "run_sweep", "write_report"]
@@ -112,10 +113,11 @@ def run_sweep(
                     ood_rows.append(
                         {"backbone": backbone, "lam": label, "ood": spec, "score": score, **metrics}
                     )
+    shared = {k: v for k, v in base.items() if k not in ("lam", "name", "backbone")}
     return write_report(
         name,
         rows,
-        base,
+        shared,
         ood_rows=ood_rows,
         report_root=report_root,
         wall_time_s=time.time() - started,
@@ -155,9 +157,10 @@ def write_report(
     report_root: str | Path = "reports",
     wall_time_s: float | None = None,
 ) -> Path:
-    """Write ``results.csv``, ``report.md`` and ``sweep.png`` for a finished sweep."""
+    """Write ``results.csv``, ``report.md``, ``config.json`` and ``sweep.png`` for a sweep."""
     out = Path(report_root) / name
     out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.json")
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(RESULT_COLUMNS))
         writer.writeheader()
@@ -208,7 +211,7 @@ def write_report(
                 f"{r['fpr95_ood']:.3f} |"
             )
         lines += [""] + [f"- `{k}`: {v}" for k, v in OOD_METRIC_DESCRIPTIONS.items()]
-    lines += ["", "## Settings", "", "```json"]
+    lines += ["", "## Settings shared by every run (λ and backbone as in the table)", "", "```json"]
     lines += [json.dumps(dict(config), indent=2, sort_keys=True), "```"]
     if wall_time_s is not None:
         lines += ["", f"Wall time of the whole sweep: {wall_time_s:.0f} s."]

@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "data_root": None,
     "download": False,
     "val_fraction": 0.1,
+    "augment_shift": 0,  # random translations of up to this many pixels (zero fill), train only
     # model
     "backbone": "realnvp",
     "backbone_args": {},

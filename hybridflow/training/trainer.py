@@ -20,7 +20,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
-from ..data import load_dataset
+from ..data import dataset_tensors, load_dataset
 from ..evaluation import evaluate_predictions, predict
 from ..models import HybridModel, create_hybrid_model, resolve_lambda
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -31,6 +31,7 @@ __all__ = [
     "build_model_for",
     "data_info",
     "load_run",
+    "random_shift",
     "run_dir_for",
     "train",
 ]
@@ -104,11 +105,25 @@ def _fmt(v: Any) -> Any:
     return f"{v:.6g}" if isinstance(v, float) else v
 
 
+def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Translate each image by a random offset in ``[-max_shift, max_shift]²``, filling with 0.
+
+    Level 0 is the background of digit-like data, so the fill adds no new pixel values.
+    Uses the global torch RNG, whose state checkpoints carry, so resumed runs replay it.
+    """
+    if max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (max_shift,) * 4)
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n)).tolist()
+    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+
+
 def _batches(n: int, batch_size: int, seed: int, epoch: int):
     """Seeded permutation per epoch: resuming mid-epoch replays the same order."""
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
     perm = torch.randperm(n, generator=gen)
-    for i in range(n // batch_size):  # drop the ragged last batch: ActNorm-free of tiny batches
+    for i in range(n // batch_size):  # drop the ragged last batch: every step sees a full batch
         yield perm[i * batch_size : (i + 1) * batch_size]
 
 
@@ -135,8 +150,9 @@ def train(config: Mapping[str, Any] | None = None, **overrides: Any) -> Path:
     }
     train_set = load_dataset(cfg["dataset"], "train", **data_kw)
     val_set = load_dataset(cfg["dataset"], "val", **data_kw)
-    images = train_set.images if hasattr(train_set, "images") else train_set.points
-    labels = train_set.labels
+    images, labels = dataset_tensors(train_set)
+    if cfg["augment_shift"] and images.dim() != 4:
+        raise ValueError("augment_shift needs image data; set --augment_shift=0")
     if len(images) < cfg["batch_size"]:
         raise ValueError(
             f"batch_size {cfg['batch_size']} exceeds the {len(images)} training examples"
@@ -166,6 +182,8 @@ def train(config: Mapping[str, Any] | None = None, **overrides: Any) -> Path:
         if cfg["resume"] and ckpt_path.exists()
         else None
     )
+    if state is not None and int(state["step"]) >= total_steps and (run_dir / "model.pt").exists():
+        return run_dir  # already finished: keep its model.pt (and its recorded train time)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -222,7 +240,8 @@ def train(config: Mapping[str, Any] | None = None, **overrides: Any) -> Path:
             ]:
                 if step >= total_steps:
                     break
-                x, y = images[batch_idx].to(device), labels[batch_idx].to(device)
+                x = random_shift(images[batch_idx], cfg["augment_shift"]).to(device)
+                y = labels[batch_idx].to(device)
                 terms = model.loss(x, y, lam)
                 loss = terms["loss"].mean()
                 optimizer.zero_grad(set_to_none=True)

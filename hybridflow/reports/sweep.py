@@ -113,7 +113,9 @@ def run_sweep(
                     ood_rows.append(
                         {"backbone": backbone, "lam": label, "ood": spec, "score": score, **metrics}
                     )
-    shared = {k: v for k, v in base.items() if k not in ("lam", "name", "backbone")}
+    # Settings common to every run: λ always varies, the backbone only when several are swept.
+    varying = {"lam", "name"} | ({"backbone"} if len(backbones) > 1 else set())
+    shared = {k: v for k, v in base.items() if k not in varying}
     return write_report(
         name,
         rows,
@@ -211,7 +213,7 @@ def write_report(
                 f"{r['fpr95_ood']:.3f} |"
             )
         lines += [""] + [f"- `{k}`: {v}" for k, v in OOD_METRIC_DESCRIPTIONS.items()]
-    lines += ["", "## Settings shared by every run (λ and backbone as in the table)", "", "```json"]
+    lines += ["", "## Settings shared by every run (λ as in the table)", "", "```json"]
     lines += [json.dumps(dict(config), indent=2, sort_keys=True), "```"]
     if wall_time_s is not None:
         lines += ["", f"Wall time of the whole sweep: {wall_time_s:.0f} s."]

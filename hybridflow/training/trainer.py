@@ -115,8 +115,13 @@ def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
         return x
     n, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (max_shift,) * 4)
-    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n)).tolist()
-    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n, 1))
+    rows = (dy + torch.arange(h))[:, :, None]  # [n, h, 1]
+    cols = (dx + torch.arange(w))[:, None, :]  # [n, 1, w]
+    # Advanced indexing gathers every crop at once: [n, h, w, C] -> [n, C, h, w].
+    return padded.permute(0, 2, 3, 1)[torch.arange(n)[:, None, None], rows, cols].permute(
+        0, 3, 1, 2
+    )
 
 
 def _batches(n: int, batch_size: int, seed: int, epoch: int):

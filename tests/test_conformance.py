@@ -19,7 +19,14 @@ from torch import Tensor
 
 import hybridflow
 from hybridflow import transforms as T
-from hybridflow.nets import MLP, ConvResNet
+from hybridflow.models import create_backbone
+from hybridflow.nets import (
+    MLP,
+    ConvResNet,
+    LipschitzConvNet,
+    LipschitzMLP,
+    refresh_lipschitz_layers,
+)
 
 
 @dataclass
@@ -56,6 +63,28 @@ def _multiscale(factor_out: bool) -> T.MultiscaleFlow:
     ]
     shapes = [(4, 2, 2), (2, 2, 2) if factor_out else (4, 2, 2)]
     return T.MultiscaleFlow(blocks, (1, 4, 4), shapes, factor_out=factor_out)
+
+
+def _residual(net) -> T.ResidualBlock:
+    # Exact log-dets here; the stochastic estimators are tested for unbiasedness in
+    # test_residual.py. A tight inverse tolerance so the round trip meets 1e-8.
+    return T.ResidualBlock(net, logdet="exact", inverse_atol=1e-12, inverse_rtol=0)
+
+
+def _small_resflow(factor_out: bool) -> T.MultiscaleFlow:
+    return create_backbone(
+        "resflow",
+        (1, 4, 4),
+        num_scales=2,
+        blocks_per_scale=1,
+        hidden_channels=8,
+        fc_blocks=1,
+        fc_hidden=8,
+        factor_out=factor_out,
+        logdet="exact",
+        inverse_atol=1e-12,
+        inverse_rtol=0,
+    )
 
 
 CASES: list[Case] = [
@@ -100,6 +129,22 @@ CASES: list[Case] = [
         lambda n: torch.randn(n, 4),
         T.Inverse,
     ),
+    Case(
+        "residual-mlp",
+        lambda: _residual(LipschitzMLP(4, 8)),
+        lambda n: torch.randn(n, 4),
+        T.ResidualBlock,
+    ),
+    Case(
+        "residual-conv-induced",
+        lambda: _residual(
+            LipschitzConvNet(2, 6, (3, 3), activation="elu", norm="induced", norm_ord=3.0)
+        ),
+        _images(2, 3, 3),
+        T.ResidualBlock,
+    ),
+    Case("resflow", lambda: _small_resflow(False), _images(1, 4, 4), T.MultiscaleFlow),
+    Case("resflow-factor-out", lambda: _small_resflow(True), _images(1, 4, 4), T.MultiscaleFlow),
     Case("multiscale-factor-out", lambda: _multiscale(True), _images(1, 4, 4), T.MultiscaleFlow),
     Case(
         "multiscale-no-factor-out", lambda: _multiscale(False), _images(1, 4, 4), T.MultiscaleFlow
@@ -118,6 +163,7 @@ def _prepared(case: Case) -> T.InvertibleModule:
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(0.2 * torch.randn_like(p))
+    refresh_lipschitz_layers(layer)  # moved weights need fresh power-iteration vectors
     return layer.eval()
 
 

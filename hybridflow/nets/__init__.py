@@ -1,6 +1,42 @@
 """Conditioner networks: the non-invertible nets that parametrize invertible layers."""
 
+from .activations import (
+    LIPSCHITZ_ACTIVATIONS,
+    LipELU,
+    LipSoftplus,
+    LipSwish,
+    create_lipschitz_activation,
+)
 from .conv import ConvResNet, ResidualConvBlock
+from .lipschitz import (
+    InducedNormConv2d,
+    InducedNormLinear,
+    LipschitzConvNet,
+    LipschitzMLP,
+    NormOrder,
+    SpectralNormConv2d,
+    SpectralNormLinear,
+    lipschitz_layers,
+    refresh_lipschitz_layers,
+)
 from .mlp import MLP
 
-__all__ = ["MLP", "ConvResNet", "ResidualConvBlock"]
+__all__ = [
+    "LIPSCHITZ_ACTIVATIONS",
+    "MLP",
+    "ConvResNet",
+    "InducedNormConv2d",
+    "InducedNormLinear",
+    "LipELU",
+    "LipSoftplus",
+    "LipSwish",
+    "LipschitzConvNet",
+    "LipschitzMLP",
+    "NormOrder",
+    "ResidualConvBlock",
+    "SpectralNormConv2d",
+    "SpectralNormLinear",
+    "create_lipschitz_activation",
+    "lipschitz_layers",
+    "refresh_lipschitz_layers",
+]

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..data import dataset_tensors, load_dataset
 from ..evaluation import evaluate_predictions, predict
 from ..models import HybridModel, create_hybrid_model, resolve_lambda
+from ..nets import refresh_lipschitz_layers
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import resolve_config, save_config
 
@@ -307,6 +308,8 @@ def train(config: Mapping[str, Any] | None = None, **overrides: Any) -> Path:
                 and cfg["eval_every"]
                 and (step // steps_per_epoch) % cfg["eval_every"] == 0
             ):
+                # EMA copies stale power-iteration vectors with the weights: refresh them first.
+                refresh_lipschitz_layers(ema.module)
                 metrics = evaluate_predictions(
                     predict(ema.module, val_set, batch_size=cfg["eval_batch_size"], device=device)
                 )
@@ -329,6 +332,7 @@ def train(config: Mapping[str, Any] | None = None, **overrides: Any) -> Path:
             signal.signal(signal.SIGTERM, previous_handler)
     bar.close()
     checkpoint()
+    refresh_lipschitz_layers(ema.module)
     save_checkpoint(
         {
             "model": ema.module.state_dict(),

@@ -10,15 +10,19 @@ from .multiscale import MultiscaleFlow
 from .normalization import ActNorm
 from .preprocessing import LogitTransform, UniformDequantization
 from .reshape import Squeeze
+from .residual import InverseNotConvergedError, InverseStats, ResidualBlock
 
 __all__ = [
     "ActNorm",
     "AffineCoupling",
     "Inverse",
+    "InverseNotConvergedError",
+    "InverseStats",
     "InvertibleModule",
     "InvertibleSequential",
     "LogitTransform",
     "MultiscaleFlow",
+    "ResidualBlock",
     "Squeeze",
     "UniformDequantization",
     "checkerboard_mask",

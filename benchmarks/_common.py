@@ -1,0 +1,103 @@
+"""Helpers shared by the Residual Flow benchmarks (not a benchmark itself).
+
+Kept next to the scripts so each one stays runnable as ``python benchmarks/<name>.py`` (the
+script's folder is on ``sys.path`` then) without installing anything beyond the package.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# An explicit path on purpose: the package must not depend on this folder (users get MNIST
+# through torchvision), but benchmarks may, and fall back to random levels without it.
+MNIST_NPZ = Path("/work/shared/data/mnist10k.npz")
+INPUT_SHAPE = (1, 28, 28)
+NUM_CLASSES = 10
+
+
+def load_mnist(n: int, offset: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """``n`` MNIST digits from ``offset`` as float levels ``[n, 1, 28, 28]``, labels, source.
+
+    Falls back to random integer levels and labels (seeded) when the npz is missing; the source
+    string says which, so the result files record it.
+    """
+    if MNIST_NPZ.exists():
+        with np.load(MNIST_NPZ) as data:
+            x_all, y_all = data["x"], data["y"]
+        if offset < 0:
+            offset = len(x_all) + offset
+        x = torch.from_numpy(x_all[offset : offset + n].astype(np.float32)).unsqueeze(1)
+        y = torch.from_numpy(y_all[offset : offset + n].astype(np.int64))
+        if len(x) == n:
+            return x, y, f"mnist:{MNIST_NPZ}[{offset}:{offset + n}]"
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, *INPUT_SHAPE), generator=g).float()
+    y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    return x, y, "random-levels (mnist10k.npz missing)"
+
+
+def import_resflow() -> None:
+    """Register the ``resflow*`` backbones (``hybridflow.models`` may not import them yet)."""
+    import hybridflow.models.resflow  # noqa: F401
+
+
+def build_hybrid(backbone_kw: dict, seed: int = 0, head_width: int = 256) -> torch.nn.Module:
+    """``HybridModel(FlowModel(resflow-cpu(**backbone_kw)))`` built from ``seed``."""
+    import_resflow()
+    from hybridflow.models import FlowModel, HybridModel, create_backbone
+
+    torch.manual_seed(seed)
+    backbone = create_backbone("resflow-cpu", INPUT_SHAPE, **backbone_kw)
+    flow = FlowModel(backbone, INPUT_SHAPE, num_levels=256, preprocessing="logit", logit_alpha=1e-3)
+    return HybridModel(flow, NUM_CLASSES, head="resflow", width=head_width)
+
+
+def max_rss_gib() -> float:
+    """Peak resident set size of this process so far, GiB (Linux reports ru_maxrss in KiB)."""
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
+
+
+def current_rss_gib() -> float | None:
+    """Resident set size right now, GiB (Linux only; ``None`` elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return None
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timed(fn) for _ in range(repeats))
+
+
+def environment(threads: int) -> dict:
+    return {
+        "threads": threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.processor() or platform.machine(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+    }

@@ -1,0 +1,835 @@
+"""Lipschitz-constrained linear and convolutional layers for invertible residual blocks.
+
+A residual block ``x + g(x)`` is invertible when ``Lip(g) < 1`` (Behrmann et al. 2019,
+"Invertible Residual Networks"). With 1-Lipschitz activations, ``Lip(g)`` is bounded by the
+product of the layers' operator norms, so each layer rescales its weight as
+
+    W_hat = W / max(1, sigma / coeff),
+
+where ``sigma`` is a power-iteration estimate of ``||W||`` (Miyato et al. 2018, "Spectral
+Normalization for GANs"). Convolutions are normalized by the norm of the whole convolution
+*operator* on a fixed input size, not of the reshaped kernel, and layers may also use induced
+mixed norms ``||W||_{p→q}`` (Chen et al. 2019, "Residual Flows for Invertible Generative
+Modeling", §4).
+
+Power-iteration vectors are buffers, so they travel with ``state_dict``/``deepcopy``; they can
+be stale whenever the weight changes outside an optimizer step (e.g. EMA copies or loaded
+weights), which is what :func:`refresh_lipschitz_layers` is for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .activations import create_lipschitz_activation
+
+__all__ = [
+    "InducedNormConv2d",
+    "InducedNormLinear",
+    "LipschitzConvNet",
+    "LipschitzMLP",
+    "NormOrder",
+    "SpectralNormConv2d",
+    "SpectralNormLinear",
+    "lipschitz_layers",
+    "refresh_lipschitz_layers",
+]
+
+_DEFAULT_ATOL = 1e-6
+_DEFAULT_RTOL = 1e-6
+# Iterations run at construction (as torch.nn.utils.spectral_norm does) so a freshly built
+# layer used in eval mode with ``eval_iterations=0`` already has a meaningful estimate.
+_INIT_ITERATIONS = 15
+
+
+class NormOrder(nn.Module):
+    """Order ``r > 1`` of an l_r norm, shareable between consecutive layers.
+
+    Residual Flows (Chen et al. 2019, §4) chain ``||W_1||_{p_0→p_1} ||W_2||_{p_1→p_2} …``: the
+    codomain of one layer is the domain of the next, so both must read the *same* order. Sharing
+    one instance keeps them tied even when the order is learned.
+
+    Args:
+        init: Initial order, finite and > 1 (the dual maps need a finite conjugate exponent).
+        learnable: Parametrize as ``1 + softplus(raw)`` and train it; otherwise a fixed buffer.
+    """
+
+    def __init__(self, init: float = 2.0, learnable: bool = False) -> None:
+        super().__init__()
+        if not (math.isfinite(init) and init > 1.0):
+            raise ValueError(f"norm order must be finite and > 1, got {init}")
+        self.learnable = bool(learnable)
+        if self.learnable:
+            # Inverse of softplus, written stably: y + log(1 - exp(-y)).
+            y = float(init) - 1.0
+            self.raw = nn.Parameter(torch.tensor(y + math.log(-math.expm1(-y))))
+        else:
+            self.register_buffer("order", torch.tensor(float(init)))
+
+    def forward(self) -> Tensor:
+        if self.learnable:
+            return 1.0 + F.softplus(self.raw)
+        return self.order
+
+    def extra_repr(self) -> str:
+        return f"order={float(self().detach()):.4g}, learnable={self.learnable}"
+
+
+def _lp_norm(x: Tensor, order: Tensor | None) -> Tensor:
+    """``||x||_r`` over all elements, differentiable in ``x`` and ``r``; ``None`` is the 2-norm."""
+    if order is None:
+        return torch.linalg.vector_norm(x)
+    a = x.abs()
+    # Dividing by the (detached) max keeps |x|^r in range for large r; it is exact because the
+    # norm is absolutely homogeneous, so value and gradients are unchanged.
+    scale = a.detach().amax().clamp_min(torch.finfo(a.dtype).tiny)
+    a = a / scale
+    positive = a > 0
+    # d/dr |x|^r = |x|^r log|x| is 0·(-inf) = nan at x = 0 unless zeros are masked out.
+    powered = torch.where(positive, torch.where(positive, a, 1.0).pow(order), 0.0)
+    return scale * powered.sum().pow(1.0 / order)
+
+
+def _dual(y: Tensor, order: Tensor | None) -> Tensor:
+    """``sign(y)|y|^{r-1} / ||y||_r^{r-1}``: unit vector in the dual norm with ``<·, y> = ||y||_r``.
+
+    Zero input gives a zero output (callers keep their previous vector then).
+    """
+    tiny = torch.finfo(y.dtype).tiny
+    if order is None:
+        return y / torch.linalg.vector_norm(y).clamp_min(tiny)
+    # The map is scale invariant; normalizing by the max first avoids overflow of |y|^{r-1}.
+    a = y.abs()
+    a = a / a.amax().clamp_min(tiny)
+    return torch.sign(y) * a.pow(order - 1) / _lp_norm(a, order).pow(order - 1).clamp_min(tiny)
+
+
+def _keep_if_degenerate(new: Tensor, old: Tensor) -> Tensor:
+    # A zero (or non-finite) iterate would stick forever and silently switch normalization off
+    # once the weight becomes nonzero again; keep the previous vector instead. torch.where
+    # avoids a host sync per iteration.
+    ok = torch.isfinite(new).all() & (new.abs().amax() > 0)
+    return torch.where(ok, new, old)
+
+
+def _check_iterations(name: str, value: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0 or None (until converged), got {value}")
+    return value
+
+
+def _as_order(order: float | NormOrder) -> NormOrder:
+    return order if isinstance(order, NormOrder) else NormOrder(float(order))
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return pair[0], pair[1]
+
+
+class _NormalizedLayer(nn.Module):
+    """Shared power iteration and weight normalization; subclasses supply the operator.
+
+    Subclasses register ``weight`` (and ``bias``) and call :meth:`_setup_normalization`, then
+    implement ``_matvec(v, weight) = W v`` and ``_rmatvec(u, weight) = Wᵀ u`` on single-example
+    tensors shaped like the buffers ``v`` (domain) and ``u`` (codomain).
+
+    ``domain``/``codomain`` are ``None`` for the spectral norm; otherwise :class:`NormOrder`
+    modules and the generalized power iteration estimates ``||W||_{p→q}``.
+    """
+
+    weight: Tensor
+    u: Tensor
+    v: Tensor
+    domain: NormOrder | None
+    codomain: NormOrder | None
+
+    def _setup_normalization(
+        self,
+        *,
+        coeff: float,
+        train_iterations: int | None,
+        eval_iterations: int | None,
+        atol: float | None,
+        rtol: float | None,
+        max_iterations: int,
+        domain: NormOrder | None,
+        codomain: NormOrder | None,
+        u_shape: tuple[int, ...],
+        v_shape: tuple[int, ...],
+    ) -> None:
+        # coeff < 1 is what makes a residual block invertible, but the layer itself is general.
+        if not (math.isfinite(coeff) and coeff > 0):
+            raise ValueError(f"coeff must be a positive finite number, got {coeff}")
+        if isinstance(max_iterations, bool) or not isinstance(max_iterations, int):
+            raise ValueError(f"max_iterations must be a positive int, got {max_iterations}")
+        if max_iterations < 1:
+            raise ValueError(f"max_iterations must be a positive int, got {max_iterations}")
+        self.coeff = float(coeff)
+        self.train_iterations = _check_iterations("train_iterations", train_iterations)
+        self.eval_iterations = _check_iterations("eval_iterations", eval_iterations)
+        # Stored as given (None = default, resolved at use) so callers can reconfigure a built
+        # model by plain attribute assignment, e.g. ``layer.atol = None``.
+        self.atol = atol
+        self.rtol = rtol
+        if (atol is not None and atol < 0) or (rtol is not None and rtol < 0):
+            raise ValueError(f"atol and rtol must be >= 0, got {atol}, {rtol}")
+        self.max_iterations = max_iterations
+        self.domain = domain
+        self.codomain = codomain
+        self.register_buffer("u", self.weight.new_empty(u_shape))
+        self.register_buffer("v", self.weight.new_empty(v_shape))
+        self._randomize_vectors()
+        self._power_iteration(_INIT_ITERATIONS, 0.0, 0.0, self.max_iterations)
+
+    @torch.no_grad()
+    def _randomize_vectors(self) -> None:
+        p, q = self._orders()
+        # u has unit dual-codomain norm and v unit domain norm, the invariants of the iteration.
+        self.u.copy_(_dual(torch.randn_like(self.u), q))
+        self.v.copy_(_dual(torch.randn_like(self.v), None if p is None else p / (p - 1)))
+
+    # --- operator hooks ---------------------------------------------------------------------
+
+    def _matvec(self, v: Tensor, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _rmatvec(self, u: Tensor, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # --- normalization ----------------------------------------------------------------------
+
+    def _orders(self) -> tuple[Tensor | None, Tensor | None]:
+        if self.domain is None or self.codomain is None:
+            return None, None
+        dtype = self.weight.dtype
+        return self.domain().to(dtype), self.codomain().to(dtype)
+
+    def _sigma(self, weight: Tensor, u: Tensor, v: Tensor) -> Tensor:
+        if self.domain is None:
+            # uᵀWv with detached unit u, v has gradient u vᵀ, that of the top singular value
+            # (Miyato et al. 2018, §2.1); stale vectors still give a lower bound on ||W||_2.
+            return (u * self._matvec(v, weight)).sum()
+        p, q = self._orders()
+        # ||Wv||_q / ||v||_p is a valid lower bound for any v and is differentiable in W and in
+        # learnable orders; dividing by ||v||_p matters once p has moved since v was normalized.
+        return _lp_norm(self._matvec(v, weight), q) / _lp_norm(v, p)
+
+    @torch.no_grad()
+    def _power_iteration(
+        self, iterations: int | None, atol: float, rtol: float, max_iterations: int
+    ) -> None:
+        """Run ``iterations`` steps (``None``: until sigma changes ≤ atol + rtol·sigma).
+
+        Generalized power method for ``||W||_{p→q}`` (Higham 1992; Johnston 2016):
+        ``v ← dual_{p*}(Wᵀ dual_q(W v))`` with ``1/p + 1/p* = 1``; for p = q = 2 it is the
+        classical power iteration on ``WᵀW``. For p ≠ 2 or q ≠ 2 it converges to a local maximum,
+        so sigma is a lower-bound estimate of the true induced norm.
+        """
+        weight = self.weight.detach()
+        p, q = self._orders()
+        p_dual = None if p is None else p / (p - 1)
+        u, v = self.u, self.v
+        steps = max_iterations if iterations is None else iterations
+        previous = float(self._sigma(weight, u, v)) if iterations is None else 0.0
+        for _ in range(steps):
+            v = _keep_if_degenerate(_dual(self._rmatvec(u, weight), p_dual), v)
+            y = self._matvec(v, weight)
+            u = _keep_if_degenerate(_dual(y, q), u)
+            if iterations is None:
+                sigma = float(self._sigma(weight, u, v))
+                if abs(sigma - previous) <= atol + rtol * abs(sigma):
+                    break
+                previous = sigma
+        # In-place update of the buffers; forward passes only ever use clones of them, so
+        # graphs built earlier (not yet backpropagated) are unaffected.
+        self.u.copy_(u)
+        self.v.copy_(v)
+
+    def operator_norm(self) -> Tensor:
+        """Current estimate of ``||W||`` from the stored vectors (differentiable in ``W``)."""
+        return self._sigma(self.weight, self.u.clone(), self.v.clone())
+
+    def normalized_weight(self) -> Tensor:
+        """``W / max(1, sigma / coeff)`` using the stored vectors (no iteration)."""
+        # Only shrink, never inflate: layers already inside the ball are left unchanged
+        # (Behrmann et al. 2019, Alg. 1; Gouk et al. 2018).
+        factor = torch.clamp(self.operator_norm() / self.coeff, min=1.0)
+        return self.weight / factor
+
+    @torch.no_grad()
+    def refresh(
+        self,
+        atol: float = 1e-7,
+        rtol: float = 1e-7,
+        max_iterations: int = 2000,
+        restarts: int = 0,
+    ) -> float:
+        """Run the power iteration to convergence now and return the new sigma.
+
+        Args:
+            atol: Stop when sigma changes by at most ``atol + rtol * sigma``.
+            rtol: See ``atol``.
+            max_iterations: Cap on iterations per run.
+            restarts: Extra runs from random vectors, keeping the largest sigma. Useless for the
+                2-norm; for p ≠ 2 or q ≠ 2 the iteration can stop at a local maximum well below
+                the true norm, and restarts make that less likely (draws from the global RNG).
+        """
+        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
+            raise ValueError(f"restarts must be an int >= 0, got {restarts}")
+        self._power_iteration(None, atol, rtol, max_iterations)
+        best = float(self.operator_norm())
+        best_u, best_v = self.u.clone(), self.v.clone()
+        for _ in range(restarts):
+            self._randomize_vectors()
+            self._power_iteration(None, atol, rtol, max_iterations)
+            sigma = float(self.operator_norm())
+            if sigma > best:
+                best, best_u, best_v = sigma, self.u.clone(), self.v.clone()
+        self.u.copy_(best_u)
+        self.v.copy_(best_v)
+        return best
+
+    def _forward_weight(self) -> Tensor:
+        iterations = self.train_iterations if self.training else self.eval_iterations
+        if iterations is None or iterations > 0:
+            atol = _DEFAULT_ATOL if self.atol is None else self.atol
+            rtol = _DEFAULT_RTOL if self.rtol is None else self.rtol
+            self._power_iteration(iterations, atol, rtol, self.max_iterations)
+        return self.normalized_weight()
+
+    def _norm_repr(self) -> str:
+        return (
+            f"coeff={self.coeff}, train_iterations={self.train_iterations}, "
+            f"eval_iterations={self.eval_iterations}"
+        )
+
+
+class _LinearBase(_NormalizedLayer):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        domain: NormOrder | None,
+        codomain: NormOrder | None,
+        **normalization: object,
+    ) -> None:
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"features must be positive, got {in_features}, {out_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+        self._setup_normalization(
+            domain=domain,
+            codomain=codomain,
+            u_shape=(out_features,),
+            v_shape=(in_features,),
+            **normalization,  # type: ignore[arg-type]
+        )
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init; call :meth:`refresh` afterwards (vectors become stale)."""
+        # Deliberately not zero: a residual branch g ≡ 0 would make the flow the identity.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _matvec(self, v: Tensor, weight: Tensor) -> Tensor:
+        return weight @ v
+
+    def _rmatvec(self, u: Tensor, weight: Tensor) -> Tensor:
+        return weight.t() @ u
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__} expects input of shape (..., {self.in_features}), "
+                f"got {tuple(x.shape)}"
+            )
+        return F.linear(x, self._forward_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, {self._norm_repr()}"
+        )
+
+
+class SpectralNormLinear(_LinearBase):
+    """Linear layer with ``||W_hat||_2 ≤ coeff`` (Miyato et al. 2018; Behrmann et al. 2019).
+
+    Args:
+        in_features: Input size.
+        out_features: Output size.
+        bias: Learn an additive bias (does not affect the Lipschitz constant).
+        coeff: Bound on the normalized operator norm (< 1 for invertible residual blocks).
+        train_iterations: Power iterations per forward in training mode (``None``: converge).
+        eval_iterations: Power iterations per forward in eval mode (0: use stored vectors).
+        atol: Absolute tolerance on sigma for ``None`` iterations (default 1e-6).
+        rtol: Relative tolerance on sigma for ``None`` iterations (default 1e-6).
+        max_iterations: Cap for ``None`` iterations.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        coeff: float = 0.98,
+        train_iterations: int | None = 1,
+        eval_iterations: int | None = 0,
+        atol: float | None = None,
+        rtol: float | None = None,
+        max_iterations: int = 500,
+    ) -> None:
+        super().__init__(
+            in_features,
+            out_features,
+            bias=bias,
+            domain=None,
+            codomain=None,
+            coeff=coeff,
+            train_iterations=train_iterations,
+            eval_iterations=eval_iterations,
+            atol=atol,
+            rtol=rtol,
+            max_iterations=max_iterations,
+        )
+
+
+class InducedNormLinear(_LinearBase):
+    """Linear layer with ``||W_hat||_{p→q} ≤ coeff`` (Chen et al. 2019, "Residual Flows", §4).
+
+    For p ≠ 2 or q ≠ 2 the generalized power method finds a local maximum, so sigma is a
+    lower-bound estimate and the bound holds only approximately; for p = q = 2 it is the
+    spectral norm.
+
+    Args:
+        domain: Order p of the input norm, a float or a (possibly shared) :class:`NormOrder`.
+        codomain: Order q of the output norm, likewise.
+        Others: As in :class:`SpectralNormLinear`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        coeff: float = 0.98,
+        domain: float | NormOrder = 2.0,
+        codomain: float | NormOrder = 2.0,
+        train_iterations: int | None = 1,
+        eval_iterations: int | None = 0,
+        atol: float | None = None,
+        rtol: float | None = None,
+        max_iterations: int = 500,
+    ) -> None:
+        super().__init__(
+            in_features,
+            out_features,
+            bias=bias,
+            domain=_as_order(domain),
+            codomain=_as_order(codomain),
+            coeff=coeff,
+            train_iterations=train_iterations,
+            eval_iterations=eval_iterations,
+            atol=atol,
+            rtol=rtol,
+            max_iterations=max_iterations,
+        )
+
+
+class _Conv2dBase(_NormalizedLayer):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        input_size: tuple[int, int],
+        *,
+        stride: int | tuple[int, int],
+        padding: int | tuple[int, int] | None,
+        bias: bool,
+        domain: NormOrder | None,
+        codomain: NormOrder | None,
+        **normalization: object,
+    ) -> None:
+        super().__init__()
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"channels must be positive, got {in_channels}, {out_channels}")
+        kernel = _pair(kernel_size, "kernel_size")
+        strides = _pair(stride, "stride")
+        pad = (kernel[0] // 2, kernel[1] // 2) if padding is None else _pair(padding, "padding")
+        size = _pair(input_size, "input_size")
+        if min(kernel) < 1 or min(strides) < 1 or min(pad) < 0 or min(size) < 1:
+            raise ValueError(
+                f"invalid conv geometry: kernel={kernel}, stride={strides}, padding={pad}, "
+                f"input_size={size}"
+            )
+        spans = [n + 2 * p - k for n, p, k in zip(size, pad, kernel, strict=True)]
+        if min(spans) < 0:
+            raise ValueError(f"kernel {kernel} larger than padded input {size} (padding {pad})")
+        out_size = tuple(span // s + 1 for span, s in zip(spans, strides, strict=True))
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel
+        self.stride = strides
+        self.padding = pad
+        self.input_size = size
+        self.output_size: tuple[int, int] = (out_size[0], out_size[1])
+        # For stride > 1 several input sizes map to the same output size; output_padding makes
+        # conv_transpose2d (the adjoint) return exactly input_size so u and v shapes match.
+        self.output_padding = (spans[0] % strides[0], spans[1] % strides[1])
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *kernel))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+        self._setup_normalization(
+            domain=domain,
+            codomain=codomain,
+            u_shape=(1, out_channels, *self.output_size),
+            v_shape=(1, in_channels, *size),
+            **normalization,  # type: ignore[arg-type]
+        )
+
+    def reset_parameters(self) -> None:
+        """nn.Conv2d's default init; call :meth:`refresh` afterwards (vectors become stale)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _matvec(self, v: Tensor, weight: Tensor) -> Tensor:
+        return F.conv2d(v, weight, None, self.stride, self.padding)
+
+    def _rmatvec(self, u: Tensor, weight: Tensor) -> Tensor:
+        return F.conv_transpose2d(u, weight, None, self.stride, self.padding, self.output_padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        expected = (self.in_channels, *self.input_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"{type(self).__name__} was built for inputs of shape (N, {expected[0]}, "
+                f"{expected[1]}, {expected[2]}) (its operator norm depends on the spatial size), "
+                f"got {tuple(x.shape)}"
+            )
+        return F.conv2d(x, self._forward_weight(), self.bias, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"input_size={self.input_size}, stride={self.stride}, padding={self.padding}, "
+            f"bias={self.bias is not None}, {self._norm_repr()}"
+        )
+
+
+class SpectralNormConv2d(_Conv2dBase):
+    """Conv2d whose operator on ``(in_channels, *input_size)`` inputs has 2-norm ≤ coeff.
+
+    The norm is that of the whole (zero-padded, strided) convolution operator, estimated by power
+    iteration with ``conv2d``/``conv_transpose2d`` (Gouk et al. 2018; Behrmann et al. 2019, §3);
+    the reshaped-kernel norm of Miyato et al. 2018 is not a bound on it.
+
+    Args:
+        in_channels: Input channels.
+        out_channels: Output channels.
+        kernel_size: Kernel size.
+        input_size: Spatial size ``(H, W)`` of the inputs; fixed so buffers have fixed shapes.
+        stride: Stride.
+        padding: Zero padding, default ``kernel_size // 2`` ("same" for odd kernels).
+        bias: Learn an additive bias.
+        Others: As in :class:`SpectralNormLinear`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        input_size: tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | None = None,
+        bias: bool = True,
+        coeff: float = 0.98,
+        train_iterations: int | None = 1,
+        eval_iterations: int | None = 0,
+        atol: float | None = None,
+        rtol: float | None = None,
+        max_iterations: int = 500,
+    ) -> None:
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            input_size,
+            stride=stride,
+            padding=padding,
+            bias=bias,
+            domain=None,
+            codomain=None,
+            coeff=coeff,
+            train_iterations=train_iterations,
+            eval_iterations=eval_iterations,
+            atol=atol,
+            rtol=rtol,
+            max_iterations=max_iterations,
+        )
+
+
+class InducedNormConv2d(_Conv2dBase):
+    """Conv2d with operator norm ``||·||_{p→q} ≤ coeff`` over whole feature maps (Chen et al. 2019).
+
+    Norms are taken over all ``C·H·W`` entries of one example. For p ≠ 2 or q ≠ 2 sigma is a
+    lower-bound (local maximum) estimate; see :class:`InducedNormLinear`.
+
+    Args:
+        domain: Order p of the input norm, a float or a (possibly shared) :class:`NormOrder`.
+        codomain: Order q of the output norm, likewise.
+        Others: As in :class:`SpectralNormConv2d`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        input_size: tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | None = None,
+        bias: bool = True,
+        coeff: float = 0.98,
+        domain: float | NormOrder = 2.0,
+        codomain: float | NormOrder = 2.0,
+        train_iterations: int | None = 1,
+        eval_iterations: int | None = 0,
+        atol: float | None = None,
+        rtol: float | None = None,
+        max_iterations: int = 500,
+    ) -> None:
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            input_size,
+            stride=stride,
+            padding=padding,
+            bias=bias,
+            domain=_as_order(domain),
+            codomain=_as_order(codomain),
+            coeff=coeff,
+            train_iterations=train_iterations,
+            eval_iterations=eval_iterations,
+            atol=atol,
+            rtol=rtol,
+            max_iterations=max_iterations,
+        )
+
+
+def refresh_lipschitz_layers(
+    module: nn.Module,
+    atol: float = 1e-7,
+    rtol: float = 1e-7,
+    max_iterations: int = 2000,
+    restarts: int = 0,
+) -> int:
+    """Converge the power iteration of every normalized layer in ``module``; return how many.
+
+    Call this on an EMA copy (or after loading/assigning weights) before evaluating or saving:
+    copying weights does not update the copied power-iteration vectors, and stale vectors
+    underestimate sigma, so the "normalized" layers can be far from contractive. ``restarts``
+    is forwarded to :meth:`refresh` (only useful for induced p ≠ 2 / q ≠ 2 norms).
+    """
+    count = 0
+    for layer in lipschitz_layers(module):
+        layer.refresh(atol=atol, rtol=rtol, max_iterations=max_iterations, restarts=restarts)
+        count += 1
+    return count
+
+
+def lipschitz_layers(module: nn.Module) -> Iterator[_NormalizedLayer]:
+    """Yield every norm-constrained layer inside ``module`` (including itself), each once.
+
+    Useful to reconfigure a built model, e.g. set ``train_iterations``/``eval_iterations``/
+    ``atol``/``rtol`` on all layers.
+    """
+    for layer in module.modules():  # modules() visits shared layers once
+        if isinstance(layer, _NormalizedLayer):
+            yield layer
+
+
+def _interface_orders(
+    num_layers: int, norm: str, norm_ord: float, learnable_ord: bool
+) -> list[NormOrder] | None:
+    """Orders ``p_0, …, p_L`` between layers with ``p_L`` the same object as ``p_0``."""
+    if norm == "spectral":
+        return None
+    if norm != "induced":
+        raise ValueError(f"norm must be 'spectral' or 'induced', got {norm!r}")
+    # The outer order is shared and fixed so g is contractive from one norm into the same norm,
+    # which is what the Banach fixed-point inversion of x + g(x) needs (Chen et al. 2019, §4).
+    outer = NormOrder(norm_ord, learnable=False)
+    inner = [NormOrder(norm_ord, learnable=learnable_ord) for _ in range(num_layers - 1)]
+    return [outer, *inner, outer]
+
+
+class LipschitzMLP(nn.Module):
+    """Residual branch ``g`` for vectors: ``[act] → Lin → act → … → Lin`` with ``Lip(g) < 1``.
+
+    Every linear layer is normalized to ``coeff`` and every activation is 1-Lipschitz, so
+    ``Lip(g) ≤ coeff^(num_hidden_layers + 1)`` (Behrmann et al. 2019; Chen et al. 2019, §4).
+    Default (nonzero) init on purpose: the residual flow needs a nontrivial contraction.
+
+    Args:
+        features: Input and output size.
+        hidden_features: Width of the hidden layers.
+        num_hidden_layers: Number of hidden layers (linear layers = this + 1).
+        activation: Name from :data:`~hybridflow.nets.activations.LIPSCHITZ_ACTIVATIONS`.
+        coeff: Per-layer norm bound.
+        preact: Start with an activation (pre-activation residual branch).
+        norm: ``"spectral"`` or ``"induced"`` (mixed l_p norms with shared orders).
+        norm_ord: Initial order of every interface norm when ``norm="induced"``.
+        learnable_ord: Learn the inner interface orders (the outer one stays fixed).
+        train_iterations: Power iterations per training forward (``None``: converge).
+        eval_iterations: Power iterations per eval forward.
+        atol: Convergence tolerance for ``None`` iterations.
+        rtol: Convergence tolerance for ``None`` iterations.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        hidden_features: int,
+        num_hidden_layers: int = 2,
+        activation: str = "lipswish",
+        coeff: float = 0.98,
+        preact: bool = True,
+        norm: str = "spectral",
+        norm_ord: float = 2.0,
+        learnable_ord: bool = False,
+        train_iterations: int | None = 1,
+        eval_iterations: int | None = 0,
+        atol: float | None = None,
+        rtol: float | None = None,
+    ) -> None:
+        super().__init__()
+        if num_hidden_layers < 0:
+            raise ValueError(f"num_hidden_layers must be >= 0, got {num_hidden_layers}")
+        widths = [features] + [hidden_features] * num_hidden_layers + [features]
+        num_layers = len(widths) - 1
+        orders = _interface_orders(num_layers, norm, norm_ord, learnable_ord)
+        iteration = {
+            "coeff": coeff,
+            "train_iterations": train_iterations,
+            "eval_iterations": eval_iterations,
+            "atol": atol,
+            "rtol": rtol,
+        }
+
+        def make_layer(i: int) -> nn.Module:
+            if orders is None:
+                return SpectralNormLinear(widths[i], widths[i + 1], **iteration)
+            return InducedNormLinear(
+                widths[i], widths[i + 1], domain=orders[i], codomain=orders[i + 1], **iteration
+            )
+
+        self.net = _build_branch(num_layers, make_layer, activation, preact)
+        self.features = features
+        self.lipschitz_bound = float(coeff) ** num_layers
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class LipschitzConvNet(nn.Module):
+    """Residual branch ``g`` for images: ``[act] → conv → act → … → conv`` with ``Lip(g) < 1``.
+
+    Channels go ``channels → hidden → … → hidden → channels`` with "same" padding, e.g. the
+    3-1-3 kernels of i-ResNet / Residual Flows (Behrmann et al. 2019; Chen et al. 2019).
+    ``Lip(g) ≤ coeff^len(kernel_sizes)`` on inputs of spatial size ``input_size``.
+
+    Args:
+        channels: Input and output channels.
+        hidden_channels: Width of the hidden layers.
+        input_size: Spatial size ``(H, W)`` of the inputs (the operator norms depend on it).
+        kernel_sizes: Odd kernel size of each conv layer.
+        Others: As in :class:`LipschitzMLP`.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        hidden_channels: int,
+        input_size: tuple[int, int],
+        kernel_sizes: tuple[int, ...] = (3, 1, 3),
+        activation: str = "lipswish",
+        coeff: float = 0.98,
+        preact: bool = True,
+        norm: str = "spectral",
+        norm_ord: float = 2.0,
+        learnable_ord: bool = False,
+        train_iterations: int | None = 1,
+        eval_iterations: int | None = 0,
+        atol: float | None = None,
+        rtol: float | None = None,
+    ) -> None:
+        super().__init__()
+        kernels = tuple(kernel_sizes)
+        if not kernels or any(k < 1 or k % 2 == 0 for k in kernels):
+            raise ValueError(f"kernel_sizes must be non-empty and odd ('same' pad), got {kernels}")
+        num_layers = len(kernels)
+        widths = [channels] + [hidden_channels] * (num_layers - 1) + [channels]
+        orders = _interface_orders(num_layers, norm, norm_ord, learnable_ord)
+        iteration = {
+            "coeff": coeff,
+            "train_iterations": train_iterations,
+            "eval_iterations": eval_iterations,
+            "atol": atol,
+            "rtol": rtol,
+        }
+
+        def make_layer(i: int) -> nn.Module:
+            shape = (widths[i], widths[i + 1], kernels[i], input_size)
+            if orders is None:
+                return SpectralNormConv2d(*shape, **iteration)
+            return InducedNormConv2d(*shape, domain=orders[i], codomain=orders[i + 1], **iteration)
+
+        self.net = _build_branch(num_layers, make_layer, activation, preact)
+        self.channels = channels
+        self.input_size = _pair(input_size, "input_size")
+        self.lipschitz_bound = float(coeff) ** num_layers
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def _build_branch(
+    num_layers: int, make_layer: Callable[[int], nn.Module], activation: str, preact: bool
+) -> nn.Sequential:
+    # A fresh activation per position: LipSwish has its own learnable beta.
+    modules: list[nn.Module] = [create_lipschitz_activation(activation)] if preact else []
+    for i in range(num_layers):
+        if i > 0:
+            modules.append(create_lipschitz_activation(activation))
+        modules.append(make_layer(i))
+    return nn.Sequential(*modules)

@@ -92,6 +92,15 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
     return statistics.median(timed(fn) for _ in range(repeats))
 
 
+def load_average() -> list[float] | None:
+    """1/5/15-minute load averages: other jobs on a shared box inflate step times (OpenMP threads
+    spin while their partner is descheduled), so results record how busy the machine was."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def environment(threads: int) -> dict:
     return {
         "threads": threads,

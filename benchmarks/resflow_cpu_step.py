@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 # The script's own folder is on sys.path when it runs as `python benchmarks/...`.
-from _common import RESULTS, build_hybrid, environment, load_mnist, max_rss_gib
+from _common import RESULTS, build_hybrid, environment, load_average, load_mnist, max_rss_gib
 
 REFERENCE = {
     "memory-efficient": {"median_step_s": 0.94, "peak_rss_gib": 1.43},
@@ -59,18 +59,21 @@ def run_steps(args: argparse.Namespace) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     torch.manual_seed(args.seed + 1)  # same probes, roulette draws and noise in both modes
 
-    times, losses = [], []
+    times, losses, cpu_over_wall = [], [], []
+    load_start = load_average()
     for i, (x, y) in enumerate(batches):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         model.train()
         loss = model.loss(x, y, "1/D")["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start
         losses.append(loss.item())
         if i >= args.warmup:
             times.append(elapsed)
+            cpu_over_wall.append(cpu / elapsed)
     return {
         "mode": "naive" if args.naive else "memory-efficient",
         "backbone": "resflow-cpu",
@@ -80,6 +83,12 @@ def run_steps(args: argparse.Namespace) -> dict:
         "median_step_s": statistics.median(times),
         "min_step_s": min(times),
         "max_step_s": max(times),
+        "step_times_s": times,
+        # ≈ threads when the step had the cores to itself; much less (or more, with OpenMP
+        # spinning) when other jobs competed for them.
+        "cpu_over_wall_median": statistics.median(cpu_over_wall),
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
         "self_peak_rss_gib": max_rss_gib(),
         "first_loss": losses[0],
         "last_loss": losses[-1],

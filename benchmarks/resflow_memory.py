@@ -39,6 +39,7 @@ from _common import (
     build_hybrid,
     current_rss_gib,
     environment,
+    load_average,
     load_mnist,
     max_rss_gib,
 )
@@ -67,18 +68,21 @@ def run_child(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed + 1)
     baseline_peak, baseline_now = max_rss_gib(), current_rss_gib()
 
-    losses, times = [], []
+    losses, times, cpu_over_wall = [], [], []
+    load_start = load_average()
     for i, (x, y) in enumerate(batches):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         model.train()
         loss = model.loss(x, y, "1/D")["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start
         losses.append(loss.item())
         if i >= args.warmup:
             times.append(elapsed)
+            cpu_over_wall.append(cpu / elapsed)
     peak = max_rss_gib()
     return {
         "mode": args.child,
@@ -91,6 +95,11 @@ def run_child(args: argparse.Namespace) -> dict:
         "peak_over_baseline_gib": peak - baseline_peak,
         "median_step_s": statistics.median(times),
         "step_times_s": times,
+        # ≈ threads when the step had the cores to itself; much less (or more, with OpenMP
+        # spinning) when other jobs competed for them.
+        "cpu_over_wall_median": statistics.median(cpu_over_wall),
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
         "losses": losses,
     }
 

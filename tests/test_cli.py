@@ -76,3 +76,45 @@ def test_bad_options_fail_with_a_message(tmp_path: Path, capsys) -> None:
     assert "unknown config key" in capsys.readouterr().err
     assert main(["train", *TINY, "--dataset=cifar", f"--out_dir={tmp_path}"]) == 1
     assert main(["bogus"]) == 2
+
+
+def test_sweep_compares_backbones_with_their_own_settings(tmp_path: Path) -> None:
+    from hybridflow.reports import run_sweep
+
+    shared = {
+        "dataset": "digits",
+        "backbone_args": {"num_scales": 2, "couplings_per_scale": 1, "final_couplings": 1},
+        "head_args": {"width": 8},
+        "batch_size": 64,
+        "max_steps": 3,
+        "warmup_steps": 1,
+        "progress": False,
+        "eval_every": 0,
+        "num_threads": 1,
+    }
+    resflow = {
+        "backbone_args": {"num_scales": 2, "blocks_per_scale": 1, "hidden_channels": 8},
+        "max_steps": 2,
+    }
+    with pytest.raises(ValueError, match="not swept"):
+        run_sweep("bad", ["1/D"], ["realnvp"], shared, backbone_overrides={"resflow": resflow})
+    out = run_sweep(
+        "cmp",
+        ["1/D"],
+        ["realnvp", "resflow"],
+        shared,
+        report_root=tmp_path / "reports",
+        runs_root=tmp_path / "runs",
+        backbone_overrides={"resflow": resflow},
+    )
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["backbone"] for r in rows] == ["realnvp", "resflow"]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["backbone_overrides"]["resflow"]["max_steps"] == 2
+    assert saved["backbone_overrides"]["realnvp"]["max_steps"] == 3  # the shared value
+    assert "max_steps" not in saved and "backbone_args" not in saved  # they vary by backbone
+    assert "Settings of `resflow` runs" in (out / "report.md").read_text()
+    resflow_cfg = json.loads(
+        (tmp_path / "runs" / "cmp" / "resflow-lam1overD" / "config.json").read_text()
+    )
+    assert resflow_cfg["backbone_args"]["blocks_per_scale"] == 1

@@ -56,6 +56,7 @@ def run_sweep(
     report_root: str | Path = "reports",
     runs_root: str | Path = "runs",
     dequant_samples: int = 1,
+    backbone_overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Train and evaluate one run per (backbone, λ) and write ``report_root/name``.
 
@@ -68,9 +69,17 @@ def run_sweep(
         report_root: Folder of reports.
         runs_root: Folder of run folders.
         dequant_samples: Uniform-dequantization draws averaged for test bits/dim.
+        backbone_overrides: Per-backbone config entries (e.g. ``backbone_args``, ``epochs``)
+            applied over ``config``; the report lists them beside the shared settings.
     """
     base = resolve_config(base=config)
     backbones = list(backbones or [base["backbone"]])
+    overrides = {k: dict(v) for k, v in (backbone_overrides or {}).items()}
+    unknown = set(overrides) - set(backbones)
+    if unknown:
+        raise ValueError(f"backbone_overrides names backbones not swept: {sorted(unknown)}")
+    for entries in overrides.values():
+        resolve_config(entries, base=base)  # fail on unknown keys before training anything
     for lam in lams:
         resolve_lambda(lam, 1)  # fail before training anything
     test_set = load_dataset(
@@ -90,6 +99,7 @@ def run_sweep(
             label = _lam_label(lam)
             cfg = {
                 **base,
+                **overrides.get(backbone, {}),
                 "backbone": backbone,
                 "lam": label,
                 "out_dir": str(Path(runs_root) / name),
@@ -115,6 +125,12 @@ def run_sweep(
                     )
     # Settings common to every run: λ always varies, the backbone only when several are swept.
     varying = {"lam", "name"} | ({"backbone"} if len(backbones) > 1 else set())
+    # Keys overridden for any backbone are listed per backbone (base value where not overridden).
+    override_keys = sorted({k for entries in overrides.values() for k in entries})
+    per_backbone = {
+        b: {k: overrides.get(b, {}).get(k, base.get(k)) for k in override_keys} for b in backbones
+    }
+    varying |= set(override_keys)
     shared = {k: v for k, v in base.items() if k not in varying}
     return write_report(
         name,
@@ -123,6 +139,7 @@ def run_sweep(
         ood_rows=ood_rows,
         report_root=report_root,
         wall_time_s=time.time() - started,
+        backbone_overrides=per_backbone if override_keys else None,
     )
 
 
@@ -158,11 +175,18 @@ def write_report(
     ood_rows: Sequence[Mapping[str, Any]] = (),
     report_root: str | Path = "reports",
     wall_time_s: float | None = None,
+    backbone_overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
-    """Write ``results.csv``, ``report.md``, ``config.json`` and ``sweep.png`` for a sweep."""
+    """Write ``results.csv``, ``report.md``, ``config.json`` and ``sweep.png`` for a sweep.
+
+    ``config.json`` holds the shared settings, plus ``backbone_overrides`` when given.
+    """
     out = Path(report_root) / name
     out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.json")
+    saved = dict(config)
+    if backbone_overrides:
+        saved["backbone_overrides"] = {k: dict(v) for k, v in backbone_overrides.items()}
+    save_config(saved, out / "config.json")
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(RESULT_COLUMNS))
         writer.writeheader()
@@ -172,7 +196,7 @@ def write_report(
             writer = csv.DictWriter(f, fieldnames=list(ood_rows[0]))
             writer.writeheader()
             writer.writerows([{k: _fmt(v, 6) for k, v in r.items()} for r in ood_rows])
-    baselines = _baselines(config)
+    baselines = _baselines({k: v for k, v in config.items() if k != "backbone_overrides"})
 
     lines = [
         f"# Hybrid λ sweep: {name}",
@@ -215,6 +239,9 @@ def write_report(
         lines += [""] + [f"- `{k}`: {v}" for k, v in OOD_METRIC_DESCRIPTIONS.items()]
     lines += ["", "## Settings shared by every run (λ as in the table)", "", "```json"]
     lines += [json.dumps(dict(config), indent=2, sort_keys=True), "```"]
+    for backbone, entries in (backbone_overrides or {}).items():
+        lines += ["", f"Settings of `{backbone}` runs:", "", "```json"]
+        lines += [json.dumps(dict(entries), indent=2, sort_keys=True), "```"]
     if wall_time_s is not None:
         lines += ["", f"Wall time of the whole sweep: {wall_time_s:.0f} s."]
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -6,6 +6,7 @@ script's folder is on ``sys.path`` then) without installing anything beyond the 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import resource
@@ -101,8 +102,61 @@ def load_average() -> list[float] | None:
         return None
 
 
+def wait_for_idle(max_load: float, timeout_s: float, poll_s: float = 10.0) -> dict:
+    """Wait until the 1-minute load average is ≤ ``max_load`` (at most ``timeout_s``).
+
+    For shared machines: a parent calls this before each measured child so the child does not
+    start while other jobs hold the cores. ``timeout_s <= 0`` does not wait.
+    """
+    start = time.monotonic()
+    load = load_average()
+    while (
+        timeout_s > 0
+        and load is not None
+        and load[0] > max_load
+        and time.monotonic() - start < timeout_s
+    ):
+        time.sleep(poll_s)
+        load = load_average()
+    return {
+        "waited_s": round(time.monotonic() - start, 1),
+        "load_average": load,
+        "idle": load is not None and load[0] <= max_load,
+    }
+
+
+def contention_summary(times: list[float], cpu_over_wall: list[float], threads: int) -> dict:
+    """Flag timed steps that shared the cores with other jobs.
+
+    A step that had its ``threads`` cores to itself uses about ``threads`` CPU seconds per wall
+    second; on a shared box the ratio drops towards 1 and the step takes several times longer.
+    The plain median stays the headline number; the median over steps at ≥ 85% of ``threads``
+    is what the configuration costs on an otherwise idle machine.
+    """
+    clean = [t for t, r in zip(times, cpu_over_wall, strict=True) if r >= 0.85 * threads]
+    return {
+        "cpu_over_wall_per_step": [round(r, 3) for r in cpu_over_wall],
+        "cpu_over_wall_median": statistics.median(cpu_over_wall),
+        "uncontended_steps": len(clean),
+        "median_step_s_uncontended": statistics.median(clean) if clean else None,
+    }
+
+
+def source_digest() -> str:
+    """SHA-256 over the package's Python sources: ties a result to the code it measured (the
+    package is edited while benchmarks run)."""
+    import hybridflow
+
+    root = Path(hybridflow.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def environment(threads: int) -> dict:
     return {
+        "hybridflow_source_sha256_16": source_digest(),
         "threads": threads,
         "torch": torch.__version__,
         "python": platform.python_version(),

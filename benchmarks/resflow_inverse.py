@@ -22,6 +22,7 @@ too: the fixed-point iteration converges at that rate, not at the 0.94 bound.
 Target: round-trip error ≤ 1e-5.
 
     python benchmarks/resflow_inverse.py [--threads 2] [--repeats 3] [--weight-scale 10]
+                                         [--wait-idle 0] [--max-load 0.5]
 
 Writes benchmarks/results/resflow_inverse.json and prints a table.
 """
@@ -36,7 +37,16 @@ import warnings
 import torch
 
 # The script's own folder is on sys.path when it runs as `python benchmarks/...`.
-from _common import INPUT_SHAPE, RESULTS, environment, import_resflow, load_mnist, median_time
+from _common import (
+    INPUT_SHAPE,
+    RESULTS,
+    environment,
+    import_resflow,
+    load_average,
+    load_mnist,
+    median_time,
+    wait_for_idle,
+)
 
 TOLERANCES = (1e-4, 1e-5, 1e-6, 1e-7)
 TARGET = 1e-5
@@ -183,10 +193,15 @@ def main() -> None:
     parser.add_argument("--weight-scale", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--wait-idle", type=float, default=0.0, help="wait ≤ this many s for a quiet box first"
+    )
+    parser.add_argument("--max-load", type=float, default=0.5, help="'quiet': 1-min load average")
+    parser.add_argument(
         "--lipschitz-iterations", type=int, default=20, help="power iterations on J_g per block"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    idle = wait_for_idle(args.max_load, args.wait_idle)
 
     x_init, _, init_source = load_mnist(args.init_size, seed=args.seed)
     # The last images of the (shuffled) file: disjoint from the init batch and the training
@@ -210,6 +225,8 @@ def main() -> None:
         "saturation": saturation,
         "repeats": args.repeats,
         "seed": args.seed,
+        "wait_for_idle": idle,
+        "load_average_end": load_average(),
         **environment(args.threads),
         "dtypes": results,
     }

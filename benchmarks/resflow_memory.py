@@ -16,7 +16,14 @@ median step time after the warmup.
 
 Targets: memory-efficient peak RSS ≤ 0.5× naive, and its step time no worse than naive.
 
+Step times are only comparable on an otherwise idle machine: other jobs on the same cores make
+steps several times slower. Each child records the load average and every step's CPU/wall
+ratio, and reports a second median over the steps that had their cores to themselves
+("clean"); ``--wait-idle S`` makes the parent wait up to S seconds for a quiet machine
+(1-minute load ≤ ``--max-load``) before each mode.
+
     python benchmarks/resflow_memory.py [--threads 2] [--steps 5] [--warmup 1] [--batch-size 64]
+                                        [--wait-idle 0] [--max-load 0.5]
 
 Writes benchmarks/results/resflow_memory.json and prints a table.
 """
@@ -37,11 +44,14 @@ import torch
 from _common import (
     RESULTS,
     build_hybrid,
+    contention_summary,
     current_rss_gib,
     environment,
     load_average,
     load_mnist,
     max_rss_gib,
+    source_digest,
+    wait_for_idle,
 )
 
 SERIES = {"logdet": "series", "n_terms": 10}
@@ -86,6 +96,7 @@ def run_child(args: argparse.Namespace) -> dict:
     peak = max_rss_gib()
     return {
         "mode": args.child,
+        "hybridflow_source_sha256_16": source_digest(),
         "backbone_args": backbone_kw,
         "data": source,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -95,13 +106,15 @@ def run_child(args: argparse.Namespace) -> dict:
         "peak_over_baseline_gib": peak - baseline_peak,
         "median_step_s": statistics.median(times),
         "step_times_s": times,
-        # ≈ threads when the step had the cores to itself; much less (or more, with OpenMP
-        # spinning) when other jobs competed for them.
-        "cpu_over_wall_median": statistics.median(cpu_over_wall),
+        **contention_summary(times, cpu_over_wall, args.threads),
         "load_average_start": load_start,
         "load_average_end": load_average(),
         "losses": losses,
     }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
 
 
 def child_command(args: argparse.Namespace, mode: str) -> list[str]:
@@ -126,6 +139,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument(
+        "--wait-idle", type=float, default=0.0, help="wait ≤ this many s for a quiet box per mode"
+    )
+    parser.add_argument("--max-load", type=float, default=0.5, help="'quiet': 1-min load average")
     parser.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -135,12 +152,13 @@ def main() -> None:
 
     modes: dict[str, dict] = {}
     for mode in args.modes:
-        print(f"running {mode} ...", file=sys.stderr, flush=True)
+        idle = wait_for_idle(args.max_load, args.wait_idle)
+        print(f"running {mode} (load {idle['load_average']}) ...", file=sys.stderr, flush=True)
         proc = subprocess.run(child_command(args, mode), capture_output=True, text=True)
         if proc.returncode != 0:
             sys.stderr.write(proc.stdout + proc.stderr)
             raise SystemExit(f"child {mode} failed with exit code {proc.returncode}")
-        modes[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        modes[mode] = {**json.loads(proc.stdout.strip().splitlines()[-1]), "wait_for_idle": idle}
 
     result: dict = {
         "what": "one hybrid training step of resflow-cpu with a 10-term series log-det",
@@ -161,6 +179,9 @@ def main() -> None:
                 "peak_rss": m["peak_rss_gib"] / naive["peak_rss_gib"],
                 "peak_over_baseline": m["peak_over_baseline_gib"] / naive["peak_over_baseline_gib"],
                 "step_time": m["median_step_s"] / naive["median_step_s"],
+                "step_time_uncontended": _ratio(
+                    m["median_step_s_uncontended"], naive["median_step_s_uncontended"]
+                ),
             }
             for mode, m in modes.items()
         }
@@ -183,12 +204,16 @@ def main() -> None:
     out = RESULTS / "resflow_memory.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
 
-    header = f"{'mode':<18}{'base GiB':>10}{'peak GiB':>10}{'peak-base':>11}{'step s':>9}"
+    header = (
+        f"{'mode':<18}{'base GiB':>10}{'peak GiB':>10}{'peak-base':>11}{'step s':>9}{'clean s':>9}"
+    )
     print(header + ("  ratios vs naive (peak, peak-base, time)" if "naive" in modes else ""))
     for mode, m in modes.items():
+        clean = m["median_step_s_uncontended"]
         line = (
             f"{mode:<18}{m['baseline_peak_rss_gib']:>10.3f}{m['peak_rss_gib']:>10.3f}"
             f"{m['peak_over_baseline_gib']:>11.3f}{m['median_step_s']:>9.3f}"
+            f"{'-' if clean is None else f'{clean:.3f}':>9}"
         )
         if "naive" in modes:
             r = result["ratio_to_naive"][mode]

@@ -48,7 +48,10 @@ class LipSwish(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # Out-of-place on purpose: residual flows backpropagate through vector-Jacobian
         # products of this function (double backward), which in-place ops would corrupt.
-        return x * torch.sigmoid(self.beta * x) / _SWISH_LIPSCHITZ
+        # x·sigmoid(βx) = silu(βx)/β: one fused op (and fused backward) instead of four
+        # elementwise ones, which dominate the cost of the residual branches on CPU.
+        beta = self.beta
+        return F.silu(beta * x) * (1.0 / (_SWISH_LIPSCHITZ * beta))
 
 
 class LipELU(nn.Module):

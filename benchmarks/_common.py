@@ -93,6 +93,31 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
     return statistics.median(timed(fn) for _ in range(repeats))
 
 
+def timed_hybrid_steps(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, batches: list, warmup: int
+) -> tuple[list[float], list[float], list[float]]:
+    """Run one λ = 1/D hybrid training step per batch; time the steps after ``warmup``.
+
+    Returns:
+        Wall seconds and CPU-over-wall ratios of the timed steps, and the loss of every step.
+    """
+    times, losses, cpu_over_wall = [], [], []
+    for i, (x, y) in enumerate(batches):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        model.train()
+        loss = model.loss(x, y, "1/D")["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start
+        losses.append(loss.item())
+        if i >= warmup:
+            times.append(elapsed)
+            cpu_over_wall.append(cpu / elapsed)
+    return times, cpu_over_wall, losses
+
+
 def load_average() -> list[float] | None:
     """1/5/15-minute load averages: other jobs on a shared box inflate step times (OpenMP threads
     spin while their partner is descheduled), so results record how busy the machine was."""

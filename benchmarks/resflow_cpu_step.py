@@ -36,7 +36,6 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -51,6 +50,7 @@ from _common import (
     load_mnist,
     max_rss_gib,
     source_digest,
+    timed_hybrid_steps,
     wait_for_idle,
 )
 
@@ -75,21 +75,8 @@ def run_steps(args: argparse.Namespace) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     torch.manual_seed(args.seed + 1)  # same probes, roulette draws and noise in both modes
 
-    times, losses, cpu_over_wall = [], [], []
     load_start = load_average()
-    for i, (x, y) in enumerate(batches):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        model.train()
-        loss = model.loss(x, y, "1/D")["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        elapsed = time.perf_counter() - start
-        cpu = time.process_time() - cpu_start
-        losses.append(loss.item())
-        if i >= args.warmup:
-            times.append(elapsed)
-            cpu_over_wall.append(cpu / elapsed)
+    times, cpu_over_wall, losses = timed_hybrid_steps(model, opt, batches, args.warmup)
     return {
         "mode": "naive" if args.naive else "memory-efficient",
         "hybridflow_source_sha256_16": source_digest(),

@@ -35,7 +35,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -51,6 +50,7 @@ from _common import (
     load_mnist,
     max_rss_gib,
     source_digest,
+    timed_hybrid_steps,
     wait_for_idle,
 )
 
@@ -78,21 +78,8 @@ def run_child(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed + 1)
     baseline_peak, baseline_now = max_rss_gib(), current_rss_gib()
 
-    losses, times, cpu_over_wall = [], [], []
     load_start = load_average()
-    for i, (x, y) in enumerate(batches):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        model.train()
-        loss = model.loss(x, y, "1/D")["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        elapsed = time.perf_counter() - start
-        cpu = time.process_time() - cpu_start
-        losses.append(loss.item())
-        if i >= args.warmup:
-            times.append(elapsed)
-            cpu_over_wall.append(cpu / elapsed)
+    times, cpu_over_wall, losses = timed_hybrid_steps(model, opt, batches, args.warmup)
     peak = max_rss_gib()
     return {
         "mode": args.child,

@@ -110,6 +110,25 @@ CASES: list[Case] = [
         T.AffineCoupling,
     ),
     Case(
+        "coupling-additive",
+        lambda: T.AffineCoupling(2, "checkerboard", 0, _small_conv, additive=True),
+        _images(2, 3, 3),
+        T.AffineCoupling,
+    ),
+    Case("conv1x1-lu", lambda: T.InvertibleConv1x1(3), _images(3, 2, 2), T.InvertibleConv1x1),
+    Case(
+        "conv1x1-plain",
+        lambda: T.InvertibleConv1x1(3, lu=False),
+        _images(3, 2, 2),
+        T.InvertibleConv1x1,
+    ),
+    Case(
+        "conv1x1-vector",
+        lambda: T.InvertibleConv1x1(4, spatial=False),
+        lambda n: torch.randn(n, 4),
+        T.InvertibleConv1x1,
+    ),
+    Case(
         "logit",
         lambda: T.LogitTransform(0.05),
         lambda n: torch.rand(n, 1, 2, 3) * 0.98 + 0.01,
@@ -145,6 +164,33 @@ CASES: list[Case] = [
     ),
     Case("resflow", lambda: _small_resflow(False), _images(1, 4, 4), T.MultiscaleFlow),
     Case("resflow-factor-out", lambda: _small_resflow(True), _images(1, 4, 4), T.MultiscaleFlow),
+    Case(
+        "coupling-backbone-factor-out",
+        lambda: create_backbone(
+            "coupling",
+            (1, 4, 4),
+            num_scales=2,
+            blocks_per_scale=2,
+            hidden_channels=8,
+            factor_out=True,
+        ),
+        _images(1, 4, 4),
+        T.MultiscaleFlow,
+    ),
+    Case(
+        "coupling-1x1-backbone",
+        lambda: create_backbone(
+            "coupling+1x1", (1, 4, 4), num_scales=2, blocks_per_scale=2, hidden_channels=8
+        ),
+        _images(1, 4, 4),
+        T.MultiscaleFlow,
+    ),
+    Case(
+        "coupling-1x1-vector-backbone",
+        lambda: create_backbone("coupling+1x1", (5,), blocks_per_scale=3, hidden_channels=8),
+        lambda n: torch.randn(n, 5),
+        T.MultiscaleFlow,
+    ),
     Case("multiscale-factor-out", lambda: _multiscale(True), _images(1, 4, 4), T.MultiscaleFlow),
     Case(
         "multiscale-no-factor-out", lambda: _multiscale(False), _images(1, 4, 4), T.MultiscaleFlow

@@ -5,6 +5,7 @@ suite (``tests/test_conformance.py``), which fails for any layer that is missing
 """
 
 from .base import Inverse, InvertibleModule, InvertibleSequential, sum_except_batch
+from .conv1x1 import InvertibleConv1x1
 from .coupling import AffineCoupling, checkerboard_mask
 from .multiscale import MultiscaleFlow
 from .normalization import ActNorm
@@ -18,6 +19,7 @@ __all__ = [
     "Inverse",
     "InverseNotConvergedError",
     "InverseStats",
+    "InvertibleConv1x1",
     "InvertibleModule",
     "InvertibleSequential",
     "LogitTransform",

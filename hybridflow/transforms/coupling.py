@@ -36,7 +36,7 @@ def _default_factory(spatial: bool) -> NetFactory:
 
 
 class AffineCoupling(InvertibleModule):
-    """Affine coupling with a checkerboard or channel mask.
+    """Affine (RealNVP, Dinh et al. 2017) or additive (NICE, Dinh et al. 2015) coupling.
 
     Args:
         num_channels: Channels ``C`` of the input (features for vector inputs).
@@ -47,6 +47,7 @@ class AffineCoupling(InvertibleModule):
             :class:`~hybridflow.nets.ConvResNet` for images and :class:`~hybridflow.nets.MLP`
             for vectors. The net's output should start at zero so the layer starts as identity.
         spatial: Whether inputs are images (``True``) or vectors (``False``).
+        additive: Shift only (volume preserving, log-det 0), as in NICE.
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class AffineCoupling(InvertibleModule):
         net_factory: NetFactory | None = None,
         *,
         spatial: bool = True,
+        additive: bool = False,
     ) -> None:
         super().__init__()
         if mask not in ("checkerboard", "channel"):
@@ -73,6 +75,7 @@ class AffineCoupling(InvertibleModule):
             parity,
             spatial,
         )
+        self.additive = additive
         factory = net_factory or _default_factory(spatial)
         if mask == "checkerboard":
             c_in, c_out = num_channels + 1, num_channels
@@ -81,9 +84,10 @@ class AffineCoupling(InvertibleModule):
             c_in, c_out = (
                 (first, num_channels - first) if parity == 0 else (num_channels - first, first)
             )
-        self.net = factory(c_in, 2 * c_out)
-        # RealNVP's "scale · tanh" keeps log-scales bounded early in training.
-        self.scale = nn.Parameter(torch.ones(c_out))
+        self.net = factory(c_in, c_out if additive else 2 * c_out)
+        if not additive:  # an unused parameter would break multi-process training
+            # RealNVP's "scale · tanh" keeps log-scales bounded early in training.
+            self.scale = nn.Parameter(torch.ones(c_out))
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(kept, moved)`` channel groups."""
@@ -94,6 +98,9 @@ class AffineCoupling(InvertibleModule):
         return torch.cat([kept, moved] if self.parity == 0 else [moved, kept], dim=1)
 
     def _params(self, kept: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.additive:
+            shift = self.net(kept)
+            return shift, torch.zeros_like(shift)
         shift, raw = self.net(kept).chunk(2, dim=1)
         view = (1, -1) + (1,) * (raw.dim() - 2)
         log_s = self.scale.view(view) * torch.tanh(raw)

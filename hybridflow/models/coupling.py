@@ -1,0 +1,165 @@
+"""Coupling backbones laid out like the Residual Flow ones, for the hybrid comparison.
+
+Chen et al. 2019 ("Residual Flows", Table 4) compare hybrid models whose flows differ only in the
+block type: "Coupling" and "+1×1 Conv" rows against residual blocks. These backbones therefore
+keep the :func:`~hybridflow.models.resflow.resflow` layout (optional squeeze first, scales joined
+by squeezes, optional factor-out, features at the end of every scale) and replace each
+``ActNorm → ResidualBlock`` with ``ActNorm → [1×1 conv] → affine coupling`` (Glow's step of flow,
+Kingma & Dhariwal 2018). Without the 1×1 convolution consecutive couplings alternate the channel
+half they transform, so every channel is updated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+from torch import nn
+
+from ..nets import MLP, ConvResNet
+from ..transforms import (
+    ActNorm,
+    AffineCoupling,
+    InvertibleConv1x1,
+    InvertibleSequential,
+    MultiscaleFlow,
+    Squeeze,
+)
+from .registry import register_backbone
+from .resflow import _blocks_per_scale
+
+__all__ = ["coupling", "coupling_1x1"]
+
+
+def _coupling_flow(
+    input_shape: tuple[int, ...],
+    conv1x1: bool,
+    num_scales: int,
+    blocks_per_scale: int | Sequence[int],
+    hidden_channels: int,
+    num_res_blocks: int,
+    squeeze_first: bool,
+    factor_out: bool,
+    additive: bool,
+    actnorm: bool,
+) -> MultiscaleFlow:
+    def step(c: int, index: int, spatial: bool) -> list[nn.Module]:
+        layers: list[nn.Module] = [ActNorm(c)] if actnorm else []
+        if conv1x1:
+            layers.append(InvertibleConv1x1(c, spatial=spatial))
+        factory = (
+            partial(ConvResNet, hidden_channels=hidden_channels, num_blocks=num_res_blocks)
+            if spatial
+            else partial(MLP, hidden_features=hidden_channels, num_layers=num_res_blocks)
+        )
+        # The 1x1 convolution mixes channels, so a fixed half suffices; otherwise alternate.
+        parity = 0 if conv1x1 else index % 2
+        layers.append(
+            AffineCoupling(c, "channel", parity, factory, spatial=spatial, additive=additive)
+        )
+        return layers
+
+    if len(input_shape) == 1:
+        d = input_shape[0]
+        count = _blocks_per_scale(blocks_per_scale, 1)[0]
+        layers = [m for i in range(count) for m in step(d, i, spatial=False)]
+        return MultiscaleFlow(
+            [InvertibleSequential(layers)], input_shape, [input_shape], factor_out=False
+        )
+    if len(input_shape) != 3:
+        raise ValueError(f"coupling backbones expect (C, H, W) or (D,) inputs, got {input_shape}")
+    counts = _blocks_per_scale(blocks_per_scale, num_scales)
+    c, h, w = input_shape
+    squeezes = num_scales - 1 + int(squeeze_first)
+    if h % 2**squeezes or w % 2**squeezes:
+        raise ValueError(f"{h}x{w} inputs cannot be squeezed {squeezes} times")
+    if c < 2 and not squeeze_first:
+        raise ValueError("channel couplings need at least 2 channels: set squeeze_first=True")
+    blocks, shapes = [], []
+    for scale, count in enumerate(counts):
+        layers: list[nn.Module] = []
+        if scale == 0 and squeeze_first:
+            layers.append(Squeeze(2))
+            c, h, w = 4 * c, h // 2, w // 2
+        for i in range(count):
+            layers += step(c, i, spatial=True)
+        last = scale == num_scales - 1
+        if last and actnorm:
+            layers.append(ActNorm(c))
+        if not last:
+            layers.append(Squeeze(2))
+            c, h, w = 4 * c, h // 2, w // 2
+        blocks.append(InvertibleSequential(layers))
+        shapes.append((c, h, w))
+        if factor_out and not last:
+            c = c // 2
+    return MultiscaleFlow(blocks, input_shape, shapes, factor_out=factor_out)
+
+
+@register_backbone
+def coupling(
+    input_shape: tuple[int, ...],
+    num_scales: int = 3,
+    blocks_per_scale: int | Sequence[int] = 4,
+    hidden_channels: int = 64,
+    num_res_blocks: int = 1,
+    squeeze_first: bool = True,
+    factor_out: bool = False,
+    additive: bool = False,
+    actnorm: bool = True,
+) -> MultiscaleFlow:
+    """Multiscale flow of ``ActNorm → affine coupling`` steps (the "Coupling" row).
+
+    Args:
+        input_shape: ``(C, H, W)`` or ``(D,)``.
+        num_scales: Number of scales; squeezes happen between them.
+        blocks_per_scale: Coupling steps per scale (an int or one per scale).
+        hidden_channels: Width of the conditioners (ResNets for images, MLPs for vectors).
+        num_res_blocks: Residual blocks (images) or hidden layers (vectors) per conditioner.
+        squeeze_first: Squeeze before the first scale (needed for 1-channel images).
+        factor_out: Factor out half the channels after every scale but the last.
+        additive: Additive (NICE) instead of affine couplings.
+        actnorm: ActNorm before every coupling.
+    """
+    return _coupling_flow(
+        input_shape,
+        False,
+        num_scales,
+        blocks_per_scale,
+        hidden_channels,
+        num_res_blocks,
+        squeeze_first,
+        factor_out,
+        additive,
+        actnorm,
+    )
+
+
+@register_backbone(name="coupling+1x1")
+def coupling_1x1(
+    input_shape: tuple[int, ...],
+    num_scales: int = 3,
+    blocks_per_scale: int | Sequence[int] = 4,
+    hidden_channels: int = 64,
+    num_res_blocks: int = 1,
+    squeeze_first: bool = True,
+    factor_out: bool = False,
+    additive: bool = False,
+    actnorm: bool = True,
+) -> MultiscaleFlow:
+    """Like :func:`coupling` with an LU 1×1 convolution before every coupling (Glow's step).
+
+    Args: as in :func:`coupling`.
+    """
+    return _coupling_flow(
+        input_shape,
+        True,
+        num_scales,
+        blocks_per_scale,
+        hidden_channels,
+        num_res_blocks,
+        squeeze_first,
+        factor_out,
+        additive,
+        actnorm,
+    )

@@ -23,6 +23,7 @@ from hybridflow.models import create_backbone
 from hybridflow.nets import (
     MLP,
     ConvResNet,
+    FlowppConditioner,
     LipschitzConvNet,
     LipschitzMLP,
     refresh_lipschitz_layers,
@@ -71,6 +72,11 @@ def _residual(net) -> T.ResidualBlock:
     return T.ResidualBlock(net, logdet="exact", inverse_atol=1e-12, inverse_rtol=0)
 
 
+def _mixlogistic(*args, **kwargs) -> T.MixLogisticCoupling:
+    # A tight bisection tolerance so the round trip meets 1e-8 (the default is 1e-6).
+    return T.MixLogisticCoupling(*args, inverse_tol=1e-12, inverse_max_iter=200, **kwargs)
+
+
 def _small_resflow(factor_out: bool) -> T.MultiscaleFlow:
     return create_backbone(
         "resflow",
@@ -114,6 +120,32 @@ CASES: list[Case] = [
         lambda: T.AffineCoupling(2, "checkerboard", 0, _small_conv, additive=True),
         _images(2, 3, 3),
         T.AffineCoupling,
+    ),
+    Case(
+        "mixlogistic-checkerboard",
+        lambda: _mixlogistic(2, 3, "checkerboard", 1, _small_conv),
+        _images(2, 3, 3),
+        T.MixLogisticCoupling,
+    ),
+    Case(
+        "mixlogistic-flowpp-conditioner",
+        lambda: _mixlogistic(
+            4,
+            2,
+            "channel",
+            0,
+            lambda i, o: FlowppConditioner(
+                i, o, (2, 2), hidden_channels=4, num_blocks=1, num_heads=2
+            ),
+        ),
+        _images(4, 2, 2),
+        T.MixLogisticCoupling,
+    ),
+    Case(
+        "mixlogistic-vector",
+        lambda: _mixlogistic(5, 4, "channel", 1, _small_mlp, spatial=False),
+        lambda n: torch.randn(n, 5),
+        T.MixLogisticCoupling,
     ),
     Case("conv1x1-lu", lambda: T.InvertibleConv1x1(3), _images(3, 2, 2), T.InvertibleConv1x1),
     Case(

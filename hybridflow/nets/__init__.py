@@ -8,6 +8,7 @@ from .activations import (
     create_lipschitz_activation,
 )
 from .conv import ConvResNet, ResidualConvBlock
+from .flowpp import FlowppConditioner, GatedAttention, GatedConv, WNConv2d, concat_elu
 from .lipschitz import (
     InducedNormConv2d,
     InducedNormLinear,
@@ -25,6 +26,9 @@ __all__ = [
     "LIPSCHITZ_ACTIVATIONS",
     "MLP",
     "ConvResNet",
+    "FlowppConditioner",
+    "GatedAttention",
+    "GatedConv",
     "InducedNormConv2d",
     "InducedNormLinear",
     "LipELU",
@@ -36,6 +40,8 @@ __all__ = [
     "ResidualConvBlock",
     "SpectralNormConv2d",
     "SpectralNormLinear",
+    "WNConv2d",
+    "concat_elu",
     "create_lipschitz_activation",
     "lipschitz_layers",
     "refresh_lipschitz_layers",

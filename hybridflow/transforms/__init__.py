@@ -7,6 +7,12 @@ suite (``tests/test_conformance.py``), which fails for any layer that is missing
 from .base import Inverse, InvertibleModule, InvertibleSequential, sum_except_batch
 from .conv1x1 import InvertibleConv1x1
 from .coupling import AffineCoupling, checkerboard_mask
+from .mixlogistic import (
+    MixLogisticCoupling,
+    mixture_inverse_cdf,
+    mixture_log_cdf,
+    mixture_log_pdf,
+)
 from .multiscale import MultiscaleFlow
 from .normalization import ActNorm
 from .preprocessing import LogitTransform, UniformDequantization
@@ -23,10 +29,14 @@ __all__ = [
     "InvertibleModule",
     "InvertibleSequential",
     "LogitTransform",
+    "MixLogisticCoupling",
     "MultiscaleFlow",
     "ResidualBlock",
     "Squeeze",
     "UniformDequantization",
     "checkerboard_mask",
+    "mixture_inverse_cdf",
+    "mixture_log_cdf",
+    "mixture_log_pdf",
     "sum_except_batch",
 ]

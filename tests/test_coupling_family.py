@@ -1,5 +1,5 @@
-"""Coupling family: invertible 1×1 convolutions (Glow), additive couplings, and the ``coupling`` /
-``coupling+1x1`` backbones end to end on digits."""
+"""Coupling family: invertible 1×1 convolutions (Glow), additive couplings, and the ``coupling``,
+``coupling+1x1`` and ``flowpp-cpu`` backbones end to end on digits."""
 
 from __future__ import annotations
 
@@ -81,13 +81,16 @@ def test_one_channel_images_need_a_first_squeeze() -> None:
         create_backbone("coupling", (1, 8, 8), squeeze_first=False)
 
 
-@pytest.mark.parametrize("name", ["coupling", "coupling+1x1"])
+TINY_FLOWPP = {"hidden_channels": 8, "num_blocks": 1, "num_heads": 2, "num_components": 2}
+
+
+@pytest.mark.parametrize("name", ["coupling", "coupling+1x1", "flowpp-cpu"])
 def test_digits_hybrid_run_trains_and_reloads(name: str, tmp_path: Path) -> None:
     run_dir = train(
         {
             "dataset": "digits",
             "backbone": name,
-            "backbone_args": SMALL,
+            "backbone_args": TINY_FLOWPP if name.startswith("flowpp") else SMALL,
             "head_args": {"width": 8},
             "lam": "1/D",
             "batch_size": 128,

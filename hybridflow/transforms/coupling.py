@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..nets import MLP, ConvResNet
 from .base import InvertibleModule, sum_except_batch
 
-__all__ = ["AffineCoupling", "checkerboard_mask"]
+__all__ = ["AffineCoupling", "MaskedCoupling", "checkerboard_mask"]
 
 NetFactory = Callable[[int, int], nn.Module]
 
@@ -35,7 +35,63 @@ def _default_factory(spatial: bool) -> NetFactory:
     return lambda c_in, c_out: MLP(c_in, c_out, hidden_features=64, num_layers=2)
 
 
-class AffineCoupling(InvertibleModule):
+class MaskedCoupling(InvertibleModule):
+    """Shared masking of coupling layers: which part is kept, which part is transformed.
+
+    ``"checkerboard"`` (images ``[N, C, H, W]``): the conditioner sees ``x·mask`` and the mask
+    itself; ``"channel"`` (images or vectors): dimension 1 is split in halves. Subclasses get
+    ``(c_in, c_out)`` for their conditioner from :meth:`_conditioner_channels`.
+    """
+
+    def __init__(self, num_channels: int, mask: str, parity: int, spatial: bool) -> None:
+        super().__init__()
+        if mask not in ("checkerboard", "channel"):
+            raise ValueError(f"mask must be 'checkerboard' or 'channel', got {mask!r}")
+        if mask == "checkerboard" and not spatial:
+            raise ValueError("a checkerboard mask needs image inputs (spatial=True)")
+        if mask == "channel" and num_channels < 2:
+            raise ValueError("a channel mask needs at least 2 channels")
+        if parity not in (0, 1):
+            raise ValueError(f"parity must be 0 or 1, got {parity}")
+        self.num_channels, self.mask, self.parity, self.spatial = (
+            num_channels,
+            mask,
+            parity,
+            spatial,
+        )
+
+    def _conditioner_channels(self) -> tuple[int, int]:
+        """``(inputs the conditioner sees, channels transformed at each position)``."""
+        if self.mask == "checkerboard":
+            return self.num_channels + 1, self.num_channels
+        first = self.num_channels // 2
+        rest = self.num_channels - first
+        return (first, rest) if self.parity == 0 else (rest, first)
+
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(kept, moved)`` channel groups."""
+        first, second = x[:, : self.num_channels // 2], x[:, self.num_channels // 2 :]
+        return (first, second) if self.parity == 0 else (second, first)
+
+    def _merge(self, kept: Tensor, moved: Tensor) -> Tensor:
+        return torch.cat([kept, moved] if self.parity == 0 else [moved, kept], dim=1)
+
+    def _mask_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Checkerboard mask and the conditioner input ``[x·mask, mask]``."""
+        m = checkerboard_mask(*x.shape[2:], self.parity, device=x.device, dtype=x.dtype)
+        return m, torch.cat([x * m, m.expand(x.shape[0], 1, *x.shape[2:])], dim=1)
+
+    def _check(self, x: Tensor) -> None:
+        want = 4 if self.spatial else 2
+        if x.dim() != want or x.shape[1] != self.num_channels:
+            shape = "[N, C, H, W]" if self.spatial else "[N, C]"
+            raise ValueError(
+                f"{type(self).__name__} expects {shape} with C={self.num_channels}, "
+                f"got {tuple(x.shape)}"
+            )
+
+
+class AffineCoupling(MaskedCoupling):
     """Affine (RealNVP, Dinh et al. 2017) or additive (NICE, Dinh et al. 2015) coupling.
 
     Args:
@@ -60,42 +116,14 @@ class AffineCoupling(InvertibleModule):
         spatial: bool = True,
         additive: bool = False,
     ) -> None:
-        super().__init__()
-        if mask not in ("checkerboard", "channel"):
-            raise ValueError(f"mask must be 'checkerboard' or 'channel', got {mask!r}")
-        if mask == "checkerboard" and not spatial:
-            raise ValueError("a checkerboard mask needs image inputs (spatial=True)")
-        if mask == "channel" and num_channels < 2:
-            raise ValueError("a channel mask needs at least 2 channels")
-        if parity not in (0, 1):
-            raise ValueError(f"parity must be 0 or 1, got {parity}")
-        self.num_channels, self.mask, self.parity, self.spatial = (
-            num_channels,
-            mask,
-            parity,
-            spatial,
-        )
+        super().__init__(num_channels, mask, parity, spatial)
         self.additive = additive
         factory = net_factory or _default_factory(spatial)
-        if mask == "checkerboard":
-            c_in, c_out = num_channels + 1, num_channels
-        else:
-            first = num_channels // 2
-            c_in, c_out = (
-                (first, num_channels - first) if parity == 0 else (num_channels - first, first)
-            )
+        c_in, c_out = self._conditioner_channels()
         self.net = factory(c_in, c_out if additive else 2 * c_out)
         if not additive:  # an unused parameter would break multi-process training
             # RealNVP's "scale · tanh" keeps log-scales bounded early in training.
             self.scale = nn.Parameter(torch.ones(c_out))
-
-    def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Return ``(kept, moved)`` channel groups."""
-        first, second = x[:, : self.num_channels // 2], x[:, self.num_channels // 2 :]
-        return (first, second) if self.parity == 0 else (second, first)
-
-    def _merge(self, kept: Tensor, moved: Tensor) -> Tensor:
-        return torch.cat([kept, moved] if self.parity == 0 else [moved, kept], dim=1)
 
     def _params(self, kept: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.additive:
@@ -106,19 +134,10 @@ class AffineCoupling(InvertibleModule):
         log_s = self.scale.view(view) * torch.tanh(raw)
         return shift, log_s
 
-    def _check(self, x: Tensor) -> None:
-        want = 4 if self.spatial else 2
-        if x.dim() != want or x.shape[1] != self.num_channels:
-            shape = "[N, C, H, W]" if self.spatial else "[N, C]"
-            raise ValueError(
-                f"AffineCoupling expects {shape} with C={self.num_channels}, got {tuple(x.shape)}"
-            )
-
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x)
         if self.mask == "checkerboard":
-            m = checkerboard_mask(*x.shape[2:], self.parity, device=x.device, dtype=x.dtype)
-            inp = torch.cat([x * m, m.expand(x.shape[0], 1, *x.shape[2:])], dim=1)
+            m, inp = self._mask_input(x)
             shift, log_s = self._params(inp, context)
             log_s = log_s * (1 - m)
             z = x * m + (1 - m) * (x * log_s.exp() + shift)
@@ -130,8 +149,7 @@ class AffineCoupling(InvertibleModule):
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         self._check(z)
         if self.mask == "checkerboard":
-            m = checkerboard_mask(*z.shape[2:], self.parity, device=z.device, dtype=z.dtype)
-            inp = torch.cat([z * m, m.expand(z.shape[0], 1, *z.shape[2:])], dim=1)
+            m, inp = self._mask_input(z)
             shift, log_s = self._params(inp, context)
             return z * m + (1 - m) * ((z - shift) * (-log_s).exp())
         kept, moved = self._split(z)

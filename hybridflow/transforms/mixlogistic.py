@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import InvertibleModule, sum_except_batch
-from .coupling import NetFactory, _default_factory, checkerboard_mask
+from .base import sum_except_batch
+from .coupling import MaskedCoupling, NetFactory, _default_factory
 
 __all__ = ["MixLogisticCoupling", "mixture_inverse_cdf", "mixture_log_cdf", "mixture_log_pdf"]
 
@@ -125,7 +125,7 @@ def mixture_inverse_cdf(
     return 0.5 * (lo + hi)
 
 
-class MixLogisticCoupling(InvertibleModule):
+class MixLogisticCoupling(MaskedCoupling):
     """Flow++ logistic-mixture CDF coupling (Ho et al. 2019, §3.1).
 
     The conditioner outputs, per transformed element, a log-scale ``a`` (bounded as
@@ -158,54 +158,18 @@ class MixLogisticCoupling(InvertibleModule):
         inverse_tol: float = 1e-6,
         inverse_max_iter: int = 100,
     ) -> None:
-        super().__init__()
-        if mask not in ("checkerboard", "channel"):
-            raise ValueError(f"mask must be 'checkerboard' or 'channel', got {mask!r}")
-        if mask == "checkerboard" and not spatial:
-            raise ValueError("a checkerboard mask needs image inputs (spatial=True)")
-        if mask == "channel" and num_channels < 2:
-            raise ValueError("a channel mask needs at least 2 channels")
-        if parity not in (0, 1):
-            raise ValueError(f"parity must be 0 or 1, got {parity}")
+        super().__init__(num_channels, mask, parity, spatial)
         if num_components < 1:
             raise ValueError(f"num_components must be >= 1, got {num_components}")
-        self.num_channels, self.mask, self.parity, self.spatial = (
-            num_channels,
-            mask,
-            parity,
-            spatial,
-        )
         self.num_components = num_components
         self.float64_mixture = float64_mixture
         self.inverse_tol, self.inverse_max_iter = inverse_tol, inverse_max_iter
         factory = net_factory or _default_factory(spatial)
-        if mask == "checkerboard":
-            c_in, c_out = num_channels + 1, num_channels
-        else:
-            first = num_channels // 2
-            c_in, c_out = (
-                (first, num_channels - first) if parity == 0 else (num_channels - first, first)
-            )
+        c_in, c_out = self._conditioner_channels()
         self.c_out = c_out
         self.net = factory(c_in, c_out * (2 + 3 * num_components))
         # Same bounded "scale · tanh" log-scale as AffineCoupling, for early-training stability.
         self.scale = nn.Parameter(torch.ones(c_out))
-
-    def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        first, second = x[:, : self.num_channels // 2], x[:, self.num_channels // 2 :]
-        return (first, second) if self.parity == 0 else (second, first)
-
-    def _merge(self, kept: Tensor, moved: Tensor) -> Tensor:
-        return torch.cat([kept, moved] if self.parity == 0 else [moved, kept], dim=1)
-
-    def _check(self, x: Tensor) -> None:
-        want = 4 if self.spatial else 2
-        if x.dim() != want or x.shape[1] != self.num_channels:
-            shape = "[N, C, H, W]" if self.spatial else "[N, C]"
-            raise ValueError(
-                f"MixLogisticCoupling expects {shape} with C={self.num_channels}, "
-                f"got {tuple(x.shape)}"
-            )
 
     def _params(self, inp: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Return ``(a, b, logit_weights, means, log_scales)``; mixture params are ``[..., K]``."""
@@ -241,10 +205,6 @@ class MixLogisticCoupling(InvertibleModule):
             um, lw, mu, ls, tol=self.inverse_tol, max_iter=self.inverse_max_iter
         )
         return x2.to(y2.dtype)
-
-    def _mask_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        m = checkerboard_mask(*x.shape[2:], self.parity, device=x.device, dtype=x.dtype)
-        return m, torch.cat([x * m, m.expand(x.shape[0], 1, *x.shape[2:])], dim=1)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x)

@@ -40,10 +40,14 @@ class MaskedCoupling(InvertibleModule):
 
     ``"checkerboard"`` (images ``[N, C, H, W]``): the conditioner sees ``x·mask`` and the mask
     itself; ``"channel"`` (images or vectors): dimension 1 is split in halves. Subclasses get
-    ``(c_in, c_out)`` for their conditioner from :meth:`_conditioner_channels`.
+    ``(c_in, c_out)`` for their conditioner from :meth:`_conditioner_channels`. With
+    ``context_channels > 0`` the layer is conditional: ``forward(x, context)`` concatenates the
+    context (``[N, context_channels, H, W]`` or ``[N, context_channels]``) to the conditioner input.
     """
 
-    def __init__(self, num_channels: int, mask: str, parity: int, spatial: bool) -> None:
+    def __init__(
+        self, num_channels: int, mask: str, parity: int, spatial: bool, context_channels: int = 0
+    ) -> None:
         super().__init__()
         if mask not in ("checkerboard", "channel"):
             raise ValueError(f"mask must be 'checkerboard' or 'channel', got {mask!r}")
@@ -59,14 +63,28 @@ class MaskedCoupling(InvertibleModule):
             parity,
             spatial,
         )
+        if context_channels < 0:
+            raise ValueError(f"context_channels must be >= 0, got {context_channels}")
+        self.context_channels = context_channels
 
     def _conditioner_channels(self) -> tuple[int, int]:
         """``(inputs the conditioner sees, channels transformed at each position)``."""
         if self.mask == "checkerboard":
-            return self.num_channels + 1, self.num_channels
+            return self.num_channels + 1 + self.context_channels, self.num_channels
         first = self.num_channels // 2
         rest = self.num_channels - first
-        return (first, rest) if self.parity == 0 else (rest, first)
+        c_in, c_out = (first, rest) if self.parity == 0 else (rest, first)
+        return c_in + self.context_channels, c_out
+
+    def _with_context(self, inp: Tensor, context: Tensor | None) -> Tensor:
+        """Append the context to the conditioner input (conditional layers only)."""
+        if not self.context_channels:
+            return inp
+        want = (inp.shape[0], self.context_channels, *inp.shape[2:])
+        if context is None or tuple(context.shape) != want:
+            got = None if context is None else tuple(context.shape)
+            raise ValueError(f"{type(self).__name__} needs a context of shape {want}, got {got}")
+        return torch.cat([inp, context], dim=1)
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(kept, moved)`` channel groups."""
@@ -104,6 +122,7 @@ class AffineCoupling(MaskedCoupling):
             for vectors. The net's output should start at zero so the layer starts as identity.
         spatial: Whether inputs are images (``True``) or vectors (``False``).
         additive: Shift only (volume preserving, log-det 0), as in NICE.
+        context_channels: Channels of a conditioning input (0: unconditional).
     """
 
     def __init__(
@@ -115,8 +134,9 @@ class AffineCoupling(MaskedCoupling):
         *,
         spatial: bool = True,
         additive: bool = False,
+        context_channels: int = 0,
     ) -> None:
-        super().__init__(num_channels, mask, parity, spatial)
+        super().__init__(num_channels, mask, parity, spatial, context_channels)
         self.additive = additive
         factory = net_factory or _default_factory(spatial)
         c_in, c_out = self._conditioner_channels()
@@ -126,10 +146,10 @@ class AffineCoupling(MaskedCoupling):
             self.scale = nn.Parameter(torch.ones(c_out))
 
     def _params(self, kept: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        out = self.net(self._with_context(kept, context))
         if self.additive:
-            shift = self.net(kept)
-            return shift, torch.zeros_like(shift)
-        shift, raw = self.net(kept).chunk(2, dim=1)
+            return out, torch.zeros_like(out)
+        shift, raw = out.chunk(2, dim=1)
         view = (1, -1) + (1,) * (raw.dim() - 2)
         log_s = self.scale.view(view) * torch.tanh(raw)
         return shift, log_s

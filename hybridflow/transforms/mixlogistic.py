@@ -141,6 +141,8 @@ class MixLogisticCoupling(MaskedCoupling):
             A zero-initialised last layer makes the layer start as the identity.
         spatial: Whether inputs are images (``True``) or vectors (``False``).
         float64_mixture: Evaluate the mixture CDF/pdf and its inverse in float64.
+        context_channels: Channels of a conditioning input (0: unconditional); variational
+            dequantization conditions its couplings on features of the data this way.
         inverse_tol: Bisection tolerance (in ``x`` units) of :meth:`inverse`.
         inverse_max_iter: Maximum bisection steps of :meth:`inverse`.
     """
@@ -157,8 +159,9 @@ class MixLogisticCoupling(MaskedCoupling):
         float64_mixture: bool = False,
         inverse_tol: float = 1e-6,
         inverse_max_iter: int = 100,
+        context_channels: int = 0,
     ) -> None:
-        super().__init__(num_channels, mask, parity, spatial)
+        super().__init__(num_channels, mask, parity, spatial, context_channels)
         if num_components < 1:
             raise ValueError(f"num_components must be >= 1, got {num_components}")
         self.num_components = num_components
@@ -210,18 +213,20 @@ class MixLogisticCoupling(MaskedCoupling):
         self._check(x)
         if self.mask == "checkerboard":
             m, inp = self._mask_input(x)
-            y, ld = self._transform(x, self._params(inp))
+            y, ld = self._transform(x, self._params(self._with_context(inp, context)))
             # Kept sites pass through and contribute nothing to log|det J|.
             return x * m + (1 - m) * y, sum_except_batch(ld * (1 - m))
         kept, moved = self._split(x)
-        y, ld = self._transform(moved, self._params(kept))
+        y, ld = self._transform(moved, self._params(self._with_context(kept, context)))
         return self._merge(kept, y), sum_except_batch(ld)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         self._check(z)
         if self.mask == "checkerboard":
             m, inp = self._mask_input(z)
-            x = self._untransform(z, self._params(inp))
+            x = self._untransform(z, self._params(self._with_context(inp, context)))
             return z * m + (1 - m) * x
         kept, moved = self._split(z)
-        return self._merge(kept, self._untransform(moved, self._params(kept)))
+        return self._merge(
+            kept, self._untransform(moved, self._params(self._with_context(kept, context)))
+        )

@@ -23,10 +23,9 @@ from ..transforms import (
     InvertibleConv1x1,
     InvertibleSequential,
     MultiscaleFlow,
-    Squeeze,
 )
 from .registry import register_backbone
-from .resflow import _blocks_per_scale
+from .resflow import _blocks_per_scale, stack_scales
 
 __all__ = ["coupling", "coupling_1x1"]
 
@@ -68,32 +67,15 @@ def _coupling_flow(
         )
     if len(input_shape) != 3:
         raise ValueError(f"coupling backbones expect (C, H, W) or (D,) inputs, got {input_shape}")
-    counts = _blocks_per_scale(blocks_per_scale, num_scales)
-    c, h, w = input_shape
-    squeezes = num_scales - 1 + int(squeeze_first)
-    if h % 2**squeezes or w % 2**squeezes:
-        raise ValueError(f"{h}x{w} inputs cannot be squeezed {squeezes} times")
-    if c < 2 and not squeeze_first:
+    if input_shape[0] < 2 and not squeeze_first:
         raise ValueError("channel couplings need at least 2 channels: set squeeze_first=True")
-    blocks, shapes = [], []
-    for scale, count in enumerate(counts):
-        layers: list[nn.Module] = []
-        if scale == 0 and squeeze_first:
-            layers.append(Squeeze(2))
-            c, h, w = 4 * c, h // 2, w // 2
-        for i in range(count):
-            layers += step(c, i, spatial=True)
-        last = scale == num_scales - 1
-        if last and actnorm:
-            layers.append(ActNorm(c))
-        if not last:
-            layers.append(Squeeze(2))
-            c, h, w = 4 * c, h // 2, w // 2
-        blocks.append(InvertibleSequential(layers))
-        shapes.append((c, h, w))
-        if factor_out and not last:
-            c = c // 2
-    return MultiscaleFlow(blocks, input_shape, shapes, factor_out=factor_out)
+
+    def scale_layers(shape: tuple[int, int, int], count: int, last: bool) -> list[nn.Module]:
+        layers = [m for i in range(count) for m in step(shape[0], i, spatial=True)]
+        return [*layers, ActNorm(shape[0])] if last and actnorm else layers
+
+    counts = _blocks_per_scale(blocks_per_scale, num_scales)
+    return stack_scales(input_shape, counts, squeeze_first, factor_out, scale_layers)
 
 
 @register_backbone

@@ -22,7 +22,7 @@ Named configurations:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
@@ -30,7 +30,14 @@ from ..nets import LipschitzConvNet, LipschitzMLP, lipschitz_layers
 from ..transforms import ActNorm, InvertibleSequential, MultiscaleFlow, ResidualBlock, Squeeze
 from .registry import register_backbone
 
-__all__ = ["FlattenNet", "resflow", "resflow_cifar10", "resflow_cpu", "resflow_digits"]
+__all__ = [
+    "FlattenNet",
+    "resflow",
+    "resflow_cifar10",
+    "resflow_cpu",
+    "resflow_digits",
+    "stack_scales",
+]
 
 
 class FlattenNet(nn.Module):
@@ -51,6 +58,37 @@ def _blocks_per_scale(blocks: int | Sequence[int], num_scales: int) -> list[int]
     if len(blocks) != num_scales:
         raise ValueError(f"blocks_per_scale has {len(blocks)} entries for {num_scales} scales")
     return blocks
+
+
+def stack_scales(
+    input_shape: tuple[int, int, int],
+    counts: list[int],
+    squeeze_first: bool,
+    factor_out: bool,
+    scale_layers: Callable[[tuple[int, int, int], int, bool], list[nn.Module]],
+) -> MultiscaleFlow:
+    """The multiscale layout shared by the image backbones: optional squeeze first, then per scale
+    ``scale_layers((c, h, w), count, last)``, a squeeze between scales and optional factor-out."""
+    c, h, w = input_shape
+    squeezes = len(counts) - 1 + int(squeeze_first)
+    if h % 2**squeezes or w % 2**squeezes:
+        raise ValueError(f"{h}x{w} inputs cannot be squeezed {squeezes} times")
+    blocks, shapes = [], []
+    for scale, count in enumerate(counts):
+        layers: list[nn.Module] = []
+        if scale == 0 and squeeze_first:
+            layers.append(Squeeze(2))
+            c, h, w = 4 * c, h // 2, w // 2
+        last = scale == len(counts) - 1
+        layers += scale_layers((c, h, w), count, last)
+        if not last:
+            layers.append(Squeeze(2))
+            c, h, w = 4 * c, h // 2, w // 2
+        blocks.append(InvertibleSequential(layers))
+        shapes.append((c, h, w))
+        if factor_out and not last:
+            c = c // 2
+    return MultiscaleFlow(blocks, input_shape, shapes, factor_out=factor_out)
 
 
 @register_backbone
@@ -155,36 +193,24 @@ def resflow(
         return flow
     if len(input_shape) != 3:
         raise ValueError(f"resflow expects (C, H, W) or (D,) inputs, got {input_shape}")
-    counts = _blocks_per_scale(blocks_per_scale, num_scales)
-    c, h, w = input_shape
-    squeezes = num_scales - 1 + int(squeeze_first)
-    if h % 2**squeezes or w % 2**squeezes:
-        raise ValueError(f"{h}x{w} inputs cannot be squeezed {squeezes} times")
-    blocks, shapes = [], []
-    for scale, count in enumerate(counts):
+
+    def scale_layers(shape: tuple[int, int, int], count: int, last: bool) -> list[nn.Module]:
+        c, h, w = shape
         layers: list[nn.Module] = []
-        if scale == 0 and squeeze_first:
-            layers.append(Squeeze(2))
-            c, h, w = 4 * c, h // 2, w // 2
         for _ in range(count):
             if actnorm:
                 layers.append(ActNorm(c))
             net = LipschitzConvNet(c, hidden_channels, (h, w), tuple(kernel_sizes), **lip_kw)
             layers.append(ResidualBlock(net, **block_kw))
-        last = scale == num_scales - 1
         if last:
             for _ in range(fc_blocks):
-                layers += fc_block((c, h, w))
+                layers += fc_block(shape)
             if actnorm:
                 layers.append(ActNorm(c))
-        else:
-            layers.append(Squeeze(2))
-            c, h, w = 4 * c, h // 2, w // 2
-        blocks.append(InvertibleSequential(layers))
-        shapes.append((c, h, w))
-        if factor_out and not last:
-            c = c // 2
-    flow = MultiscaleFlow(blocks, input_shape, shapes, factor_out=factor_out)
+        return layers
+
+    counts = _blocks_per_scale(blocks_per_scale, num_scales)
+    flow = stack_scales(input_shape, counts, squeeze_first, factor_out, scale_layers)
     _configure_power_iterations(flow, sn_train_iterations, sn_eval_iterations, sn_atol, sn_rtol)
     return flow
 

@@ -61,6 +61,12 @@ def _cmd_eval(argv: Sequence[str]) -> int:
         help="OOD dataset (repeatable), e.g. mnist, npz:PATH, fashion-mnist@test",
     )
     parser.add_argument("--dequant-samples", type=int, default=1)
+    parser.add_argument(
+        "--iw-samples",
+        type=int,
+        default=0,
+        help="importance-weighted bits/dim bound over this many draws (Flow++ uses 4096)",
+    )
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -69,6 +75,7 @@ def _cmd_eval(argv: Sequence[str]) -> int:
         args.split,
         ood=args.ood,
         dequant_samples=args.dequant_samples,
+        iw_samples=args.iw_samples,
         data_root=args.data_root,
         device=args.device,
     )

@@ -93,7 +93,48 @@ def _small_resflow(factor_out: bool) -> T.MultiscaleFlow:
     )
 
 
+class _ConstantContext(T.InvertibleModule):
+    """Test adaptor: a conditional layer with one context shared by every example."""
+
+    def __init__(self, layer: T.InvertibleModule, context: Tensor) -> None:
+        super().__init__()
+        self.layer, self.context = layer, context
+
+    def _ctx(self, x: Tensor) -> Tensor:
+        return self.context.expand(x.shape[0], *self.context.shape[1:])
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.layer(x, self._ctx(x))
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.layer.inverse(z, self._ctx(z))
+
+
+def _dequant_noise_flow() -> T.InvertibleModule:
+    """The ε → u flow of variational dequantization, with a fixed context."""
+    deq = T.VariationalDequantization(
+        17,
+        (2, 4, 4),
+        num_couplings=3,  # two checkerboard and one channel coupling
+        context_channels=3,
+        hidden_channels=8,
+        num_blocks=1,
+        num_heads=2,
+        num_components=3,
+        inverse_tol=1e-12,
+        inverse_max_iter=200,
+    )
+    return _ConstantContext(deq.noise_flow, torch.randn(1, 3, 4, 4))
+
+
 CASES: list[Case] = [
+    Case("sigmoid", T.Sigmoid, lambda n: 3 * torch.randn(n, 2, 3), T.Sigmoid),
+    # Small noise keeps the sigmoid out of saturation, where logit(σ(h)) loses digits (~eps·e^|h|).
+    Case(
+        "variational-dequantization-noise-flow",
+        _dequant_noise_flow,
+        lambda n: 0.5 * torch.randn(n, 2, 4, 4),
+    ),
     Case("actnorm-image", lambda: T.ActNorm(3), _images(3, 2, 2), T.ActNorm),
     Case("actnorm-vector", lambda: T.ActNorm(5), lambda n: torch.randn(n, 5), T.ActNorm),
     Case("squeeze", lambda: T.Squeeze(2), _images(2, 4, 2), T.Squeeze),
@@ -247,7 +288,7 @@ CASES: list[Case] = [
 ]
 
 # Surjective layers are checked separately below (round trip on the discrete data only).
-SURJECTIVE: set[type] = {T.UniformDequantization}
+SURJECTIVE: set[type] = {T.UniformDequantization, T.VariationalDequantization}
 
 
 def _prepared(case: Case) -> T.InvertibleModule:
@@ -319,6 +360,20 @@ def test_uniform_dequantization_is_a_surjection_with_exact_logdet() -> None:
     torch.testing.assert_close(fixed(xc, noise=noise)[1], jac_logdet)
     with pytest.raises(ValueError, match="integer levels"):
         layer(torch.full((1, 1, 2, 2), 17.0))
+
+
+def test_variational_dequantization_is_a_surjection_and_rejects_bad_levels() -> None:
+    layer = T.VariationalDequantization(17, (2, 4, 4), hidden_channels=8, num_blocks=1, num_heads=2)
+    x = torch.randint(0, 17, (6, 2, 4, 4))
+    y, _ = layer(x)
+    assert torch.all((y >= 0) & (y < 1))
+    torch.testing.assert_close(layer.inverse(y), x.to(y.dtype))
+    with pytest.raises(ValueError, match="integer levels"):
+        layer(torch.full((1, 2, 4, 4), -1.0))
+    with pytest.raises(ValueError, match="shape"):
+        layer(torch.zeros(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="image inputs"):
+        T.VariationalDequantization(17, (64,))
 
 
 class _FixedNoise(T.InvertibleModule):

@@ -58,6 +58,8 @@ def test_attention_gives_a_global_receptive_field(attention: bool) -> None:
 
 def test_attention_rejects_other_sizes_and_bad_heads() -> None:
     with pytest.raises(ValueError, match="divisible"):
-        GatedAttention(6, (4, 4), num_heads=4)
+        GatedAttention(6, num_heads=4)
+    with pytest.raises(ValueError, match="does not fit"):
+        GatedAttention(8)(torch.randn(1, 8, 5, 5), torch.zeros(1, 8, 4, 4))
     with pytest.raises(ValueError, match="built for"):
-        GatedAttention(8, (4, 4))(torch.randn(1, 8, 5, 5))
+        FlowppConditioner(2, 3, (4, 4), hidden_channels=8, num_blocks=1)(torch.randn(1, 2, 5, 5))

@@ -20,8 +20,9 @@ def create_hybrid_model(
 ) -> HybridModel:
     """Build the model described by ``config`` for data of the given shape and alphabet.
 
-    Reads ``backbone``, ``backbone_args``, ``head``, ``head_args``, ``preprocessing`` and
-    ``logit_alpha``. Continuous data (``num_levels=None``) gets no dequantization and no logit.
+    Reads ``backbone``, ``backbone_args``, ``head``, ``head_args``, ``preprocessing``,
+    ``logit_alpha``, ``dequantization`` and ``dequantization_args``. Continuous data
+    (``num_levels=None``) gets no dequantization and no logit.
     """
     backbone = create_backbone(
         config["backbone"], input_shape, **dict(config.get("backbone_args") or {})
@@ -33,6 +34,8 @@ def create_hybrid_model(
         num_levels=num_levels,
         preprocessing=preprocessing,
         logit_alpha=float(config.get("logit_alpha", 1e-3)),
+        dequantization=config.get("dequantization", "uniform"),
+        dequantization_args=dict(config.get("dequantization_args") or {}) or None,
     )
     return HybridModel(
         flow, num_classes, head=config.get("head", "resflow"), **dict(config.get("head_args") or {})

@@ -74,34 +74,34 @@ class GatedConv(nn.Module):
 
 
 class GatedAttention(nn.Module):
-    """Multi-head self-attention over all positions, with learned positional encodings, gated by
-    a GLU.
+    """Multi-head self-attention over all positions, gated by a GLU (Flow++ §3.3).
+
+    Queries, keys and values are a 1×1 projection of ``x + position``; the attention output goes
+    through a 1×1 projection to ``2C`` channels and a GLU. The positional encoding is passed in
+    by the caller, so one encoding can serve every block of a conditioner, as in the paper.
 
     Args:
         channels: Channels; must be divisible by ``num_heads``.
-        input_size: Spatial size ``(H, W)`` (for the positional encodings).
         num_heads: Attention heads.
         dropout: Dropout on the attention weights.
     """
 
-    def __init__(
-        self, channels: int, input_size: tuple[int, int], num_heads: int = 4, dropout: float = 0.0
-    ) -> None:
+    def __init__(self, channels: int, num_heads: int = 4, dropout: float = 0.0) -> None:
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
         self.num_heads, self.dropout = num_heads, dropout
-        self.position = nn.Parameter(torch.zeros(1, channels, *input_size))
-        nn.init.normal_(self.position, std=0.02)
-        self.qkv = WNConv2d(2 * channels, 3 * channels, 1)
-        self.gate = WNConv2d(2 * channels, 2 * channels, 1)
+        self.qkv = WNConv2d(channels, 3 * channels, 1)
+        self.gate = WNConv2d(channels, 2 * channels, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, position: Tensor) -> Tensor:
         n, c, h, w = x.shape
-        built_for = tuple(self.position.shape[2:])
-        if (h, w) != built_for:
-            raise ValueError(f"GatedAttention was built for {built_for} inputs, got {(h, w)}")
-        qkv = self.qkv(concat_elu(x + self.position))
+        if tuple(position.shape[1:]) != (c, h, w):
+            raise ValueError(
+                f"positional encoding of shape {tuple(position.shape)} does not fit inputs "
+                f"{tuple(x.shape)}"
+            )
+        qkv = self.qkv(x + position)
         # [N, 3C, H, W] -> three [N, heads, HW, C/heads]
         q, k, v = (
             qkv.view(n, 3, self.num_heads, c // self.num_heads, h * w).transpose(-1, -2).unbind(1)
@@ -109,7 +109,7 @@ class GatedAttention(nn.Module):
         drop = self.dropout if self.training else 0.0
         att = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         att = att.transpose(-1, -2).reshape(n, c, h, w)
-        return F.glu(self.gate(concat_elu(att)), dim=1)
+        return F.glu(self.gate(att), dim=1)
 
 
 class _ChannelLayerNorm(nn.LayerNorm):
@@ -145,7 +145,12 @@ class FlowppConditioner(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        self.input_size = tuple(input_size)
         self.conv_in = WNConv2d(in_channels, hidden_channels, 3)
+        # One learned positional encoding shared by every attention block (as in the paper).
+        self.position = (
+            nn.Parameter(0.01 * torch.randn(1, hidden_channels, *input_size)) if attention else None
+        )
         self.blocks = nn.ModuleList()
         for _ in range(num_blocks):
             block = nn.ModuleDict(
@@ -155,18 +160,23 @@ class FlowppConditioner(nn.Module):
                 }
             )
             if attention:
-                block["attention"] = GatedAttention(hidden_channels, input_size, num_heads, dropout)
+                block["attention"] = GatedAttention(hidden_channels, num_heads, dropout)
                 block["attention_norm"] = _ChannelLayerNorm(hidden_channels)
             self.blocks.append(block)
         # Zero output: couplings start as the identity (Flow++ and Glow both do this).
-        self.conv_out = nn.Conv2d(2 * hidden_channels, out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(hidden_channels, out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.position is not None and tuple(x.shape[2:]) != self.input_size:
+            raise ValueError(
+                f"FlowppConditioner was built for {self.input_size} inputs, got "
+                f"{tuple(x.shape[2:])}"
+            )
         h = self.conv_in(x)
         for block in self.blocks:
             h = block["conv_norm"](h + block["conv"](h))
             if "attention" in block:
-                h = block["attention_norm"](h + block["attention"](h))
-        return self.conv_out(concat_elu(h))
+                h = block["attention_norm"](h + block["attention"](h, self.position))
+        return self.conv_out(h)

@@ -22,6 +22,7 @@ def evaluate_run(
     split: str = "test",
     ood: Sequence[str] = (),
     dequant_samples: int = 1,
+    iw_samples: int = 0,
     data_root: str | None = None,
     batch_size: int = 512,
     device: str | torch.device = "cpu",
@@ -30,23 +31,26 @@ def evaluate_run(
 
     Writes ``eval_<split>.json`` (all metrics) and, with ``ood``, ``ood_<split>.csv`` (one row per
     OOD dataset × score) into the run folder and returns the same dict.
-    OOD datasets are read whole (split ``"all"``) unless given as ``NAME@SPLIT``.
+    OOD datasets are read whole (split ``"all"``) unless given as ``NAME@SPLIT``. Bits/dim use
+    the importance-weighted bound over ``iw_samples`` draws when it is positive, otherwise the
+    mean of ``dequant_samples`` single-draw bounds (see :func:`~hybridflow.evaluation.predict`).
     """
     run_dir = Path(run_dir)
     model, cfg = load_run(run_dir, device=device)
     root = data_root if data_root is not None else cfg["data_root"]
     data_kw = {"data_root": root, "seed": cfg["seed"], "val_fraction": cfg["val_fraction"]}
     in_set = load_dataset(cfg["dataset"], split, **data_kw)
-    in_pred = predict(
-        model, in_set, batch_size=batch_size, dequant_samples=dequant_samples, device=device
-    )
+    bound_kw = {"dequant_samples": dequant_samples, "iw_samples": iw_samples}
+    in_pred = predict(model, in_set, batch_size=batch_size, device=device, **bound_kw)
     result: dict[str, Any] = {
         "run": run_dir.name,
         "dataset": cfg["dataset"],
         "split": split,
         "lam": cfg["lam"],
         "backbone": cfg["backbone"],
+        "dequantization": cfg["dequantization"],
         "dequant_samples": dequant_samples,
+        "iw_samples": iw_samples,
         "num_parameters": sum(p.numel() for p in model.parameters()),
         **evaluate_predictions(in_pred),
         "ood": {},
@@ -65,9 +69,7 @@ def evaluate_run(
                 f"OOD dataset {name} has examples of shape {tuple(out_set.shape)}, the model reads "
                 f"{tuple(in_set.shape)}"
             )
-        out_pred = predict(
-            model, out_set, batch_size=batch_size, dequant_samples=dequant_samples, device=device
-        )
+        out_pred = predict(model, out_set, batch_size=batch_size, device=device, **bound_kw)
         table = ood_table(in_pred, out_pred)
         result["ood"][spec] = {"bpd": evaluate_predictions(out_pred)["bpd"], "scores": table}
         rows += [{"ood": spec, "score": score, **metrics} for score, metrics in table.items()]

@@ -68,7 +68,7 @@ def run_sweep(
         ood: OOD datasets evaluated against every run.
         report_root: Folder of reports.
         runs_root: Folder of run folders.
-        dequant_samples: Uniform-dequantization draws averaged for test bits/dim.
+        dequant_samples: Single-draw dequantization bounds averaged for test bits/dim.
         backbone_overrides: Per-backbone config entries (e.g. ``backbone_args``, ``epochs``)
             applied over ``config``; the report lists them beside the shared settings.
     """

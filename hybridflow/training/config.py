@@ -36,6 +36,8 @@ DEFAULTS: dict[str, Any] = {
     "head_args": {},
     "preprocessing": "logit",
     "logit_alpha": 1e-3,
+    "dequantization": "uniform",  # or "variational" (Flow++)
+    "dequantization_args": {},
     # objective: loss = CE + lam * NLL (nats); lam is a number or "1/D"
     "lam": "1/D",
     # optimisation (timm optimizer, warmup + cosine schedule, EMA)
@@ -63,7 +65,7 @@ DEFAULTS: dict[str, Any] = {
     "resume": True,
     "progress": True,
     "eval_batch_size": 512,
-    "eval_dequant_samples": 1,
+    "eval_dequant_samples": 1,  # bound draws averaged for validation bits/dim
 }
 
 

@@ -311,7 +311,13 @@ def train(config: Mapping[str, Any] | None = None, **overrides: Any) -> Path:
                 # EMA copies stale power-iteration vectors with the weights: refresh them first.
                 refresh_lipschitz_layers(ema.module)
                 metrics = evaluate_predictions(
-                    predict(ema.module, val_set, batch_size=cfg["eval_batch_size"], device=device)
+                    predict(
+                        ema.module,
+                        val_set,
+                        batch_size=cfg["eval_batch_size"],
+                        dequant_samples=cfg["eval_dequant_samples"],
+                        device=device,
+                    )
                 )
                 log.write(
                     {

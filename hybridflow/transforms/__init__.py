@@ -4,9 +4,16 @@ Every public layer here is listed in ``__all__`` and must have a case in the con
 suite (``tests/test_conformance.py``), which fails for any layer that is missing.
 """
 
-from .base import Inverse, InvertibleModule, InvertibleSequential, sum_except_batch
+from .base import (
+    Inverse,
+    InvertibleModule,
+    InvertibleSequential,
+    standard_normal_log_prob,
+    sum_except_batch,
+)
 from .conv1x1 import InvertibleConv1x1
 from .coupling import AffineCoupling, checkerboard_mask
+from .dequantization import Sigmoid, UniformDequantization, VariationalDequantization
 from .mixlogistic import (
     MixLogisticCoupling,
     mixture_inverse_cdf,
@@ -15,7 +22,7 @@ from .mixlogistic import (
 )
 from .multiscale import MultiscaleFlow
 from .normalization import ActNorm
-from .preprocessing import LogitTransform, UniformDequantization
+from .preprocessing import LogitTransform
 from .reshape import Squeeze
 from .residual import InverseNotConvergedError, InverseStats, ResidualBlock
 
@@ -32,11 +39,14 @@ __all__ = [
     "MixLogisticCoupling",
     "MultiscaleFlow",
     "ResidualBlock",
+    "Sigmoid",
     "Squeeze",
     "UniformDequantization",
+    "VariationalDequantization",
     "checkerboard_mask",
     "mixture_inverse_cdf",
     "mixture_log_cdf",
     "mixture_log_pdf",
+    "standard_normal_log_prob",
     "sum_except_batch",
 ]

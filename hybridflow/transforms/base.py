@@ -12,17 +12,29 @@ A flow's log-density therefore reads ``log p(x) = log p_Z(z) + logdet``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Inverse", "InvertibleModule", "InvertibleSequential", "sum_except_batch"]
+__all__ = [
+    "Inverse",
+    "InvertibleModule",
+    "InvertibleSequential",
+    "standard_normal_log_prob",
+    "sum_except_batch",
+]
 
 
 def sum_except_batch(x: Tensor) -> Tensor:
     """Sum every dimension but the first, giving one value per example."""
     return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """Per-example ``log N(z; 0, I)``, summed over every dimension but the first."""
+    return -0.5 * sum_except_batch(z.pow(2) + math.log(2 * math.pi))
 
 
 class InvertibleModule(nn.Module):

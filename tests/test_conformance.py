@@ -127,7 +127,32 @@ def _dequant_noise_flow() -> T.InvertibleModule:
     return _ConstantContext(deq.noise_flow, torch.randn(1, 3, 4, 4))
 
 
+def _vectors(d: int) -> Callable[[int], Tensor]:
+    return lambda n: torch.randn(n, d)
+
+
 CASES: list[Case] = [
+    Case(
+        "maf",
+        lambda: T.MaskedAutoregressiveFlow(5, (16, 16), order="random", seed=1),
+        _vectors(5),
+        T.MaskedAutoregressiveFlow,
+    ),
+    Case(
+        "iaf",
+        lambda: T.InverseAutoregressiveFlow(5, (16, 16), order="reversed"),
+        _vectors(5),
+        T.InverseAutoregressiveFlow,
+    ),
+    Case("permutation", lambda: T.Permutation.random(6, seed=3), _vectors(6), T.Permutation),
+    Case(
+        "maf-stack",
+        lambda: T.autoregressive_stack(
+            4, 3, flow="maf", permutation="random", hidden_features=(8,)
+        ),
+        _vectors(4),
+        T.InvertibleSequential,
+    ),
     Case("sigmoid", T.Sigmoid, lambda n: 3 * torch.randn(n, 2, 3), T.Sigmoid),
     # Small noise keeps the sigmoid out of saturation, where logit(σ(h)) loses digits (~eps·e^|h|).
     Case(

@@ -510,7 +510,10 @@ def _load_npz(
 
 def available_datasets() -> list[str]:
     """Names accepted by :func:`load_dataset` (``npz:PATH`` takes a file path)."""
-    return ["digits", "fashion-mnist", "mnist", "npz:PATH"] + [f"toy:{t}" for t in TOY_DATASETS]
+    from hybridflow.data.tabular import TABULAR_DATASETS  # tabular imports this module
+
+    toys = [f"toy:{t}" for t in TOY_DATASETS]
+    return ["digits", "fashion-mnist", "mnist", "npz:PATH", *toys, *TABULAR_DATASETS]
 
 
 def load_dataset(
@@ -525,12 +528,14 @@ def load_dataset(
     """Load a dataset split into memory.
 
     Args:
-        name: ``digits`` (17 levels), ``fashion-mnist``, ``mnist``, ``npz:PATH`` or
-            ``toy:NAME``; see :func:`available_datasets`.
+        name: ``digits`` (17 levels), ``fashion-mnist``, ``mnist``, ``npz:PATH``, ``toy:NAME``
+            or a tabular set (``uci:NAME``, ``sk:NAME``; see :mod:`hybridflow.data.tabular`);
+            see :func:`available_datasets`.
         split: ``train``, ``val``, ``test`` or ``all`` (every example; train then test file
             where the source has both).
         data_root: Folder searched first for IDX files (then its torchvision layout
-            ``<Class>/raw``) and download target; defaults to ``~/.cache/hybridflow``.
+            ``<Class>/raw``) and download target, and the folder of the UCI files; defaults to
+            ``~/.cache/hybridflow``.
             Relative npz paths that do not exist are also tried under it.
         seed: Seed of the split (non-negative integer); same seed, same split everywhere.
         val_fraction: Share of the examples used for validation: of all examples for
@@ -554,15 +559,23 @@ def load_dataset(
         return _load_npz(name, split, data_root, seed, val_fraction)
     if name.startswith("toy:") and name[4:] in TOY_DATASETS:
         return make_toy_dataset(name, split, seed)
+    if name.startswith(("uci:", "sk:")):
+        from hybridflow.data.tabular import load_tabular
+
+        return load_tabular(name, split, root=data_root, seed=seed, val_fraction=val_fraction)
     raise ValueError(
         f"unknown dataset {name!r}; valid choices are {', '.join(available_datasets())}"
     )
 
 
-def dataset_tensors(dataset: ImageDataset | ToyDataset) -> tuple[Tensor, Tensor]:
-    """The ``(inputs, labels)`` tensors of an in-memory dataset: images or toy points."""
+def dataset_tensors(dataset) -> tuple[Tensor, Tensor]:
+    """The ``(inputs, labels)`` tensors of an in-memory dataset: images, toy or tabular points."""
+    from hybridflow.data.tabular import TabularDataset
+
     if isinstance(dataset, ImageDataset):
         return dataset.images, dataset.labels
-    if isinstance(dataset, ToyDataset):
+    if isinstance(dataset, (ToyDataset, TabularDataset)):
         return dataset.points, dataset.labels
-    raise TypeError(f"expected an ImageDataset or ToyDataset, got {type(dataset).__name__}")
+    raise TypeError(
+        f"expected an ImageDataset, ToyDataset or TabularDataset, got {type(dataset).__name__}"
+    )

@@ -20,10 +20,12 @@ from .lipschitz import (
     lipschitz_layers,
     refresh_lipschitz_layers,
 )
+from .made import MADE, MaskedLinear
 from .mlp import MLP
 
 __all__ = [
     "LIPSCHITZ_ACTIVATIONS",
+    "MADE",
     "MLP",
     "ConvResNet",
     "FlowppConditioner",
@@ -36,6 +38,7 @@ __all__ = [
     "LipSwish",
     "LipschitzConvNet",
     "LipschitzMLP",
+    "MaskedLinear",
     "NormOrder",
     "ResidualConvBlock",
     "SpectralNormConv2d",

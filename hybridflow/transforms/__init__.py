@@ -4,6 +4,12 @@ Every public layer here is listed in ``__all__`` and must have a case in the con
 suite (``tests/test_conformance.py``), which fails for any layer that is missing.
 """
 
+from .autoregressive import (
+    InverseAutoregressiveFlow,
+    MaskedAutoregressiveFlow,
+    Permutation,
+    autoregressive_stack,
+)
 from .base import (
     Inverse,
     InvertibleModule,
@@ -30,19 +36,23 @@ __all__ = [
     "ActNorm",
     "AffineCoupling",
     "Inverse",
+    "InverseAutoregressiveFlow",
     "InverseNotConvergedError",
     "InverseStats",
     "InvertibleConv1x1",
     "InvertibleModule",
     "InvertibleSequential",
     "LogitTransform",
+    "MaskedAutoregressiveFlow",
     "MixLogisticCoupling",
     "MultiscaleFlow",
+    "Permutation",
     "ResidualBlock",
     "Sigmoid",
     "Squeeze",
     "UniformDequantization",
     "VariationalDequantization",
+    "autoregressive_stack",
     "checkerboard_mask",
     "mixture_inverse_cdf",
     "mixture_log_cdf",

@@ -146,6 +146,34 @@ CASES: list[Case] = [
     ),
     Case("permutation", lambda: T.Permutation.random(6, seed=3), _vectors(6), T.Permutation),
     Case(
+        "naf-dsf",
+        lambda: T.NeuralAutoregressiveFlow(
+            4, "dsf", 4, hidden_features=(16, 16), order="random", inverse_tol=1e-12
+        ),
+        _vectors(4),
+        T.NeuralAutoregressiveFlow,
+    ),
+    Case(
+        "naf-ddsf",
+        lambda: T.NeuralAutoregressiveFlow(
+            3, "ddsf", 3, num_layers=2, hidden_features=(16,), inverse_tol=1e-12
+        ),
+        _vectors(3),
+        T.NeuralAutoregressiveFlow,
+    ),
+    Case(
+        "naf-coupling-checkerboard",
+        lambda: T.NAFCoupling(2, 4, "checkerboard", 1, _small_conv, inverse_tol=1e-12),
+        _images(2, 4, 4),
+        T.NAFCoupling,
+    ),
+    Case(
+        "naf-coupling-channel-vector",
+        lambda: T.NAFCoupling(4, 3, "channel", 0, _small_mlp, spatial=False, inverse_tol=1e-12),
+        _vectors(4),
+        T.NAFCoupling,
+    ),
+    Case(
         "maf-stack",
         lambda: T.autoregressive_stack(
             4, 3, flow="maf", permutation="random", hidden_features=(8,)

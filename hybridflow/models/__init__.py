@@ -1,6 +1,6 @@
 """Flow density models, backbones (registered by name), classifier heads and the hybrid model."""
 
-from . import autoregressive, coupling, flowpp, realnvp, resflow  # noqa: F401  (register the backbones)
+from . import autoregressive, coupling, flowpp, naf, realnvp, resflow  # noqa: F401  (register the backbones)
 from .factory import create_hybrid_model
 from .flow import FlowModel, standard_normal_log_prob
 from .heads import DIGHead, ResidualFlowsHead, create_head

@@ -27,6 +27,15 @@ from .mixlogistic import (
     mixture_log_pdf,
 )
 from .multiscale import MultiscaleFlow
+from .naf import (
+    NAFCoupling,
+    NeuralAutoregressiveFlow,
+    ddsf_num_params,
+    ddsf_transform,
+    dsf_num_params,
+    dsf_transform,
+    monotone_bisection,
+)
 from .normalization import ActNorm
 from .preprocessing import LogitTransform
 from .reshape import Squeeze
@@ -46,6 +55,8 @@ __all__ = [
     "MaskedAutoregressiveFlow",
     "MixLogisticCoupling",
     "MultiscaleFlow",
+    "NAFCoupling",
+    "NeuralAutoregressiveFlow",
     "Permutation",
     "ResidualBlock",
     "Sigmoid",
@@ -54,9 +65,14 @@ __all__ = [
     "VariationalDequantization",
     "autoregressive_stack",
     "checkerboard_mask",
+    "ddsf_num_params",
+    "ddsf_transform",
+    "dsf_num_params",
+    "dsf_transform",
     "mixture_inverse_cdf",
     "mixture_log_cdf",
     "mixture_log_pdf",
+    "monotone_bisection",
     "standard_normal_log_prob",
     "sum_except_batch",
 ]

@@ -84,10 +84,26 @@ def test_one_channel_images_need_a_first_squeeze() -> None:
 TINY_FLOWPP = {"hidden_channels": 8, "num_blocks": 1, "num_heads": 2, "num_components": 2}
 
 
-@pytest.mark.parametrize("name", ["coupling", "coupling+1x1", "flowpp-cpu"])
-def test_digits_hybrid_run_trains_and_reloads(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "name,extra",
+    [
+        ("coupling", {}),
+        ("coupling+1x1", {}),
+        ("flowpp-cpu", {}),
+        (
+            "flowpp-cpu",
+            {
+                "dequantization": "variational",
+                "dequantization_args": {"hidden_channels": 8, "num_blocks": 1, "num_heads": 2},
+            },
+        ),
+    ],
+    ids=["coupling", "coupling+1x1", "flowpp-cpu", "flowpp-cpu-variational"],
+)
+def test_digits_hybrid_run_trains_and_reloads(name: str, extra: dict, tmp_path: Path) -> None:
     run_dir = train(
         {
+            **extra,
             "dataset": "digits",
             "backbone": name,
             "backbone_args": TINY_FLOWPP if name.startswith("flowpp") else SMALL,
@@ -105,7 +121,8 @@ def test_digits_hybrid_run_trains_and_reloads(name: str, tmp_path: Path) -> None
             "name": name.replace("+", "_"),
         }
     )
-    model, _ = load_run(run_dir)
+    model, cfg = load_run(run_dir)
+    assert cfg["dequantization"] == extra.get("dequantization", "uniform")
     x = torch.randint(0, 17, (4, 1, 8, 8)).float()
     assert torch.isfinite(model.flow.log_prob(x)).all()
     with open(Path(run_dir) / "metrics.csv") as f:
@@ -114,3 +131,17 @@ def test_digits_hybrid_run_trains_and_reloads(name: str, tmp_path: Path) -> None
     assert evaluated and all(math.isfinite(float(r["bpd"])) for r in evaluated)
     train_loss = [float(r["loss"]) for r in rows if r["split"] == "train"]
     assert train_loss[-1] < train_loss[0]
+
+
+@pytest.mark.parametrize("overrides", [{"coupling": "affine"}, {"attention": False}])
+def test_flowpp_ablation_variants_build_and_invert(overrides: dict) -> None:
+    backbone = create_backbone("flowpp-cpu", (1, 4, 4), **TINY_FLOWPP, **overrides)
+    x = torch.randn(3, 1, 4, 4)
+    z, logdet = backbone(x)
+    assert torch.isfinite(logdet).all()
+    torch.testing.assert_close(backbone.inverse(z), x, atol=1e-5, rtol=1e-5)
+    kinds = {type(m).__name__ for m in backbone.modules()}
+    assert ("AffineCoupling" in kinds) == (overrides.get("coupling") == "affine")
+    assert ("GatedAttention" in kinds) == overrides.get("attention", True)
+    with pytest.raises(ValueError, match="coupling must be"):
+        create_backbone("flowpp-cpu", (1, 4, 4), coupling="spline")

@@ -215,7 +215,9 @@ class VariationalDequantization(InvertibleModule):
 
         Returns ``(y, -D log K - log q(u | x))``.
         """
+        # Levels are exact in any float type: compute in the parameters' precision.
         x = _levels_as_float(x, self.num_levels, type(self).__name__)
+        x = x.to(self.context_net.conv_out.weight.dtype)
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
                 f"expected levels of shape [N, {', '.join(map(str, self.input_shape))}], got "

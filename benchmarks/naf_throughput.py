@@ -54,7 +54,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--num-units", type=int, default=8, help="DSF/DDSF hidden units")
+    parser.add_argument("--num-units", type=int, default=8, help="DSF hidden units")
+    parser.add_argument(
+        "--ddsf-units", type=int, default=4, help="DDSF hidden units (2 layers; K² weights)"
+    )
     parser.add_argument("--wait-idle-s", type=float, default=600.0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -66,8 +69,8 @@ def main() -> None:
     maf = ours(d, "maf", flows, args.hidden)
     target = count(maf)
     models["maf-affine"] = (maf, maf.log_prob)
-    for transformer in ("dsf", "ddsf"):
-        kw = {"transformer": transformer, "num_units": args.num_units}
+    for transformer, units in (("dsf", args.num_units), ("ddsf", args.ddsf_units)):
+        kw = {"transformer": transformer, "num_units": units}
         width = matched_width(d, "naf", flows, target, **kw)
         model = ours(d, "naf", flows, width, **kw)
         models[f"maf-{transformer}"] = (model, model.log_prob)

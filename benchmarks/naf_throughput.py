@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--flows", type=int, default=5)
     parser.add_argument("--hidden", type=int, default=64, help="affine MAF hidden width (2 layers)")
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-units", type=int, default=8, help="DSF hidden units")
     parser.add_argument(

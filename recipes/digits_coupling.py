@@ -4,7 +4,7 @@ The "Coupling" and "+1×1 Conv" rows of the Residual Flows hybrid table (Chen et
 CPU-sized Flow++ (Ho et al. 2019) with variational dequantization, all on scikit-learn's digits
 with the main job's head and optimiser settings. Test bits/dim use the importance-weighted bound
 over 64 draws, so uniform and variational dequantization compare fairly. Writes
-reports/digits_coupling/. About 15 minutes on 2 CPU cores.
+reports/digits_coupling/. About 9 minutes on 2 CPU cores.
 Override any shared setting: `python recipes/digits_coupling.py --epochs=5`.
 """
 

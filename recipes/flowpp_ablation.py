@@ -5,7 +5,8 @@ Four variants of `flowpp-cpu` trained with the same steps and settings: the full
 each: uniform dequantization, affine couplings, no self-attention (in the flow's and in the
 dequantizer's conditioners). λ = 1, so the loss is the joint NLL -log p(x, y). Test bits/dim use
 the importance-weighted bound with the same S for every variant, so dequantizations compare fairly.
-Writes reports/flowpp_ablation/ (report.md, results.csv). It took 81 minutes on 2 CPU cores shared with other jobs.
+Writes reports/flowpp_ablation/ (report.md, results.csv). It took 81 minutes on 2 CPU cores
+shared with other jobs.
 Override any shared setting: `python recipes/flowpp_ablation.py --epochs=10`.
 """
 

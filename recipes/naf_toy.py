@@ -5,7 +5,8 @@ them, plus two more toys with exact densities (8 Gaussians and a checkerboard). 
 the same number of flows and about the same parameter count (the DSF/DDSF conditioner width is
 matched to the affine MAF's); all train by maximum likelihood with the same steps. Test
 log-likelihoods (nats, 10,000 fresh points) are compared with the true density's. Writes
-reports/naf_toy/ (report.md, results.csv, naf_toy.png). It took 68 minutes on 2 CPU cores shared with another job.
+reports/naf_toy/ (report.md, results.csv, naf_toy.png). It took 68 minutes on 2 CPU cores shared
+with another job.
 """
 
 import csv

@@ -11,7 +11,7 @@ half they transform, so every channel is updated.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 from torch import nn
@@ -24,10 +24,53 @@ from ..transforms import (
     InvertibleSequential,
     MultiscaleFlow,
 )
+from ..transforms.coupling import NetFactory
 from .registry import register_backbone
 from .resflow import _blocks_per_scale, stack_scales
 
-__all__ = ["coupling", "coupling_1x1"]
+__all__ = ["conditioner_factory", "coupling", "coupling_1x1", "coupling_layout"]
+
+
+def conditioner_factory(spatial: bool, hidden_channels: int, num_res_blocks: int) -> NetFactory:
+    """Coupling conditioners of these backbones: ResNets for images, MLPs for vectors."""
+    if spatial:
+        return partial(ConvResNet, hidden_channels=hidden_channels, num_blocks=num_res_blocks)
+    return partial(MLP, hidden_features=hidden_channels, num_layers=num_res_blocks)
+
+
+def coupling_layout(
+    name: str,
+    input_shape: tuple[int, ...],
+    step: Callable[[int, int, bool], list[nn.Module]],
+    num_scales: int,
+    blocks_per_scale: int | Sequence[int],
+    squeeze_first: bool,
+    factor_out: bool,
+    actnorm: bool,
+) -> MultiscaleFlow:
+    """The coupling backbones' layout around ``step(channels, index, spatial) -> layers``.
+
+    Vectors ``(D,)`` get one scale of steps; images the shared multiscale layout
+    (:func:`~hybridflow.models.resflow.stack_scales`) with an ActNorm closing the last scale.
+    Also used by the ``naf-coupling`` backbone.
+    """
+    if len(input_shape) == 1:
+        count = _blocks_per_scale(blocks_per_scale, 1)[0]
+        layers = [m for i in range(count) for m in step(input_shape[0], i, False)]
+        return MultiscaleFlow(
+            [InvertibleSequential(layers)], input_shape, [input_shape], factor_out=False
+        )
+    if len(input_shape) != 3:
+        raise ValueError(f"{name} expects (C, H, W) or (D,) inputs, got {input_shape}")
+    if input_shape[0] < 2 and not squeeze_first:
+        raise ValueError("channel couplings need at least 2 channels: set squeeze_first=True")
+
+    def scale_layers(shape: tuple[int, int, int], count: int, last: bool) -> list[nn.Module]:
+        layers = [m for i in range(count) for m in step(shape[0], i, True)]
+        return [*layers, ActNorm(shape[0])] if last and actnorm else layers
+
+    counts = _blocks_per_scale(blocks_per_scale, num_scales)
+    return stack_scales(input_shape, counts, squeeze_first, factor_out, scale_layers)
 
 
 def _coupling_flow(
@@ -46,11 +89,7 @@ def _coupling_flow(
         layers: list[nn.Module] = [ActNorm(c)] if actnorm else []
         if conv1x1:
             layers.append(InvertibleConv1x1(c, spatial=spatial))
-        factory = (
-            partial(ConvResNet, hidden_channels=hidden_channels, num_blocks=num_res_blocks)
-            if spatial
-            else partial(MLP, hidden_features=hidden_channels, num_layers=num_res_blocks)
-        )
+        factory = conditioner_factory(spatial, hidden_channels, num_res_blocks)
         # The 1x1 convolution mixes channels, so a fixed half suffices; otherwise alternate.
         parity = 0 if conv1x1 else index % 2
         layers.append(
@@ -58,24 +97,10 @@ def _coupling_flow(
         )
         return layers
 
-    if len(input_shape) == 1:
-        d = input_shape[0]
-        count = _blocks_per_scale(blocks_per_scale, 1)[0]
-        layers = [m for i in range(count) for m in step(d, i, spatial=False)]
-        return MultiscaleFlow(
-            [InvertibleSequential(layers)], input_shape, [input_shape], factor_out=False
-        )
-    if len(input_shape) != 3:
-        raise ValueError(f"coupling backbones expect (C, H, W) or (D,) inputs, got {input_shape}")
-    if input_shape[0] < 2 and not squeeze_first:
-        raise ValueError("channel couplings need at least 2 channels: set squeeze_first=True")
-
-    def scale_layers(shape: tuple[int, int, int], count: int, last: bool) -> list[nn.Module]:
-        layers = [m for i in range(count) for m in step(shape[0], i, spatial=True)]
-        return [*layers, ActNorm(shape[0])] if last and actnorm else layers
-
-    counts = _blocks_per_scale(blocks_per_scale, num_scales)
-    return stack_scales(input_shape, counts, squeeze_first, factor_out, scale_layers)
+    name = "coupling+1x1" if conv1x1 else "coupling"
+    return coupling_layout(
+        name, input_shape, step, num_scales, blocks_per_scale, squeeze_first, factor_out, actnorm
+    )
 
 
 @register_backbone

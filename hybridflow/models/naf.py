@@ -14,16 +14,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 
 from torch import nn
 
-from ..nets import MLP, ConvResNet
 from ..transforms import ActNorm, InvertibleSequential, MultiscaleFlow
 from ..transforms.autoregressive import Permutation
 from ..transforms.naf import NAFCoupling, NeuralAutoregressiveFlow
+from .coupling import conditioner_factory, coupling_layout
 from .registry import register_backbone
-from .resflow import _blocks_per_scale, stack_scales
 
 __all__ = ["naf", "naf_coupling"]
 
@@ -104,28 +102,17 @@ def naf_coupling(
 
     def step(c: int, index: int, spatial: bool) -> list[nn.Module]:
         layers: list[nn.Module] = [ActNorm(c)] if actnorm else []
-        factory = (
-            partial(ConvResNet, hidden_channels=hidden_channels, num_blocks=num_res_blocks)
-            if spatial
-            else partial(MLP, hidden_features=hidden_channels, num_layers=num_res_blocks)
-        )
+        factory = conditioner_factory(spatial, hidden_channels, num_res_blocks)
         layers.append(NAFCoupling(c, num_units, "channel", index % 2, factory, spatial=spatial))
         return layers
 
-    if len(input_shape) == 1:
-        count = _blocks_per_scale(blocks_per_scale, 1)[0]
-        layers = [m for i in range(count) for m in step(input_shape[0], i, spatial=False)]
-        return MultiscaleFlow(
-            [InvertibleSequential(layers)], input_shape, [input_shape], factor_out=False
-        )
-    if len(input_shape) != 3:
-        raise ValueError(f"naf-coupling expects (C, H, W) or (D,) inputs, got {input_shape}")
-    if input_shape[0] < 2 and not squeeze_first:
-        raise ValueError("channel couplings need at least 2 channels: set squeeze_first=True")
-
-    def scale_layers(shape: tuple[int, int, int], count: int, last: bool) -> list[nn.Module]:
-        layers = [m for i in range(count) for m in step(shape[0], i, spatial=True)]
-        return [*layers, ActNorm(shape[0])] if last and actnorm else layers
-
-    counts = _blocks_per_scale(blocks_per_scale, num_scales)
-    return stack_scales(input_shape, counts, squeeze_first, factor_out, scale_layers)
+    return coupling_layout(
+        "naf-coupling",
+        input_shape,
+        step,
+        num_scales,
+        blocks_per_scale,
+        squeeze_first,
+        factor_out,
+        actnorm,
+    )

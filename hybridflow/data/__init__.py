@@ -12,13 +12,20 @@ from hybridflow.data.images import (
     read_idx,
 )
 from hybridflow.data.tabular import TABULAR_DATASETS, TabularDataset, load_tabular
-from hybridflow.data.toy import TOY_DATASETS, ToyDataset, sample_toy, toy_log_density
+from hybridflow.data.toy import (
+    TOY_DATASETS,
+    PointDataset,
+    ToyDataset,
+    sample_toy,
+    toy_log_density,
+)
 
 __all__ = [
     "TABULAR_DATASETS",
     "TOY_DATASETS",
     "DatasetNotFoundError",
     "ImageDataset",
+    "PointDataset",
     "TabularDataset",
     "ToyDataset",
     "available_datasets",

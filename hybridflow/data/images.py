@@ -24,7 +24,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from hybridflow.data.toy import TOY_DATASETS, ToyDataset, check_split, make_toy_dataset
+from hybridflow.data.toy import (
+    TOY_DATASETS,
+    PointDataset,
+    ToyDataset,
+    check_split,
+    make_toy_dataset,
+)
 
 __all__ = [
     "DEFAULT_DATA_ROOT",
@@ -570,11 +576,9 @@ def load_dataset(
 
 def dataset_tensors(dataset) -> tuple[Tensor, Tensor]:
     """The ``(inputs, labels)`` tensors of an in-memory dataset: images, toy or tabular points."""
-    from hybridflow.data.tabular import TabularDataset
-
     if isinstance(dataset, ImageDataset):
         return dataset.images, dataset.labels
-    if isinstance(dataset, (ToyDataset, TabularDataset)):
+    if isinstance(dataset, PointDataset):
         return dataset.points, dataset.labels
     raise TypeError(
         f"expected an ImageDataset, ToyDataset or TabularDataset, got {type(dataset).__name__}"

@@ -51,11 +51,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
-from torch.utils.data import Dataset
 
 from hybridflow.data.images import DEFAULT_DATA_ROOT, DatasetNotFoundError
-from hybridflow.data.toy import check_split
+from hybridflow.data.toy import PointDataset, check_split
 
 __all__ = [
     "MAF_DATA_URL",
@@ -122,68 +120,13 @@ _GAS_CORR_THRESHOLD = 0.98
 _HEPMASS_MAX_MIN_COUNT = 5
 
 
-class TabularDataset(Dataset):
-    """Points of a tabular dataset, held in memory (same attributes as ``ToyDataset``).
+class TabularDataset(PointDataset):
+    """Points of a tabular dataset (see :class:`~hybridflow.data.toy.PointDataset`).
 
-    Attributes:
-        points: float32 ``N x D``.
-        labels: int64 ``N`` (class index, or -1 when the source has no labels).
-        num_levels: Always ``None`` (continuous data).
-        num_classes: Number of classes (0 when unlabelled).
-        name: e.g. ``"uci:power"`` or ``"sk:iris"``.
-        split: One of ``train``, ``val``, ``test``, ``all``.
-        indices: int64 ``N``, position of each point in the ``all`` split of the same source
-            (``all`` lists train, val, test for the UCI sets and the original order for the
-            scikit-learn sets).
+    ``name`` is e.g. ``"uci:power"`` or ``"sk:iris"``; ``labels`` are -1 for the unlabelled UCI
+    sets; ``indices`` order the ``all`` split as train, val, test for the UCI sets and as the
+    original order for the scikit-learn sets.
     """
-
-    def __init__(
-        self,
-        points: Tensor,
-        labels: Tensor,
-        *,
-        name: str,
-        split: str,
-        num_classes: int,
-        indices: Tensor | None = None,
-    ) -> None:
-        if points.dtype != torch.float32 or points.ndim != 2:
-            raise ValueError(
-                f"points must be float32 N x D, got {points.dtype} {tuple(points.shape)}"
-            )
-        if labels.shape != (points.shape[0],):
-            raise ValueError("labels must be a 1-D tensor with one entry per point")
-        if indices is not None and indices.shape != (points.shape[0],):
-            raise ValueError("indices must be a 1-D tensor with one entry per point")
-        self.points = points
-        self.labels = labels.to(torch.int64)
-        self.num_levels: int | None = None
-        self.num_classes = num_classes
-        self.name = name
-        self.split = split
-        self.indices = torch.arange(points.shape[0]) if indices is None else indices.to(torch.int64)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Shape of one example: ``(D,)``."""
-        return (self.points.shape[1],)
-
-    @property
-    def dim(self) -> int:
-        """Number of dimensions of one example: ``D``."""
-        return self.points.shape[1]
-
-    def __len__(self) -> int:
-        return self.points.shape[0]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.points[index], self.labels[index]
-
-    def __repr__(self) -> str:
-        return (
-            f"TabularDataset(name={self.name!r}, split={self.split!r}, n={len(self)}, "
-            f"dim={self.dim})"
-        )
 
 
 # --------------------------------------------------------------------------- helpers

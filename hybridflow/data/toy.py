@@ -41,6 +41,7 @@ __all__ = [
     "SPLITS",
     "TOY_DATASETS",
     "TOY_SPLIT_SIZES",
+    "PointDataset",
     "ToyDataset",
     "check_split",
     "make_toy_dataset",
@@ -202,41 +203,54 @@ def _split_seed(name: str, split: str, seed: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-class ToyDataset(Dataset):
-    """Points of a 2-D toy density, held in memory.
+class PointDataset(Dataset):
+    """Continuous points ``N x D`` with labels, held in memory (toy and tabular datasets).
 
     Attributes:
-        points: float32 ``N x 2``.
-        labels: int64 ``N`` (mixture component / arm index, or -1 when unknown).
+        points: float32 ``N x D``.
+        labels: int64 ``N`` (class index, or -1 when unknown).
         num_levels: Always ``None`` (continuous data).
-        num_classes: Number of distinct label values.
-        name: e.g. ``"toy:moons"``.
+        num_classes: Number of classes (0 when unlabelled).
+        name: Dataset name.
         split: One of ``train``, ``val``, ``test``, ``all``.
+        indices: int64 ``N``, position of each point in the ``all`` split of the same source.
     """
 
     def __init__(
-        self, points: Tensor, labels: Tensor, *, name: str, split: str, num_classes: int
+        self,
+        points: Tensor,
+        labels: Tensor,
+        *,
+        name: str,
+        split: str,
+        num_classes: int,
+        indices: Tensor | None = None,
     ) -> None:
-        if points.dtype != torch.float32 or points.ndim != 2 or points.shape[1] != 2:
-            raise ValueError(f"points must be float32 N x 2, got {points.dtype} {points.shape}")
+        if points.dtype != torch.float32 or points.ndim != 2:
+            raise ValueError(
+                f"points must be float32 N x D, got {points.dtype} {tuple(points.shape)}"
+            )
         if labels.shape != (points.shape[0],):
             raise ValueError("labels must be a 1-D tensor with one entry per point")
+        if indices is not None and indices.shape != (points.shape[0],):
+            raise ValueError("indices must be a 1-D tensor with one entry per point")
         self.points = points
         self.labels = labels.to(torch.int64)
         self.num_levels: int | None = None
         self.num_classes = num_classes
         self.name = name
         self.split = split
+        self.indices = torch.arange(points.shape[0]) if indices is None else indices.to(torch.int64)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """Shape of one example: ``(2,)``."""
-        return (2,)
+        """Shape of one example: ``(D,)``."""
+        return (self.points.shape[1],)
 
     @property
     def dim(self) -> int:
-        """Number of dimensions of one example: 2."""
-        return 2
+        """Number of dimensions of one example: ``D``."""
+        return self.points.shape[1]
 
     def __len__(self) -> int:
         return self.points.shape[0]
@@ -245,7 +259,22 @@ class ToyDataset(Dataset):
         return self.points[index], self.labels[index]
 
     def __repr__(self) -> str:
-        return f"ToyDataset(name={self.name!r}, split={self.split!r}, n={len(self)})"
+        return (
+            f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, n={len(self)}, "
+            f"dim={self.dim})"
+        )
+
+
+class ToyDataset(PointDataset):
+    """Points of a 2-D toy density (see :class:`PointDataset`; ``name`` e.g. ``"toy:moons"``,
+    labels are mixture components or arms)."""
+
+    def __init__(
+        self, points: Tensor, labels: Tensor, *, name: str, split: str, num_classes: int
+    ) -> None:
+        if points.ndim != 2 or points.shape[1] != 2:
+            raise ValueError(f"points must be float32 N x 2, got {points.dtype} {points.shape}")
+        super().__init__(points, labels, name=name, split=split, num_classes=num_classes)
 
 
 def make_toy_dataset(name: str, split: str = "train", seed: int = 0) -> ToyDataset:

@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -65,7 +66,7 @@ def main() -> None:
     idle = wait_for_idle(max_load=0.5, timeout_s=args.wait_idle_s)
 
     d, flows = args.features, args.flows
-    models: dict[str, tuple[torch.nn.Module, callable]] = {}
+    models: dict[str, tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]] = {}
     maf = ours(d, "maf", flows, args.hidden)
     target = count(maf)
     models["maf-affine"] = (maf, maf.log_prob)

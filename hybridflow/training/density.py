@@ -20,6 +20,8 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
+from .trainer import TrainingDivergedError
+
 __all__ = ["DensityFit", "evaluate_log_likelihood", "fit_density"]
 
 
@@ -94,8 +96,6 @@ def fit_density(
         max_nan_skips: Consecutive non-finite steps tolerated before raising.
         seed: Seed of the batch order.
     """
-    from .trainer import TrainingDivergedError  # the trainer imports evaluation; keep this lazy
-
     if len(train_points) < batch_size:
         raise ValueError(f"need at least batch_size={batch_size} training points")
     param = next(model.parameters())

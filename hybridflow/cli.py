@@ -1,4 +1,4 @@
-"""Command line: ``hybridflow train | eval | sweep | list``.
+"""Command line: ``hybridflow train | eval | sweep | ood | calibrate | sample | explain | list``.
 
 Every training option is a ``--key=value`` override of ``hybridflow.training.DEFAULTS``
 (nested keys with dots: ``--backbone_args.hidden_channels=32``); ``--config FILE.json`` loads a
@@ -83,6 +83,133 @@ def _cmd_eval(argv: Sequence[str]) -> int:
     return 0
 
 
+def _common_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--device", default="cpu")
+
+
+def _cmd_ood(argv: Sequence[str]) -> int:
+    from .reports import HYBRID_COMPONENTS, format_ood_table, ood_run
+
+    parser = argparse.ArgumentParser(
+        prog="hybridflow ood",
+        description="Every OOD score × metric (higher score = more OOD); writes RUN_DIR/ood/.",
+    )
+    _common_run_args(parser)
+    parser.add_argument(
+        "--ood",
+        action="append",
+        required=True,
+        help="OOD dataset (repeatable), e.g. mnist, npz:PATH, fashion-mnist@test",
+    )
+    parser.add_argument(
+        "--background",
+        default=None,
+        help="run folder of a background model (--perturb_rate) for the likelihood ratio",
+    )
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--dequant-samples", type=int, default=1)
+    parser.add_argument("--iw-samples", type=int, default=0)
+    parser.add_argument("--typicality-batch", type=int, default=10, help="M of the batch test")
+    parser.add_argument("--alpha", type=float, default=0.99, help="typicality threshold quantile")
+    parser.add_argument("--fit-examples", type=int, default=10_000)
+    parser.add_argument(
+        "--hybrid-components",
+        default=",".join(HYBRID_COMPONENTS),
+        help="comma-separated scores combined by the hybrid score",
+    )
+    args = parser.parse_args(argv)
+    result = ood_run(
+        args.run_dir,
+        args.ood,
+        background=args.background,
+        split=args.split,
+        dequant_samples=args.dequant_samples,
+        iw_samples=args.iw_samples,
+        typicality_batch=args.typicality_batch,
+        alpha=args.alpha,
+        fit_examples=args.fit_examples,
+        hybrid_components=args.hybrid_components.split(","),
+        data_root=args.data_root,
+        device=args.device,
+    )
+    print(format_ood_table(result))
+    return 0
+
+
+def _cmd_calibrate(argv: Sequence[str]) -> int:
+    from .reports import calibrate_run
+
+    parser = argparse.ArgumentParser(
+        prog="hybridflow calibrate",
+        description="Temperature scaling on val; ECE, adaptive ECE, MCE, classwise ECE, Brier, "
+        "NLL before and after; reliability diagram. Writes RUN_DIR/calibration/.",
+    )
+    _common_run_args(parser)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--bins", type=int, default=15)
+    args = parser.parse_args(argv)
+    result = calibrate_run(
+        args.run_dir, args.split, args.bins, data_root=args.data_root, device=args.device
+    )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_sample(argv: Sequence[str]) -> int:
+    from .reports import sample_run
+
+    parser = argparse.ArgumentParser(
+        prog="hybridflow sample",
+        description="Sample grids at several temperatures and reconstructions; writes "
+        "RUN_DIR/samples/.",
+    )
+    _common_run_args(parser)
+    parser.add_argument("--temperatures", default="0.5,0.7,0.85,1.0")
+    parser.add_argument("-n", type=int, default=64, help="samples per temperature")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    temps = [float(t) for t in args.temperatures.split(",")]
+    result = sample_run(
+        args.run_dir, temps, args.n, seed=args.seed, data_root=args.data_root, device=args.device
+    )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_explain(argv: Sequence[str]) -> int:
+    from .reports import explain_run
+
+    parser = argparse.ArgumentParser(
+        prog="hybridflow explain",
+        description="Captum attributions (class logit, log p(x), energy) for test and OOD "
+        "images; writes RUN_DIR/explain/.",
+    )
+    _common_run_args(parser)
+    parser.add_argument("--ood", action="append", default=[])
+    parser.add_argument("-n", type=int, default=6, help="images per set")
+    parser.add_argument("--targets", default="logit,log_prob,energy")
+    parser.add_argument("--methods", default="integrated_gradients,saliency,noise_tunnel")
+    parser.add_argument("--baseline", default="blur", choices=["blur", "mean"])
+    parser.add_argument("--steps", type=int, default=32, help="integration steps")
+    args = parser.parse_args(argv)
+    result = explain_run(
+        args.run_dir,
+        args.ood,
+        n=args.n,
+        targets=args.targets.split(","),
+        methods=args.methods.split(","),
+        baseline=args.baseline,
+        n_steps=args.steps,
+        data_root=args.data_root,
+        device=args.device,
+    )
+    print(json.dumps({k: v for k, v in result.items() if k != "panels"}, indent=2))
+    print(f"{len(result['panels'])} attribution panels in {Path(args.run_dir) / 'explain'}")
+    return 0
+
+
 def _cmd_sweep(argv: Sequence[str]) -> int:
     from .reports import run_sweep
     from .training import parse_overrides
@@ -137,7 +264,16 @@ def _cmd_list(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "sweep": _cmd_sweep, "list": _cmd_list}
+COMMANDS = {
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "sweep": _cmd_sweep,
+    "ood": _cmd_ood,
+    "calibrate": _cmd_calibrate,
+    "sample": _cmd_sample,
+    "explain": _cmd_explain,
+    "list": _cmd_list,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -440,8 +440,8 @@ def _load_idx_dataset(
 
 
 @functools.lru_cache(maxsize=4)
-def _npz_arrays(key: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read and validate ``x`` (and optional ``y``) of an npz file."""
+def _npz_arrays(key: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Read and validate ``x``, optional ``y`` and optional ``num_levels`` (default 256)."""
     path = key[0]
     try:
         archive = np.load(path, allow_pickle=False)
@@ -471,6 +471,15 @@ def _npz_arrays(key: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray | Non
         raise ValueError(
             f"{path}: 'x' must be N x H x W or N x C x H x W, got {x.ndim}-D shape {x.shape}"
         )
+    levels = contents.get("num_levels")
+    if levels is not None:
+        if levels.shape != () or not np.issubdtype(levels.dtype, np.integer):
+            raise ValueError(f"{path}: 'num_levels' must be one integer, got {levels!r}")
+        if not 2 <= int(levels) <= 256 or (x.size and int(x.max()) >= int(levels)):
+            raise ValueError(
+                f"{path}: 'num_levels' = {int(levels)} must lie in 2..256 and exceed every value "
+                f"of 'x' (max {int(x.max()) if x.size else 0})"
+            )
     y = contents.get("y")
     if y is not None:
         if not np.issubdtype(y.dtype, np.integer):
@@ -480,7 +489,8 @@ def _npz_arrays(key: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray | Non
         if y.size and y.min() < 0:
             raise ValueError(f"{path}: 'y' must hold non-negative labels, got min {y.min()}")
         y = _readonly(y.astype(np.int64))
-    return _readonly(np.ascontiguousarray(x)), y
+    num_levels = 256 if levels is None else int(levels)
+    return _readonly(np.ascontiguousarray(x)), y, num_levels
 
 
 def _load_npz(
@@ -501,13 +511,13 @@ def _load_npz(
             f"npz file not found (tried: {', '.join(map(str, tried))}). Create it with "
             "numpy.savez(path, x=uint8 images N x H x W or N x C x H x W, y=integer labels)."
         )
-    x, y = _npz_arrays(_file_key(path))
+    x, y, num_levels = _npz_arrays(_file_key(path))
     n = len(x)
     labels = np.full(n, -1, dtype=np.int64) if y is None else y
     num_classes = 0 if y is None or y.size == 0 else int(y.max()) + 1
     index = _random_split(n, split, seed, val_fraction, TEST_FRACTION)
     return _make_dataset(
-        x, labels, index, num_levels=256, num_classes=num_classes, name=spec, split=split
+        x, labels, index, num_levels=num_levels, num_classes=num_classes, name=spec, split=split
     )
 
 

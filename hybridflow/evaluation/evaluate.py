@@ -28,6 +28,7 @@ def predict(
     device: torch.device | str | None = None,
     seed: int = 0,
     iw_samples: int = 0,
+    features: bool = False,
 ) -> Predictions:
     """Run ``model`` over ``dataset`` in eval mode.
 
@@ -36,7 +37,9 @@ def predict(
     over ``S`` draws (Flow++ eq. 13; tighter as ``S`` grows, comparable across dequantizers),
     otherwise the mean of ``dequant_samples`` single-draw bounds (each an unbiased estimate of
     the same bound, so averaging only lowers variance). ``logits`` come from one deterministic
-    pass at the bin centres, so accuracy and calibration do not depend on noise.
+    pass at the bin centres, so accuracy and calibration do not depend on noise. With
+    ``features=True`` that pass also returns ``latent`` (the flow's per-scale latents, flattened
+    and concatenated: the trunk features) and ``pre_logits`` (the head's features), as float32.
     """
     if iw_samples < 0 or dequant_samples < 1:
         raise ValueError("need iw_samples >= 0 and dequant_samples >= 1")
@@ -46,11 +49,14 @@ def predict(
     inputs, labels = dataset_tensors(dataset)
     discrete = model.flow.num_levels is not None
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    logits, log_probs = [], []
+    logits, log_probs, latents, pre_logits = [], [], [], []
     for start in range(0, len(inputs), batch_size):
         x = inputs[start : start + batch_size].to(device=device, dtype=dtype)
         out = model(x, dequant_noise=0.5 if discrete else None)
         logits.append(out.logits.double().cpu())
+        if features:
+            latents.append(torch.cat([f.flatten(1) for f in out.features], 1).float().cpu())
+            pre_logits.append(model.forward_head(out.features, pre_logits=True).float().cpu())
         if discrete:
             if iw_samples:
                 lp = model.flow.log_prob_iw(x, iw_samples, generator=gen).double().cpu()
@@ -62,12 +68,15 @@ def predict(
             log_probs.append(lp)
         else:
             log_probs.append(out.log_prob.double().cpu())
-    return Predictions(
+    pred = Predictions(
         logits=torch.cat(logits).numpy(),
         log_prob=torch.cat(log_probs).numpy(),
         labels=labels.numpy().astype(np.int64),
         dim=model.dim,
     )
+    if features:
+        pred.update(latent=torch.cat(latents).numpy(), pre_logits=torch.cat(pre_logits).numpy())
+    return pred
 
 
 def evaluate_predictions(pred: Mapping, n_bins: int = 15) -> dict[str, float]:

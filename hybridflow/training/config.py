@@ -29,6 +29,9 @@ DEFAULTS: dict[str, Any] = {
     "download": False,
     "val_fraction": 0.1,
     "augment_shift": 0,  # random translations of up to this many pixels (zero fill), train only
+    # replace each pixel by a uniformly random level with this probability, train only; 0.1-0.2
+    # trains the background model of the likelihood-ratio OOD score (Ren et al. 2019)
+    "perturb_rate": 0.0,
     # model
     "backbone": "realnvp",
     "backbone_args": {},

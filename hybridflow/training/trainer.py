@@ -32,6 +32,7 @@ __all__ = [
     "build_model_for",
     "data_info",
     "load_run",
+    "perturb_levels",
     "random_shift",
     "run_dir_for",
     "train",
@@ -125,6 +126,24 @@ def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
     )
 
 
+def perturb_levels(
+    x: torch.Tensor, rate: float, num_levels: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Replace each entry of ``x`` by a uniform random level in ``[0, num_levels)`` w.p. ``rate``.
+
+    The input perturbation of the background model in Ren et al. 2019, "Likelihood Ratios for
+    Out-of-Distribution Detection" (§4): the perturbed data keep the population-level background
+    statistics but lose semantic structure. Uses the global torch RNG unless ``generator`` is given.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"perturb_rate must lie in [0, 1), got {rate}")
+    if rate == 0.0:
+        return x
+    replace = torch.rand(x.shape, generator=generator) < rate
+    noise = torch.randint(0, num_levels, x.shape, generator=generator).to(x.dtype)
+    return torch.where(replace.to(x.device), noise.to(x.device), x)
+
+
 def _batches(n: int, batch_size: int, seed: int, epoch: int):
     """Seeded permutation per epoch: resuming mid-epoch replays the same order."""
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -159,6 +178,9 @@ def train(config: Mapping[str, Any] | None = None, **overrides: Any) -> Path:
     images, labels = dataset_tensors(train_set)
     if cfg["augment_shift"] and images.dim() != 4:
         raise ValueError("augment_shift needs image data; set --augment_shift=0")
+    if cfg["perturb_rate"] and getattr(train_set, "num_levels", None) is None:
+        raise ValueError("perturb_rate needs discrete data (levels); set --perturb_rate=0")
+    perturb_levels(images[:1], float(cfg["perturb_rate"]), 2)  # validates the rate up front
     if len(images) < cfg["batch_size"]:
         raise ValueError(
             f"batch_size {cfg['batch_size']} exceeds the {len(images)} training examples"
@@ -246,7 +268,10 @@ def train(config: Mapping[str, Any] | None = None, **overrides: Any) -> Path:
             ]:
                 if step >= total_steps:
                     break
-                x = random_shift(images[batch_idx], cfg["augment_shift"]).to(device)
+                x = random_shift(images[batch_idx], cfg["augment_shift"])
+                if cfg["perturb_rate"]:
+                    x = perturb_levels(x, float(cfg["perturb_rate"]), train_set.num_levels)
+                x = x.to(device)
                 y = labels[batch_idx].to(device)
                 terms = model.loss(x, y, lam)
                 loss = terms["loss"].mean()

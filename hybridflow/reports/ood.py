@@ -1,0 +1,329 @@
+"""OOD detection for a finished run: every score × every metric, written beside the run.
+
+The in-distribution data are split by role so that nothing is fitted on what it is tested on:
+class means and the tied covariance of the Mahalanobis scores come from (a subset of) the
+training split; the validation split is halved, one half estimating the entropy and threshold
+of the typicality test, the other calibrating the conformal p-values of the hybrid score; the
+test split is the in-distribution side of every metric.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from ..data import ImageDataset, dataset_tensors, load_dataset
+from ..evaluation import OOD_METRIC_DESCRIPTIONS, ood_metrics, predict
+from ..evaluation.ood import (
+    OOD_SCORE_DESCRIPTIONS,
+    FisherCombination,
+    MahalanobisDetector,
+    TypicalityTest,
+    bpd_score,
+    complexity_score,
+    energy_score,
+    likelihood_ratio_score,
+    max_softmax_score,
+    nll_score,
+    png_bits_per_dim,
+)
+from ..training import load_run
+
+__all__ = ["HYBRID_COMPONENTS", "format_ood_table", "ood_run"]
+
+#: Default components of the hybrid score: the density's and the classifier's own evidence.
+HYBRID_COMPONENTS = ("typicality", "energy")
+
+
+def _subset(dataset, index: torch.Tensor):
+    """A shallow copy of an in-memory dataset restricted to ``index``."""
+    out = copy.copy(dataset)
+    if isinstance(dataset, ImageDataset):
+        out.images, out.labels = dataset.images[index], dataset.labels[index]
+        out.indices = dataset.indices[index]
+    else:
+        out.points, out.labels = dataset.points[index], dataset.labels[index]
+    return out
+
+
+def _check_compatible(name: str, dataset, reference) -> None:
+    if getattr(dataset, "num_levels", None) != getattr(reference, "num_levels", None):
+        raise ValueError(
+            f"OOD dataset {name} has {getattr(dataset, 'num_levels', None)} levels per pixel, "
+            f"the model reads {getattr(reference, 'num_levels', None)}"
+        )
+    if tuple(dataset.shape) != tuple(reference.shape):
+        raise ValueError(
+            f"OOD dataset {name} has examples of shape {tuple(dataset.shape)}, the model reads "
+            f"{tuple(reference.shape)}"
+        )
+
+
+class _Scorer:
+    """Fitted OOD scores of one model (plus an optional background model)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_levels: int | None,
+        typicality_batch: int,
+        alpha: float,
+        hybrid_components: Sequence[str],
+    ) -> None:
+        self.dim, self.num_levels = dim, num_levels
+        self.typicality = TypicalityTest(1, alpha=alpha)
+        self.typicality_batch = TypicalityTest(typicality_batch, alpha=alpha)
+        self.mahalanobis = MahalanobisDetector()
+        self.mahalanobis_head = MahalanobisDetector()
+        self.hybrid = FisherCombination()
+        self.hybrid_components = tuple(hybrid_components)
+
+    def fit(self, train: Mapping, val_fit: Mapping, val_cal: Mapping) -> None:
+        self.mahalanobis.fit(train["latent"], train["labels"])
+        self.mahalanobis_head.fit(train["pre_logits"], train["labels"])
+        nll = nll_score(val_fit["log_prob"])
+        self.typicality.fit(nll)
+        self.typicality_batch.fit(nll)
+        calibration = self.per_example(val_cal)
+        unknown = set(self.hybrid_components) - set(calibration)
+        if unknown:
+            raise ValueError(
+                f"unknown hybrid components {sorted(unknown)}; available: {sorted(calibration)}"
+            )
+        self.hybrid.fit({k: calibration[k] for k in self.hybrid_components})
+
+    def per_example(self, pred: Mapping) -> dict[str, np.ndarray]:
+        """Every per-example score (higher = more OOD)."""
+        scores = {
+            "nll": nll_score(pred["log_prob"]),
+            "bpd": bpd_score(pred["log_prob"], self.dim),
+        }
+        scores["typicality"] = self.typicality.score(scores["nll"])
+        if "png_bpd" in pred:
+            scores["complexity"] = complexity_score(scores["bpd"], pred["png_bpd"])
+        if "background_log_prob" in pred:
+            scores["likelihood_ratio"] = likelihood_ratio_score(
+                pred["log_prob"], pred["background_log_prob"]
+            )
+        if pred["logits"].shape[1] > 0:
+            scores["max_softmax"] = max_softmax_score(pred["logits"])
+            scores["energy"] = energy_score(pred["logits"])
+        if "latent" in pred:
+            scores["mahalanobis"] = self.mahalanobis.score(pred["latent"])
+            scores["mahalanobis_head"] = self.mahalanobis_head.score(pred["pre_logits"])
+        if self.hybrid.calibration:
+            scores["hybrid"] = self.hybrid.score(scores)
+        return scores
+
+
+def format_ood_table(result: Mapping[str, Any]) -> str:
+    """Markdown table of every score × metric for each OOD set of :func:`ood_run`'s result."""
+    lines = []
+    for spec, entry in result["ood"].items():
+        lines += [
+            f"**{result['dataset']} (in) vs {spec} (out)** — in bits/dim "
+            f"{result['in_distribution']['bpd']:.3f}, out bits/dim {entry['bpd']:.3f}",
+            "",
+            "| score | AUROC | AUPR-in | AUPR-out | FPR@95 (ID accepted) | FPR@95 (OOD caught) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for score, m in entry["metrics"].items():
+            lines.append(
+                f"| {score} | {m['auroc']:.4f} | {m['aupr_in']:.4f} | {m['aupr_out']:.4f} | "
+                f"{m['fpr95_id']:.4f} | {m['fpr95_ood']:.4f} |"
+            )
+        t = entry["typicality_batch_flag_rate"]
+        lines += [
+            "",
+            f"Typicality test at the bootstrap threshold (M = {result['typicality_batch']}, "
+            f"α = {result['alpha']}): {t['out']:.1%} of OOD batches and {t['in']:.1%} of "
+            "in-distribution test batches rejected.",
+            "",
+        ]
+    lines.append("FPR@95 (ID accepted): " + OOD_METRIC_DESCRIPTIONS["fpr95_id"])
+    lines.append("")
+    lines.append("FPR@95 (OOD caught): " + OOD_METRIC_DESCRIPTIONS["fpr95_ood"])
+    return "\n".join(lines) + "\n"
+
+
+def _plot_histograms(
+    in_scores: Mapping[str, np.ndarray], out_scores: Mapping[str, Mapping[str, np.ndarray]], path
+) -> None:
+    names = list(in_scores)
+    cols = 4
+    rows = math.ceil(len(names) / cols)
+    fig = Figure(figsize=(4 * cols, 3 * rows), layout="constrained")
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        groups = {"in (test)": in_scores[name]} | {k: v[name] for k, v in out_scores.items()}
+        lo, hi = np.quantile(np.concatenate(list(groups.values())), [0.005, 0.995])
+        bins = np.linspace(lo, hi if hi > lo else lo + 1, 60)
+        for label, values in groups.items():
+            ax.hist(np.clip(values, lo, hi), bins=bins, alpha=0.5, density=True, label=label)
+        ax.set_title(f"{name} (higher = more OOD)", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=90)
+
+
+def ood_run(
+    run_dir: str | Path,
+    ood: Sequence[str],
+    *,
+    background: str | Path | None = None,
+    split: str = "test",
+    dequant_samples: int = 1,
+    iw_samples: int = 0,
+    typicality_batch: int = 10,
+    alpha: float = 0.99,
+    fit_examples: int = 10_000,
+    hybrid_components: Sequence[str] = HYBRID_COMPONENTS,
+    data_root: str | None = None,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+    out_dir: str | Path | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Score in-distribution ``split`` data and each OOD dataset with every OOD score.
+
+    Writes to ``out_dir`` (default ``RUN_DIR/ood``): ``ood_<split>.json`` (all metrics),
+    ``ood_<split>.csv`` (one row per OOD dataset × score), ``ood_<split>.md`` (tables),
+    ``scores_<split>.npz`` (per-example scores) and ``scores_<split>.png`` (histograms).
+
+    Args:
+        run_dir: A finished run folder (``model.pt``).
+        ood: OOD dataset names (see :func:`~hybridflow.data.load_dataset`); read whole unless
+            given as ``NAME@SPLIT``.
+        background: Run folder of a background model trained on perturbed inputs
+            (``--perturb_rate``, Ren et al. 2019); enables ``likelihood_ratio``.
+        dequant_samples / iw_samples: Likelihood bound, see :func:`~hybridflow.evaluation.predict`.
+        typicality_batch: ``M`` of the batch typicality test.
+        alpha: Bootstrap quantile of the typicality threshold.
+        fit_examples: Training examples used to fit the Mahalanobis scores.
+        hybrid_components: Scores combined by the hybrid score.
+    """
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "ood"
+    if not ood:
+        raise ValueError("give at least one OOD dataset")
+    per_example = set(OOD_SCORE_DESCRIPTIONS) - {"typicality_batch", "hybrid"}
+    if not hybrid_components or set(hybrid_components) - per_example:
+        raise ValueError(
+            f"hybrid components must be among {sorted(per_example)}, got {list(hybrid_components)}"
+        )
+    model, cfg = load_run(run_dir, device=device)
+    bg_model = None
+    if background is not None:
+        bg_model, _ = load_run(background, device=device)
+        if bg_model.flow.input_shape != model.flow.input_shape or (
+            bg_model.flow.num_levels != model.flow.num_levels
+        ):
+            raise ValueError(
+                f"background model reads {bg_model.flow.input_shape} with "
+                f"{bg_model.flow.num_levels} levels; the model reads {model.flow.input_shape} "
+                f"with {model.flow.num_levels}"
+            )
+    root = data_root if data_root is not None else cfg["data_root"]
+    data_kw = {"data_root": root, "seed": cfg["seed"], "val_fraction": cfg["val_fraction"]}
+    gen = torch.Generator().manual_seed(seed)
+    train_set = load_dataset(cfg["dataset"], "train", **data_kw)
+    train_set = _subset(train_set, torch.randperm(len(train_set), generator=gen)[:fit_examples])
+    val_set = load_dataset(cfg["dataset"], "val", **data_kw)
+    half = torch.randperm(len(val_set), generator=gen)
+    val_fit = _subset(val_set, half[: len(half) // 2])
+    val_cal = _subset(val_set, half[len(half) // 2 :])
+    in_set = load_dataset(cfg["dataset"], split, **data_kw)
+    out_sets = {}
+    for spec in ood:
+        name, _, ood_split = spec.partition("@")
+        out_sets[spec] = load_dataset(name, ood_split or "all", **data_kw)
+        _check_compatible(name, out_sets[spec], in_set)
+
+    bound_kw = {"dequant_samples": dequant_samples, "iw_samples": iw_samples, "seed": seed}
+    num_levels = model.flow.num_levels
+    images_ok = isinstance(in_set, ImageDataset) and num_levels is not None
+
+    def run(dataset, with_extras: bool = True) -> dict:
+        pred = predict(model, dataset, batch_size, device=device, features=True, **bound_kw)
+        if with_extras and images_ok:
+            pred["png_bpd"] = png_bits_per_dim(dataset_tensors(dataset)[0], num_levels)
+        if with_extras and bg_model is not None:
+            pred["background_log_prob"] = predict(
+                bg_model, dataset, batch_size, device=device, **bound_kw
+            )["log_prob"]
+        return pred
+
+    scorer = _Scorer(model.dim, num_levels, typicality_batch, alpha, hybrid_components)
+    scorer.fit(run(train_set, False), run(val_fit, False), run(val_cal))
+    in_pred = run(in_set)
+    in_scores = scorer.per_example(in_pred)
+    in_batch = scorer.typicality_batch.score(in_scores["nll"])
+    result: dict[str, Any] = {
+        "run": run_dir.name,
+        "dataset": cfg["dataset"],
+        "split": split,
+        "lam": cfg["lam"],
+        "backbone": cfg["backbone"],
+        "background": str(background) if background is not None else None,
+        "dequant_samples": dequant_samples,
+        "iw_samples": iw_samples,
+        "typicality_batch": typicality_batch,
+        "alpha": alpha,
+        "hybrid_components": list(hybrid_components),
+        "typicality": {
+            "entropy_nats": scorer.typicality.entropy,
+            "epsilon_single": scorer.typicality.epsilon,
+            "epsilon_batch": scorer.typicality_batch.epsilon,
+        },
+        "score_descriptions": {k: OOD_SCORE_DESCRIPTIONS[k] for k in in_scores},
+        "metric_descriptions": OOD_METRIC_DESCRIPTIONS,
+        "in_distribution": {
+            "n": len(in_set),
+            "bpd": float(in_scores["bpd"].mean()),
+            "accuracy": float((in_pred["logits"].argmax(1) == in_pred["labels"]).mean()),
+        },
+        "ood": {},
+    }
+    if images_ok:
+        result["in_distribution"]["png_bpd"] = float(in_pred["png_bpd"].mean())
+    rows, all_out, arrays = [], {}, {f"in/{k}": v for k, v in in_scores.items()}
+    for spec, dataset in out_sets.items():
+        out_pred = run(dataset)
+        out_scores = scorer.per_example(out_pred)
+        out_batch = scorer.typicality_batch.score(out_scores["nll"])
+        metrics = {k: ood_metrics(in_scores[k], out_scores[k]) for k in in_scores}
+        metrics["typicality_batch"] = ood_metrics(in_batch, out_batch)
+        eps = scorer.typicality_batch.epsilon
+        result["ood"][spec] = {
+            "n": len(dataset),
+            "bpd": float(out_scores["bpd"].mean()),
+            **({"png_bpd": float(out_pred["png_bpd"].mean())} if images_ok else {}),
+            "typicality_batch_flag_rate": {
+                "in": float((in_batch > eps).mean()),
+                "out": float((out_batch > eps).mean()),
+            },
+            "metrics": metrics,
+        }
+        rows += [{"ood": spec, "score": k, **m} for k, m in metrics.items()]
+        all_out[spec] = out_scores
+        arrays |= {f"{spec}/{k}": v for k, v in out_scores.items()}
+    result["score_descriptions"]["typicality_batch"] = OOD_SCORE_DESCRIPTIONS["typicality_batch"]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"ood_{split}.json").write_text(json.dumps(result, indent=2) + "\n")
+    with (out_dir / f"ood_{split}.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out_dir / f"ood_{split}.md").write_text(format_ood_table(result))
+    np.savez_compressed(out_dir / f"scores_{split}.npz", **arrays)
+    _plot_histograms(in_scores, all_out, out_dir / f"scores_{split}.png")
+    return result

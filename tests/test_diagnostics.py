@@ -1,0 +1,100 @@
+"""``hybridflow calibrate | sample | explain`` on a finished run: files, numbers, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hybridflow.cli import main
+from hybridflow.evaluation import calibration_metrics, predict
+from hybridflow.training import load_run
+
+TINY = [
+    "--backbone_args.num_scales=2",
+    "--backbone_args.couplings_per_scale=1",
+    "--backbone_args.final_couplings=1",
+    "--backbone_args.hidden_channels=8",
+    "--backbone_args.num_res_blocks=1",
+    "--head_args.width=8",
+    "--batch_size=32",
+    "--max_steps=40",
+    "--warmup_steps=1",
+    "--progress=false",
+    "--eval_every=0",
+    "--num_threads=1",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    previous = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("runs")
+    assert main(["train", *TINY, f"--out_dir={out}", "--name=m"]) == 0
+    torch.set_num_threads(previous)
+    return out / "m"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_calibrate_fits_on_val_and_reports_before_and_after(run_dir: Path, capsys) -> None:
+    assert main(["calibrate", str(run_dir)]) == 0
+    result = json.loads((run_dir / "calibration/calibration_test.json").read_text())
+    keys = {"accuracy", "ece", "adaptive_ece", "mce", "classwise_ece", "brier", "nll"}
+    assert keys <= result["before"].keys() and keys <= result["after"].keys()
+    assert result["temperature"] > 0 and result["n_bins"] == 15
+    # Fitted by NLL on val: the val NLL cannot get worse, and argmax (accuracy) cannot change.
+    assert result["val_nll_after"] <= result["val_nll_before"] + 1e-9
+    assert result["after"]["accuracy"] == result["before"]["accuracy"]
+    # The numbers are those of the run's test predictions at the reported temperature.
+    model, cfg = load_run(run_dir)
+    from hybridflow.data import load_dataset
+
+    test = predict(model, load_dataset("digits", "test", seed=cfg["seed"]))
+    expected = calibration_metrics(test["logits"], test["labels"], 15, result["temperature"])
+    assert result["after"] == pytest.approx(expected)
+    rows = list(csv.DictReader((run_dir / "calibration/calibration_test.csv").open()))
+    assert [r["scaling"] for r in rows] == ["none", "temperature"]
+    assert (run_dir / "calibration/reliability_test.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sample_writes_grids_and_reconstructs_exactly(run_dir: Path) -> None:
+    assert main(["sample", str(run_dir), "--temperatures=0.5,1", "-n", "9"]) == 0
+    result = json.loads((run_dir / "samples/samples.json").read_text())
+    assert set(result["temperatures"]) == {"0.5", "1"}
+    for t in ("0.5", "1"):
+        assert (run_dir / f"samples/samples_T{t}.png").read_bytes()[:4] == b"\x89PNG"
+    assert result["reconstruction"]["level_error_rate"] == 0.0
+    assert result["reconstruction"]["max_abs_error"] < 1e-3
+    assert main(["sample", str(run_dir), "--temperatures=0"]) == 1
+
+
+def test_explain_writes_overlays_with_complete_integrated_gradients(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    noise = tmp_path / "noise.npz"
+    rng = np.random.default_rng(0)
+    np.savez(noise, x=rng.integers(0, 17, (20, 8, 8), dtype=np.uint8), num_levels=np.int64(17))
+    args = ["explain", str(run_dir), "--ood", f"npz:{noise}", "-n", "2", "--steps", "32"]
+    assert main(args) == 0
+    result = json.loads((run_dir / "explain/explain.json").read_text())
+    assert len(result["panels"]) == 2 * 3 * 3  # sets × targets × methods
+    for panel in result["panels"]:
+        assert (run_dir / "explain" / panel["file"]).read_bytes()[:4] == b"\x89PNG"
+        if panel["method"] == "integrated_gradients":
+            # Completeness (Sundararajan et al. 2017): Σ attributions = f(x) - f(baseline).
+            gap = np.subtract(panel["value_at_input"], panel["value_at_baseline"])
+            tol = 0.05 * np.abs(gap) + 0.01
+            assert np.all(np.abs(np.asarray(panel["attribution_sum"]) - gap) <= tol), panel
+    assert {p["set"] for p in result["panels"]} == {"test", f"npz:{noise}"}
+    assert main(["explain", str(run_dir), "--targets=nope"]) == 1

@@ -17,3 +17,32 @@ def _default_dtype(request: pytest.FixtureRequest):
     torch.manual_seed(0)
     yield
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread, then restore the setting.
+
+    Tiny models launch many small kernels; on a loaded 2-core machine intra-op threading made
+    them 10-30x slower (the workers wait for busy cores).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+#: ``hybridflow train`` options of a tiny digits run (add ``--max_steps``, ``--out_dir``).
+TINY_RUN_ARGS = (
+    "--backbone_args.num_scales=2",
+    "--backbone_args.couplings_per_scale=1",
+    "--backbone_args.final_couplings=1",
+    "--backbone_args.hidden_channels=8",
+    "--backbone_args.num_res_blocks=1",
+    "--head_args.width=8",
+    "--batch_size=32",
+    "--warmup_steps=1",
+    "--progress=false",
+    "--eval_every=0",
+    "--num_threads=1",
+)

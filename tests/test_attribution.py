@@ -56,12 +56,7 @@ RESFLOW = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared with training jobs
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _levels(n: int, seed: int = 1) -> Tensor:

@@ -22,14 +22,7 @@ from hybridflow.transforms.base import standard_normal_log_prob
 D = 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These layers are tiny: with intra-op threads on a busy machine, thread contention made the
-    # training test 30x slower than on one thread.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ORDERS = ["natural", "reversed", "random", [2, 0, 3, 1, 4]]

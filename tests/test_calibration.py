@@ -30,7 +30,7 @@ from hybridflow.evaluation.metrics import (
     negative_log_likelihood,
 )
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sample_labels(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:

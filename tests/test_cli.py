@@ -8,23 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_RUN_ARGS
 
 from hybridflow.cli import main
 
-TINY = [
-    "--backbone_args.num_scales=2",
-    "--backbone_args.couplings_per_scale=1",
-    "--backbone_args.final_couplings=1",
-    "--backbone_args.hidden_channels=8",
-    "--backbone_args.num_res_blocks=1",
-    "--head_args.width=8",
-    "--batch_size=32",
-    "--max_steps=6",
-    "--warmup_steps=1",
-    "--progress=false",
-    "--eval_every=0",
-    "--num_threads=1",
-]
+TINY = [*TINY_RUN_ARGS, "--max_steps=6"]
 
 
 def test_train_then_eval_with_ood(tmp_path: Path, capsys) -> None:

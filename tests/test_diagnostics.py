@@ -9,42 +9,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RUN_ARGS
 
 from hybridflow.cli import main
 from hybridflow.evaluation import calibration_metrics, predict
 from hybridflow.training import load_run
-
-TINY = [
-    "--backbone_args.num_scales=2",
-    "--backbone_args.couplings_per_scale=1",
-    "--backbone_args.final_couplings=1",
-    "--backbone_args.hidden_channels=8",
-    "--backbone_args.num_res_blocks=1",
-    "--head_args.width=8",
-    "--batch_size=32",
-    "--max_steps=40",
-    "--warmup_steps=1",
-    "--progress=false",
-    "--eval_every=0",
-    "--num_threads=1",
-]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     previous = torch.get_num_threads()
     out = tmp_path_factory.mktemp("runs")
-    assert main(["train", *TINY, f"--out_dir={out}", "--name=m"]) == 0
+    assert main(["train", *TINY_RUN_ARGS, "--max_steps=40", f"--out_dir={out}", "--name=m"]) == 0
     torch.set_num_threads(previous)
     return out / "m"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_calibrate_fits_on_val_and_reports_before_and_after(run_dir: Path, capsys) -> None:

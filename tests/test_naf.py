@@ -23,18 +23,7 @@ from hybridflow.transforms.naf import (
     monotone_bisection,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Run this module's many small kernels on one thread, then restore the setting.
-
-    On a loaded 2-core machine intra-op threading makes these ops 10-30x slower (the workers
-    wait for busy cores), which would dominate the runtime of the bisection-heavy tests.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 K, L = 4, 3  # DDSF size used throughout: 3 layers, so a K×K hidden layer is exercised.

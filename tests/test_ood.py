@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RUN_ARGS
 from PIL import Image
 
 from hybridflow.cli import main
@@ -31,13 +32,7 @@ from hybridflow.evaluation.ood import (
 )
 from hybridflow.training.trainer import perturb_levels
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_likelihood_scores_hand_values() -> None:
@@ -160,21 +155,6 @@ def test_npz_with_its_own_alphabet(tmp_path: Path) -> None:
         load_dataset(f"npz:{path}", "all")
 
 
-TINY = [
-    "--backbone_args.num_scales=2",
-    "--backbone_args.couplings_per_scale=1",
-    "--backbone_args.final_couplings=1",
-    "--backbone_args.hidden_channels=8",
-    "--backbone_args.num_res_blocks=1",
-    "--head_args.width=8",
-    "--batch_size=32",
-    "--max_steps=80",
-    "--warmup_steps=1",
-    "--progress=false",
-    "--eval_every=0",
-    "--num_threads=1",
-]
-
 # Scores that must rank uniform noise above test digits. max_softmax and energy are checked on
 # synthetic logits above instead: far from the data a classifier can be confidently wrong (Hein
 # et al. 2019, "Why ReLU networks yield high-confidence predictions far away from the training
@@ -193,6 +173,7 @@ NOISE_DETECTORS = (
 
 def test_ood_command_scores_noise_as_ood(tmp_path: Path, capsys) -> None:
     out = str(tmp_path)
+    TINY = [*TINY_RUN_ARGS, "--max_steps=80"]
     assert main(["train", *TINY, f"--out_dir={out}", "--name=m", "--lam=1/D"]) == 0
     bg = ["--lam=1", "--perturb_rate=0.2"]
     assert main(["train", *TINY, f"--out_dir={out}", "--name=bg", *bg]) == 0

@@ -30,7 +30,7 @@ from ..evaluation.samples import (
     save_image_grid,
 )
 from ..training import load_run
-from .ood import _check_compatible
+from .runs import check_compatible
 
 __all__ = ["calibrate_run", "explain_run", "sample_run"]
 
@@ -188,7 +188,7 @@ def explain_run(
     for spec in ood:
         name, _, ood_split = spec.partition("@")
         sets[spec] = load_dataset(name, ood_split or "all", **data_kw)
-        _check_compatible(name, sets[spec], in_set)
+        check_compatible(name, sets[spec], in_set)
     train_images = dataset_tensors(load_dataset(cfg["dataset"], "train", **data_kw))[0]
     data_mean = train_images.double().mean(0) + 0.5
     dtype = next(model.parameters()).dtype

@@ -37,6 +37,7 @@ from ..evaluation.ood import (
     png_bits_per_dim,
 )
 from ..training import load_run
+from .runs import check_compatible
 
 __all__ = ["HYBRID_COMPONENTS", "format_ood_table", "ood_run"]
 
@@ -53,19 +54,6 @@ def _subset(dataset, index: torch.Tensor):
     else:
         out.points, out.labels = dataset.points[index], dataset.labels[index]
     return out
-
-
-def _check_compatible(name: str, dataset, reference) -> None:
-    if getattr(dataset, "num_levels", None) != getattr(reference, "num_levels", None):
-        raise ValueError(
-            f"OOD dataset {name} has {getattr(dataset, 'num_levels', None)} levels per pixel, "
-            f"the model reads {getattr(reference, 'num_levels', None)}"
-        )
-    if tuple(dataset.shape) != tuple(reference.shape):
-        raise ValueError(
-            f"OOD dataset {name} has examples of shape {tuple(dataset.shape)}, the model reads "
-            f"{tuple(reference.shape)}"
-        )
 
 
 class _Scorer:
@@ -245,7 +233,7 @@ def ood_run(
     for spec in ood:
         name, _, ood_split = spec.partition("@")
         out_sets[spec] = load_dataset(name, ood_split or "all", **data_kw)
-        _check_compatible(name, out_sets[spec], in_set)
+        check_compatible(name, out_sets[spec], in_set)
 
     bound_kw = {"dequant_samples": dequant_samples, "iw_samples": iw_samples, "seed": seed}
     num_levels = model.flow.num_levels

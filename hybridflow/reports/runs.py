@@ -14,7 +14,21 @@ from ..data import load_dataset
 from ..evaluation import evaluate_predictions, ood_table, predict
 from ..training import load_run
 
-__all__ = ["evaluate_run"]
+__all__ = ["check_compatible", "evaluate_run"]
+
+
+def check_compatible(name: str, dataset, reference) -> None:
+    """Refuse an OOD dataset whose alphabet or example shape differs from the model's data."""
+    if getattr(dataset, "num_levels", None) != getattr(reference, "num_levels", None):
+        raise ValueError(
+            f"OOD dataset {name} has {getattr(dataset, 'num_levels', None)} levels per pixel, "
+            f"the model reads {getattr(reference, 'num_levels', None)}"
+        )
+    if tuple(dataset.shape) != tuple(reference.shape):
+        raise ValueError(
+            f"OOD dataset {name} has examples of shape {tuple(dataset.shape)}, the model reads "
+            f"{tuple(reference.shape)}"
+        )
 
 
 def evaluate_run(
@@ -59,16 +73,7 @@ def evaluate_run(
     for spec in ood:
         name, _, ood_split = spec.partition("@")
         out_set = load_dataset(name, ood_split or "all", **data_kw)
-        if getattr(out_set, "num_levels", None) != getattr(in_set, "num_levels", None):
-            raise ValueError(
-                f"OOD dataset {name} has {out_set.num_levels} levels per pixel, the model reads "
-                f"{in_set.num_levels}"
-            )
-        if tuple(out_set.shape) != tuple(in_set.shape):
-            raise ValueError(
-                f"OOD dataset {name} has examples of shape {tuple(out_set.shape)}, the model reads "
-                f"{tuple(in_set.shape)}"
-            )
+        check_compatible(name, out_set, in_set)
         out_pred = predict(model, out_set, batch_size=batch_size, device=device, **bound_kw)
         table = ood_table(in_pred, out_pred)
         result["ood"][spec] = {"bpd": evaluate_predictions(out_pred)["bpd"], "scores": table}

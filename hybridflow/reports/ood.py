@@ -134,7 +134,9 @@ def format_ood_table(result: Mapping[str, Any]) -> str:
             "",
             f"Typicality test at the bootstrap threshold (M = {result['typicality_batch']}, "
             f"α = {result['alpha']}): {t['out']:.1%} of OOD batches and {t['in']:.1%} of "
-            "in-distribution test batches rejected.",
+            "in-distribution test batches rejected. The `typicality_batch` row scores disjoint "
+            f"batches of M ({entry['n'] // result['typicality_batch']:,} OOD batches), every "
+            "other row single inputs.",
             "",
         ]
     lines.append("FPR@95 (ID accepted): " + OOD_METRIC_DESCRIPTIONS["fpr95_id"])

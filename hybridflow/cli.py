@@ -108,7 +108,6 @@ def _cmd_ood(argv: Sequence[str]) -> int:
         default=None,
         help="run folder of a background model (--perturb_rate) for the likelihood ratio",
     )
-    parser.add_argument("--split", default="test")
     parser.add_argument("--dequant-samples", type=int, default=1)
     parser.add_argument("--iw-samples", type=int, default=0)
     parser.add_argument("--typicality-batch", type=int, default=10, help="M of the batch test")
@@ -124,7 +123,6 @@ def _cmd_ood(argv: Sequence[str]) -> int:
         args.run_dir,
         args.ood,
         background=args.background,
-        split=args.split,
         dequant_samples=args.dequant_samples,
         iw_samples=args.iw_samples,
         typicality_batch=args.typicality_batch,
@@ -147,11 +145,10 @@ def _cmd_calibrate(argv: Sequence[str]) -> int:
         "NLL before and after; reliability diagram. Writes RUN_DIR/calibration/.",
     )
     _common_run_args(parser)
-    parser.add_argument("--split", default="test")
     parser.add_argument("--bins", type=int, default=15)
     args = parser.parse_args(argv)
     result = calibrate_run(
-        args.run_dir, args.split, args.bins, data_root=args.data_root, device=args.device
+        args.run_dir, n_bins=args.bins, data_root=args.data_root, device=args.device
     )
     print(json.dumps(result, indent=2))
     return 0

@@ -33,10 +33,10 @@ def test_train_then_eval_with_ood(tmp_path: Path, capsys) -> None:
     result = json.loads((run_dir / "eval_test.json").read_text())
     assert {"bpd", "accuracy", "ece", "brier", "class_nll"} <= result.keys()
     scores = result["ood"]["digits@val"]["scores"]
-    assert set(scores) == {"nll", "max_softmax"}
-    assert {"auroc", "aupr_in", "aupr_out", "fpr95_id", "fpr95_ood"} <= scores["nll"].keys()
+    assert set(scores) == {"bpd", "max_softmax", "energy"}
+    assert {"auroc", "aupr_in", "aupr_out", "fpr95_id", "fpr95_ood"} <= scores["bpd"].keys()
     rows = list(csv.DictReader((run_dir / "ood_test.csv").open()))
-    assert len(rows) == 2
+    assert len(rows) == 3
 
 
 def test_sweep_writes_report(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ import torch
 from conftest import TINY_RUN_ARGS
 
 from hybridflow.cli import main
-from hybridflow.evaluation import calibration_metrics, predict
+from hybridflow.evaluation import calibration_metrics, fit_temperature, predict
+from hybridflow.reports import calibrate_run
 from hybridflow.training import load_run
 
 
@@ -44,6 +45,11 @@ def test_calibrate_fits_on_val_and_reports_before_and_after(run_dir: Path, capsy
     test = predict(model, load_dataset("digits", "test", seed=cfg["seed"]))
     expected = calibration_metrics(test["logits"], test["labels"], 15, result["temperature"])
     assert result["after"] == pytest.approx(expected)
+    # ... and the temperature is the one fitted on the validation split.
+    val = predict(model, load_dataset("digits", "val", seed=cfg["seed"]))
+    assert result["temperature"] == pytest.approx(fit_temperature(val["logits"], val["labels"]))
+    with pytest.raises(ValueError, match="test split only"):
+        calibrate_run(run_dir, split="val")
     rows = list(csv.DictReader((run_dir / "calibration/calibration_test.csv").open()))
     assert [r["scaling"] for r in rows] == ["none", "temperature"]
     assert (run_dir / "calibration/reliability_test.png").read_bytes()[:4] == b"\x89PNG"

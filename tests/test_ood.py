@@ -16,6 +16,7 @@ from PIL import Image
 
 from hybridflow.cli import main
 from hybridflow.data import load_dataset
+from hybridflow.evaluation import predict
 from hybridflow.evaluation.ood import (
     OOD_SCORE_DESCRIPTIONS,
     FisherCombination,
@@ -30,6 +31,8 @@ from hybridflow.evaluation.ood import (
     nll_score,
     png_bits_per_dim,
 )
+from hybridflow.models import create_hybrid_model
+from hybridflow.reports import ood_run
 from hybridflow.training.trainer import perturb_levels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,6 +96,10 @@ def test_typicality_flags_shifted_batches_on_both_sides() -> None:
     # case is what NLL alone gets wrong (MNIST under a Fashion-MNIST flow).
     for shift in (+4.0, -4.0):
         assert test.flag(rng.normal(100.0 + shift, 5.0, 25 * 40)).mean() > 0.9
+    # Batches are random, not consecutive: sorted inputs (e.g. a class-sorted file) must not
+    # turn into extreme batches. Consecutive batches of 0..999 would reach |mean - H| ≈ 495.
+    ramp = TypicalityTest(batch_size=10).fit(np.arange(1000.0))
+    assert ramp.score(np.arange(1000.0)).max() < 300
     single = TypicalityTest().fit(held_out)
     assert single.score(np.array([100.0, 80.0, 120.0])) == pytest.approx(
         [abs(100 - single.entropy), abs(80 - single.entropy), abs(120 - single.entropy)]
@@ -180,7 +187,10 @@ def test_ood_command_scores_noise_as_ood(tmp_path: Path, capsys) -> None:
     rng = np.random.default_rng(0)
     noise = tmp_path / "noise.npz"
     np.savez(noise, x=rng.integers(0, 17, (120, 8, 8), dtype=np.uint8), num_levels=np.int64(17))
+    few = tmp_path / "few.npz"  # fewer inputs than M: no batch test, but every other score
+    np.savez(few, x=rng.integers(0, 17, (3, 8, 8), dtype=np.uint8), num_levels=np.int64(17))
     args = ["ood", f"{out}/m", "--ood", f"npz:{noise}", "--background", f"{out}/bg"]
+    args += ["--ood", f"npz:{few}"]
     assert main([*args, "--typicality-batch=5", "--fit-examples=500"]) == 0
     assert "likelihood_ratio" in capsys.readouterr().out
 
@@ -190,13 +200,38 @@ def test_ood_command_scores_noise_as_ood(tmp_path: Path, capsys) -> None:
     for name in NOISE_DETECTORS:
         assert metrics[name]["auroc"] > 0.8, name  # a flipped sign gives < 0.2
     assert result["ood"][f"npz:{noise}"]["typicality_batch_flag_rate"]["out"] > 0.9
+    few_entry = result["ood"][f"npz:{few}"]
+    assert few_entry["typicality_batch_flag_rate"] is None
+    assert set(few_entry["metrics"]) == set(OOD_SCORE_DESCRIPTIONS) - {"typicality_batch"}
+    assert "No batch typicality test" in (tmp_path / "m/ood/ood_test.md").read_text()
     rows = list(csv.DictReader((tmp_path / "m/ood/ood_test.csv").open()))
-    assert len(rows) == len(OOD_SCORE_DESCRIPTIONS)
+    assert len(rows) == 2 * len(OOD_SCORE_DESCRIPTIONS) - 1
     assert {"auroc", "aupr_in", "aupr_out", "fpr95_id", "fpr95_ood"} <= rows[0].keys()
     for name in ("scores_test.png", "scores_test.npz", "ood_test.md"):
         assert (tmp_path / "m/ood" / name).stat().st_size > 0
 
-    # An unknown hybrid component is refused before any work, with the valid names.
+    # Refused before any work: an unknown hybrid component, a likelihood ratio without a
+    # background model, and scoring the splits the detectors are fitted on.
     capsys.readouterr()
     assert main(["ood", f"{out}/m", "--ood", "digits@val", "--hybrid-components=nope"]) == 1
     assert "nope" in capsys.readouterr().err
+    lr = "--hybrid-components=likelihood_ratio"
+    assert main(["ood", f"{out}/m", "--ood", "digits@val", lr]) == 1
+    assert "likelihood_ratio" in capsys.readouterr().err
+    for split in ("val", "train"):
+        with pytest.raises(ValueError, match="test split only"):
+            ood_run(tmp_path / "m", ["digits@val"], split=split)
+
+
+def test_predict_gives_no_logits_without_classes() -> None:
+    model = create_hybrid_model(
+        {"backbone": "realnvp", "backbone_args": {"num_scales": 2, "hidden_channels": 4}},
+        (1, 8, 8),
+        17,
+        10,
+    )
+    model.data_init(torch.randint(0, 17, (16, 1, 8, 8)).double())
+    model.reset_classifier(0)
+    pred = predict(model, load_dataset("digits", "val"), features=True)
+    assert pred["logits"].shape == (len(pred["labels"]), 0)
+    assert pred["latent"].shape == (len(pred["labels"]), 64)  # the flat latent z: D dims

@@ -11,6 +11,7 @@ import torch
 from ..data import dataset_tensors
 from ..models import HybridModel
 from .metrics import classification_metrics, ood_metrics
+from .ood import bpd_score, energy_score, max_softmax_score
 
 __all__ = ["Predictions", "evaluate_predictions", "ood_scores", "ood_table", "predict"]
 
@@ -37,9 +38,10 @@ def predict(
     over ``S`` draws (Flow++ eq. 13; tighter as ``S`` grows, comparable across dequantizers),
     otherwise the mean of ``dequant_samples`` single-draw bounds (each an unbiased estimate of
     the same bound, so averaging only lowers variance). ``logits`` come from one deterministic
-    pass at the bin centres, so accuracy and calibration do not depend on noise. With
-    ``features=True`` that pass also returns ``latent`` (the flow's per-scale latents, flattened
-    and concatenated: the trunk features) and ``pre_logits`` (the head's features), as float32.
+    pass at the bin centres, so accuracy and calibration do not depend on noise; a model without
+    classes (``num_classes = 0``) gets ``(N, 0)`` logits. With ``features=True`` that pass also
+    returns ``latent`` (the flow's flat D-dimensional latent z, the trunk's output) and
+    ``pre_logits`` (the head's features), as float32.
     """
     if iw_samples < 0 or dequant_samples < 1:
         raise ValueError("need iw_samples >= 0 and dequant_samples >= 1")
@@ -50,12 +52,16 @@ def predict(
     discrete = model.flow.num_levels is not None
     gen = torch.Generator(device="cpu").manual_seed(seed)
     logits, log_probs, latents, pre_logits = [], [], [], []
+    # Without factor-out every scale's features are full-size activations; z is the last one.
+    factor_out = getattr(model.flow.backbone, "factor_out", True)
     for start in range(0, len(inputs), batch_size):
         x = inputs[start : start + batch_size].to(device=device, dtype=dtype)
         out = model(x, dequant_noise=0.5 if discrete else None)
-        logits.append(out.logits.double().cpu())
+        # With no classes the head's fc is the identity: its "logits" are features, not logits.
+        logits.append(out.logits.double().cpu() if model.num_classes else x.new_zeros(len(x), 0))
         if features:
-            latents.append(torch.cat([f.flatten(1) for f in out.features], 1).float().cpu())
+            pieces = out.features if factor_out else out.features[-1:]
+            latents.append(torch.cat([f.flatten(1) for f in pieces], 1).float().cpu())
             pre_logits.append(model.forward_head(out.features, pre_logits=True).float().cpu())
         if discrete:
             if iw_samples:
@@ -69,7 +75,7 @@ def predict(
         else:
             log_probs.append(out.log_prob.double().cpu())
     pred = Predictions(
-        logits=torch.cat(logits).numpy(),
+        logits=torch.cat(logits).double().cpu().numpy(),
         log_prob=torch.cat(log_probs).numpy(),
         labels=labels.numpy().astype(np.int64),
         dim=model.dim,
@@ -94,11 +100,12 @@ def evaluate_predictions(pred: Mapping, n_bins: int = 15) -> dict[str, float]:
 
 
 def ood_scores(pred: Mapping) -> dict[str, np.ndarray]:
-    """OOD scores, higher = more OOD: ``nll`` (bits/dim) and ``max_softmax`` (negated)."""
-    logits = torch.as_tensor(pred["logits"])
-    scores = {"nll": -np.asarray(pred["log_prob"]) / (pred["dim"] * math.log(2))}
-    if logits.shape[1] > 0:
-        scores["max_softmax"] = -torch.softmax(logits, dim=1).max(dim=1).values.numpy()
+    """Quick OOD scores, higher = more OOD: ``bpd``, and ``max_softmax`` and ``energy`` when the
+    model has classes. :func:`hybridflow.reports.ood_run` computes the full set."""
+    scores = {"bpd": bpd_score(pred["log_prob"], pred["dim"])}
+    if pred["logits"].shape[1] > 0:
+        scores["max_softmax"] = max_softmax_score(pred["logits"])
+        scores["energy"] = energy_score(pred["logits"])
     return scores
 
 

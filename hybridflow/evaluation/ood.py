@@ -208,10 +208,17 @@ class TypicalityTest:
         return self
 
     def score(self, nll: ArrayLike) -> np.ndarray:
-        """``|mean NLL - H|`` of consecutive disjoint batches of ``M`` (ragged tail dropped)."""
+        """``|mean NLL - H|`` of disjoint random batches of ``M`` (ragged tail dropped).
+
+        For ``M > 1`` the inputs are shuffled (seeded) before batching, so batches are random
+        like the bootstrap batches behind ``epsilon`` even when the data are stored sorted (by
+        class, say). For ``M = 1`` the scores keep the input order.
+        """
         if self.entropy is None:
             raise RuntimeError("call fit() on held-out in-distribution NLLs first")
         values = _as_array(nll, "nll", 1)
+        if self.batch_size > 1:
+            values = np.random.default_rng(self.seed).permutation(values)
         n, size = values.size // self.batch_size, values.size
         if n == 0:
             raise ValueError(f"need at least batch_size={self.batch_size} inputs, got {size}")
@@ -229,7 +236,7 @@ class MahalanobisDetector:
 
     The score is ``min_c (f - μ_c)ᵀ Σ⁻¹ (f - μ_c)``. ``Σ`` is estimated from class-centred
     training features with Ledoit-Wolf shrinkage by default, which keeps it well conditioned
-    when features are high-dimensional (flow latents have D dimensions).
+    when features are high-dimensional (the flow latent has D dimensions).
 
     Args:
         shrinkage: ``True`` for Ledoit-Wolf, ``False`` for the empirical covariance.

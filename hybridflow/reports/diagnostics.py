@@ -62,12 +62,22 @@ def calibrate_run(
     NLL on held-out data, applied to ``split``. Writes ``calibration/calibration_<split>.json``,
     ``.csv`` (one row per before/after) and ``reliability_<split>.png``.
     """
+    if split != "test":
+        # The temperature is fitted on val; reporting on val (or on data containing it) would
+        # score the fit on its own data.
+        raise ValueError(f"calibration is reported on the test split only, got split={split!r}")
     run_dir = Path(run_dir)
     model, cfg = load_run(run_dir, device=device)
     if model.num_classes < 2:
         raise ValueError("calibration needs a classifier head with at least 2 classes")
     data_kw = _data_kw(cfg, data_root)
-    val = predict(model, load_dataset(cfg["dataset"], "val", **data_kw), batch_size, device=device)
+    val_set = load_dataset(cfg["dataset"], "val", **data_kw)
+    if len(val_set) == 0:
+        raise ValueError(
+            f"temperature scaling is fitted on the validation split, and {cfg['dataset']} has "
+            f"none (val_fraction={cfg['val_fraction']})"
+        )
+    val = predict(model, val_set, batch_size, device=device)
     test = predict(model, load_dataset(cfg["dataset"], split, **data_kw), batch_size, device=device)
     temperature = fit_temperature(val["logits"], val["labels"])
     before = calibration_metrics(test["logits"], test["labels"], n_bins=n_bins)
@@ -141,9 +151,10 @@ def sample_run(
             "bpd_at_bin_centres": float(bpd.mean()),
         }
     images = dataset_tensors(load_dataset(cfg["dataset"], "test", **_data_kw(cfg, data_root)))[0]
-    x = images[:n_reconstruct].to(torch.float64)
-    x_rec, stats = reconstruct(flow, x)
     rows = max(1, min(8, n_reconstruct))
+    # Whole rows of `rows` inputs, each above its reconstructions.
+    x = images[: max(rows, n_reconstruct // rows * rows)].to(torch.float64)
+    x_rec, stats = reconstruct(flow, x)
     chunks = zip(x.split(rows), x_rec.split(rows), strict=True)
     pairs = torch.cat([torch.stack([a, b]) for a, b in chunks])
     save_image_grid(pairs.flatten(0, 1), out_dir / "reconstructions.png", levels, nrow=rows)
@@ -182,6 +193,13 @@ def explain_run(
 
     run_dir = Path(run_dir)
     model, cfg = load_run(run_dir, device=device)
+    if model.flow.num_levels is None or len(model.flow.input_shape) != 3:
+        raise ValueError(
+            f"attribution overlays need image data with levels; the model reads "
+            f"{model.flow.input_shape} with num_levels={model.flow.num_levels}"
+        )
+    if model.num_classes == 0 and set(targets) & {"logit", "energy"}:
+        raise ValueError("the logit and energy targets need a classifier with classes")
     data_kw = _data_kw(cfg, data_root)
     in_set = load_dataset(cfg["dataset"], "test", **data_kw)
     sets = {"test": in_set}

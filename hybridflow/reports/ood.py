@@ -53,6 +53,8 @@ def _subset(dataset, index: torch.Tensor):
         out.indices = dataset.indices[index]
     else:
         out.points, out.labels = dataset.points[index], dataset.labels[index]
+        if hasattr(dataset, "indices"):
+            out.indices = dataset.indices[index]
     return out
 
 
@@ -129,16 +131,18 @@ def format_ood_table(result: Mapping[str, Any]) -> str:
                 f"| {score} | {m['auroc']:.4f} | {m['aupr_in']:.4f} | {m['aupr_out']:.4f} | "
                 f"{m['fpr95_id']:.4f} | {m['fpr95_ood']:.4f} |"
             )
-        t = entry["typicality_batch_flag_rate"]
-        lines += [
-            "",
-            f"Typicality test at the bootstrap threshold (M = {result['typicality_batch']}, "
-            f"α = {result['alpha']}): {t['out']:.1%} of OOD batches and {t['in']:.1%} of "
-            "in-distribution test batches rejected. The `typicality_batch` row scores disjoint "
-            f"batches of M ({entry['n'] // result['typicality_batch']:,} OOD batches), every "
-            "other row single inputs.",
-            "",
-        ]
+        t, m = entry["typicality_batch_flag_rate"], result["typicality_batch"]
+        lines.append("")
+        if t is None:
+            lines.append(f"No batch typicality test: fewer OOD inputs than M = {m}.")
+        else:
+            lines.append(
+                f"Typicality test at the bootstrap threshold (M = {m}, α = {result['alpha']}): "
+                f"{t['out']:.1%} of OOD batches and {t['in']:.1%} of in-distribution test "
+                "batches rejected. The `typicality_batch` row scores disjoint random batches of M "
+                f"({entry['n'] // m:,} OOD batches), every other row single inputs."
+            )
+        lines.append("")
     lines.append("FPR@95 (ID accepted): " + OOD_METRIC_DESCRIPTIONS["fpr95_id"])
     lines.append("")
     lines.append("FPR@95 (OOD caught): " + OOD_METRIC_DESCRIPTIONS["fpr95_ood"])
@@ -204,12 +208,26 @@ def ood_run(
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "ood"
     if not ood:
         raise ValueError("give at least one OOD dataset")
-    per_example = set(OOD_SCORE_DESCRIPTIONS) - {"typicality_batch", "hybrid"}
-    if not hybrid_components or set(hybrid_components) - per_example:
-        raise ValueError(
-            f"hybrid components must be among {sorted(per_example)}, got {list(hybrid_components)}"
-        )
+    if split != "test":
+        # The train split fits the Mahalanobis scores and the val split the typicality test and
+        # the hybrid's p-values: scoring either would test detectors on their own fitting data.
+        raise ValueError(f"OOD scoring reads the test split only, got split={split!r}")
     model, cfg = load_run(run_dir, device=device)
+    num_levels = model.flow.num_levels
+    shape = model.flow.input_shape
+    images_ok = num_levels is not None and len(shape) == 3 and shape[0] in (1, 3)
+    available = set(OOD_SCORE_DESCRIPTIONS) - {"typicality_batch", "hybrid"}
+    if not images_ok:
+        available.discard("complexity")  # PNG codes 1- or 3-channel images of levels
+    if background is None:
+        available.discard("likelihood_ratio")
+    if model.num_classes == 0:
+        available -= {"max_softmax", "energy"}
+    if not hybrid_components or set(hybrid_components) - available:
+        raise ValueError(
+            f"hybrid components must be among {sorted(available)} for this run, got "
+            f"{list(hybrid_components)}"
+        )
     bg_model = None
     if background is not None:
         bg_model, _ = load_run(background, device=device)
@@ -227,6 +245,12 @@ def ood_run(
     train_set = load_dataset(cfg["dataset"], "train", **data_kw)
     train_set = _subset(train_set, torch.randperm(len(train_set), generator=gen)[:fit_examples])
     val_set = load_dataset(cfg["dataset"], "val", **data_kw)
+    if len(val_set) < 4:
+        raise ValueError(
+            f"OOD scoring needs a validation split (typicality test, hybrid calibration); "
+            f"{cfg['dataset']} has {len(val_set)} validation examples (val_fraction="
+            f"{cfg['val_fraction']})"
+        )
     half = torch.randperm(len(val_set), generator=gen)
     val_fit = _subset(val_set, half[: len(half) // 2])
     val_cal = _subset(val_set, half[len(half) // 2 :])
@@ -238,11 +262,11 @@ def ood_run(
         check_compatible(name, out_sets[spec], in_set)
 
     bound_kw = {"dequant_samples": dequant_samples, "iw_samples": iw_samples, "seed": seed}
-    num_levels = model.flow.num_levels
-    images_ok = isinstance(in_set, ImageDataset) and num_levels is not None
 
-    def run(dataset, with_extras: bool = True) -> dict:
-        pred = predict(model, dataset, batch_size, device=device, features=True, **bound_kw)
+    def run(dataset, with_extras: bool = True, bound: bool = True) -> dict:
+        # The training subset only feeds the Mahalanobis fit: skip the costly likelihood bound.
+        kw = bound_kw if bound else {"seed": seed}
+        pred = predict(model, dataset, batch_size, device=device, features=True, **kw)
         if with_extras and images_ok:
             pred["png_bpd"] = png_bits_per_dim(dataset_tensors(dataset)[0], num_levels)
         if with_extras and bg_model is not None:
@@ -252,10 +276,11 @@ def ood_run(
         return pred
 
     scorer = _Scorer(model.dim, num_levels, typicality_batch, alpha, hybrid_components)
-    scorer.fit(run(train_set, False), run(val_fit, False), run(val_cal))
+    scorer.fit(run(train_set, False, bound=False), run(val_fit, False), run(val_cal))
     in_pred = run(in_set)
     in_scores = scorer.per_example(in_pred)
     in_batch = scorer.typicality_batch.score(in_scores["nll"])
+    batch = scorer.typicality_batch.batch_size
     result: dict[str, Any] = {
         "run": run_dir.name,
         "dataset": cfg["dataset"],
@@ -278,7 +303,11 @@ def ood_run(
         "in_distribution": {
             "n": len(in_set),
             "bpd": float(in_scores["bpd"].mean()),
-            "accuracy": float((in_pred["logits"].argmax(1) == in_pred["labels"]).mean()),
+            "accuracy": (
+                float((in_pred["logits"].argmax(1) == in_pred["labels"]).mean())
+                if model.num_classes
+                else None
+            ),
         },
         "ood": {},
     }
@@ -288,18 +317,19 @@ def ood_run(
     for spec, dataset in out_sets.items():
         out_pred = run(dataset)
         out_scores = scorer.per_example(out_pred)
-        out_batch = scorer.typicality_batch.score(out_scores["nll"])
         metrics = {k: ood_metrics(in_scores[k], out_scores[k]) for k in in_scores}
-        metrics["typicality_batch"] = ood_metrics(in_batch, out_batch)
         eps = scorer.typicality_batch.epsilon
+        flag_rate = None
+        if len(dataset) >= batch:  # a set smaller than M has no batch to test
+            out_batch = scorer.typicality_batch.score(out_scores["nll"])
+            metrics["typicality_batch"] = ood_metrics(in_batch, out_batch)
+            flag_rate = {"in": float((in_batch > eps).mean())}
+            flag_rate["out"] = float((out_batch > eps).mean())
         result["ood"][spec] = {
             "n": len(dataset),
             "bpd": float(out_scores["bpd"].mean()),
             **({"png_bpd": float(out_pred["png_bpd"].mean())} if images_ok else {}),
-            "typicality_batch_flag_rate": {
-                "in": float((in_batch > eps).mean()),
-                "out": float((out_batch > eps).mean()),
-            },
+            "typicality_batch_flag_rate": flag_rate,
             "metrics": metrics,
         }
         rows += [{"ood": spec, "score": k, **m} for k, m in metrics.items()]

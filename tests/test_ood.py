@@ -16,7 +16,7 @@ from PIL import Image
 
 from hybridflow.cli import main
 from hybridflow.data import load_dataset
-from hybridflow.evaluation import predict
+from hybridflow.evaluation import ood_metrics, predict
 from hybridflow.evaluation.ood import (
     OOD_SCORE_DESCRIPTIONS,
     FisherCombination,
@@ -33,6 +33,7 @@ from hybridflow.evaluation.ood import (
 )
 from hybridflow.models import create_hybrid_model
 from hybridflow.reports import ood_run
+from hybridflow.reports.ood import sanitize_predictions
 from hybridflow.training.trainer import perturb_levels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -235,3 +236,18 @@ def test_predict_gives_no_logits_without_classes() -> None:
     pred = predict(model, load_dataset("digits", "val"), features=True)
     assert pred["logits"].shape == (len(pred["labels"]), 0)
     assert pred["latent"].shape == (len(pred["labels"]), 64)  # the flat latent z: D dims
+
+
+def test_non_finite_outputs_rank_as_ood_instead_of_aborting() -> None:
+    pred = {
+        "log_prob": np.array([-100.0, -np.inf, np.nan, -90.0]),
+        "logits": np.array([[1.0, 0.0], [np.inf, 0.0], [np.nan, 1.0], [0.0, 2.0]]),
+        "latent": np.ones((4, 3), np.float32),
+    }
+    counts = sanitize_predictions(pred)
+    assert counts == {"log_prob": 2, "logits": 2, "latent": 0}
+    nll = nll_score(pred["log_prob"])  # finite now, and the impossible inputs rank highest
+    assert np.all(np.isfinite(nll)) and nll[1] > nll[0] and nll[2] > nll[0]
+    assert np.all(np.isfinite(energy_score(pred["logits"])))
+    metrics = ood_metrics(nll[[0, 3]], nll[[1, 2]])
+    assert metrics["auroc"] == 1.0

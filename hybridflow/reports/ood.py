@@ -39,7 +39,7 @@ from ..evaluation.ood import (
 from ..training import load_run
 from .runs import check_compatible
 
-__all__ = ["HYBRID_COMPONENTS", "format_ood_table", "ood_run"]
+__all__ = ["HYBRID_COMPONENTS", "format_ood_table", "ood_run", "sanitize_predictions"]
 
 #: Default components of the hybrid score: the density's and the classifier's own evidence.
 HYBRID_COMPONENTS = ("typicality", "energy")
@@ -56,6 +56,35 @@ def _subset(dataset, index: torch.Tensor):
         if hasattr(dataset, "indices"):
             out.indices = dataset.indices[index]
     return out
+
+
+# Stand-in for an infinite value: finite, so every score and metric can rank it, and beyond
+# anything a real score reaches.
+_HUGE = 1e300
+
+
+def sanitize_predictions(pred: dict) -> dict[str, int]:
+    """Replace non-finite model outputs in place by extreme finite values; return their counts.
+
+    One diverging input must not abort a whole OOD report. A log-likelihood of ``-inf`` or NaN
+    becomes ``-1e300`` (an impossible input: most OOD), ``+inf`` becomes ``+1e300``; non-finite
+    logits and features become ``±1e300`` (NaN: 0). Rankings, hence every metric, are kept.
+    """
+    counts = {}
+    for key, nan in (
+        ("log_prob", -_HUGE),
+        ("background_log_prob", -_HUGE),
+        ("logits", 0.0),
+        ("latent", 0.0),
+        ("pre_logits", 0.0),
+    ):
+        if key in pred:
+            bad = ~np.isfinite(pred[key])
+            counts[key] = int(bad.sum())
+            if counts[key]:
+                big = np.finfo(pred[key].dtype).max if pred[key].dtype != np.float64 else _HUGE
+                pred[key] = np.nan_to_num(pred[key], nan=nan, posinf=big, neginf=-big)
+    return counts
 
 
 class _Scorer:
@@ -110,6 +139,10 @@ class _Scorer:
         if "latent" in pred:
             scores["mahalanobis"] = self.mahalanobis.score(pred["latent"])
             scores["mahalanobis_head"] = self.mahalanobis_head.score(pred["pre_logits"])
+        # Overflow from extreme (sanitized) inputs: rank it as most OOD rather than abort.
+        scores = {
+            k: np.nan_to_num(v, nan=_HUGE, posinf=_HUGE, neginf=-_HUGE) for k, v in scores.items()
+        }
         if self.hybrid.calibration:
             scores["hybrid"] = self.hybrid.score(scores)
         return scores
@@ -273,6 +306,7 @@ def ood_run(
             pred["background_log_prob"] = predict(
                 bg_model, dataset, batch_size, device=device, **bound_kw
             )["log_prob"]
+        pred["non_finite"] = sanitize_predictions(pred)
         return pred
 
     scorer = _Scorer(model.dim, num_levels, typicality_batch, alpha, hybrid_components)
@@ -302,6 +336,7 @@ def ood_run(
         "metric_descriptions": OOD_METRIC_DESCRIPTIONS,
         "in_distribution": {
             "n": len(in_set),
+            "non_finite_outputs": in_pred["non_finite"],
             "bpd": float(in_scores["bpd"].mean()),
             "accuracy": (
                 float((in_pred["logits"].argmax(1) == in_pred["labels"]).mean())
@@ -327,6 +362,7 @@ def ood_run(
             flag_rate["out"] = float((out_batch > eps).mean())
         result["ood"][spec] = {
             "n": len(dataset),
+            "non_finite_outputs": out_pred["non_finite"],
             "bpd": float(out_scores["bpd"].mean()),
             **({"png_bpd": float(out_pred["png_bpd"].mean())} if images_ok else {}),
             "typicality_batch_flag_rate": flag_rate,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_REALNVP
 from torch import Tensor, nn
 
 from hybridflow.evaluation.attribution import (
@@ -28,18 +29,7 @@ from hybridflow.transforms import ResidualBlock
 
 SHAPE = (1, 8, 8)
 LEVELS = 17
-REALNVP = {
-    "backbone": "realnvp",
-    "backbone_args": {
-        "num_scales": 2,
-        "couplings_per_scale": 1,
-        "final_couplings": 1,
-        "hidden_channels": 8,
-        "num_res_blocks": 1,
-    },
-    "head": "resflow",
-    "head_args": {"width": 8},
-}
+REALNVP = {"backbone": "realnvp", "head": "resflow", **TINY_REALNVP}
 # Two scales with one conv residual block each and one fully connected end block; the defaults
 # give Russian-roulette log-dets with Neumann gradients, as in the paper's configurations.
 RESFLOW = {

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_REALNVP
 
 from hybridflow.models import HybridModel
 from hybridflow.training import (
@@ -23,14 +24,7 @@ from hybridflow.training import (
 
 TINY = {
     "dataset": "digits",
-    "backbone_args": {
-        "num_scales": 2,
-        "couplings_per_scale": 1,
-        "final_couplings": 1,
-        "hidden_channels": 8,
-        "num_res_blocks": 1,
-    },
-    "head_args": {"width": 8},
+    **TINY_REALNVP,
     "batch_size": 32,
     "max_steps": 12,
     "warmup_steps": 2,

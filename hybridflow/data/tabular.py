@@ -52,7 +52,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hybridflow.data.images import DEFAULT_DATA_ROOT, DatasetNotFoundError
+from hybridflow.data.images import (
+    DEFAULT_DATA_ROOT,
+    DatasetNotFoundError,
+    _file_key,
+    _readonly,
+)
 from hybridflow.data.toy import PointDataset, check_split
 
 __all__ = [
@@ -132,18 +137,6 @@ class TabularDataset(PointDataset):
 # --------------------------------------------------------------------------- helpers
 
 _Splits = tuple[np.ndarray, np.ndarray, np.ndarray]
-
-
-def _file_key(path: Path) -> tuple[str, int, int]:
-    """Cache key of a file: resolved path plus mtime and size, so edited files are re-read."""
-    st = path.stat()
-    return (str(path.resolve()), st.st_mtime_ns, st.st_size)
-
-
-def _readonly(array: np.ndarray) -> np.ndarray:
-    """Freeze a cached array so that no caller can silently corrupt the cache."""
-    array.setflags(write=False)
-    return array
 
 
 def _tail_split(data: np.ndarray) -> _Splits:

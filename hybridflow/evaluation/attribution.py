@@ -20,7 +20,6 @@ freezes both while attributions are computed.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch import Tensor, nn
 from torchvision.transforms import functional as TF
 
 from ..models import FlowModel, HybridModel
-from ..transforms import ResidualBlock, standard_normal_log_prob
+from ..transforms import ResidualBlock
 from ..transforms.residual import _Draw
 
 __all__ = [
@@ -153,21 +152,7 @@ def _flow_of(model: nn.Module) -> FlowModel:
 
 def _continuous_features(model: nn.Module, x: Tensor) -> tuple[list[Tensor], Tensor]:
     """Per-scale features and log-density of continuous level-scale inputs (no dequantizer)."""
-    flow = _flow_of(model)
-    flow._check_input(x)
-    if not x.is_floating_point():
-        x = x.to(next(flow.parameters()).dtype)
-    if flow.num_levels is None:
-        return flow.forward_features(x)
-    k = flow.num_levels
-    # y = x / K is the affine part of dequantization without its noise: log-det -D log K.
-    h = x / k
-    logdet = x.new_full((x.shape[0],), -flow.dim * math.log(k))
-    if flow.preprocess is not None:
-        h, ld = flow.preprocess(h)
-        logdet = logdet + ld
-    z, ld, features = flow.backbone.forward_features(h)
-    return features, standard_normal_log_prob(z) + logdet + ld
+    return _flow_of(model).level_scale_features(x)
 
 
 def continuous_log_prob(model: HybridModel | FlowModel, x: Tensor) -> Tensor:

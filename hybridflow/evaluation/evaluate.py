@@ -52,16 +52,13 @@ def predict(
     discrete = model.flow.num_levels is not None
     gen = torch.Generator(device="cpu").manual_seed(seed)
     logits, log_probs, latents, pre_logits = [], [], [], []
-    # Without factor-out every scale's features are full-size activations; z is the last one.
-    factor_out = getattr(model.flow.backbone, "factor_out", True)
     for start in range(0, len(inputs), batch_size):
         x = inputs[start : start + batch_size].to(device=device, dtype=dtype)
         out = model(x, dequant_noise=0.5 if discrete else None)
         # With no classes the head's fc is the identity: its "logits" are features, not logits.
         logits.append(out.logits.double().cpu() if model.num_classes else x.new_zeros(len(x), 0))
         if features:
-            pieces = out.features if factor_out else out.features[-1:]
-            latents.append(torch.cat([f.flatten(1) for f in pieces], 1).float().cpu())
+            latents.append(model.flow.backbone.flatten_features(out.features).float().cpu())
             pre_logits.append(model.forward_head(out.features, pre_logits=True).float().cpu())
         if discrete:
             if iw_samples:

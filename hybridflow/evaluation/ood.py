@@ -30,9 +30,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from sklearn.covariance import EmpiricalCovariance, LedoitWolf
+
+from .metrics import _check_scores, _to_numpy
 
 __all__ = [
     "OOD_SCORE_DESCRIPTIONS",
@@ -70,16 +71,10 @@ OOD_SCORE_DESCRIPTIONS: dict[str, str] = {
 
 def _as_array(x: ArrayLike, name: str, ndim: int | None = None) -> np.ndarray:
     """Float64 numpy copy of ``x``; rejects empty, non-finite or wrongly shaped input."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().to(torch.float64).numpy()
-    arr = np.asarray(x, dtype=np.float64)
+    arr = _to_numpy(x, np.float64)
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError(f"{name} is empty")
-    n_bad = int(np.sum(~np.isfinite(arr)))
-    if n_bad:
-        raise ValueError(f"{name} contains {n_bad} non-finite value(s)")
+    _check_scores(arr, name)  # empty or non-finite
     return arr
 
 
@@ -132,9 +127,7 @@ def png_bits_per_dim(images: ArrayLike, num_levels: int) -> np.ndarray:
     """
     if not 1 < num_levels <= 256:
         raise ValueError(f"PNG stores at most 256 levels per channel, got num_levels={num_levels}")
-    if isinstance(images, torch.Tensor):
-        images = images.detach().cpu().numpy()
-    arr = np.asarray(images)
+    arr = _to_numpy(images)
     if arr.ndim == 3:
         arr = arr[:, None]
     if arr.ndim != 4 or arr.shape[1] not in (1, 3) or arr.shape[0] == 0:
@@ -249,7 +242,7 @@ class MahalanobisDetector:
 
     def fit(self, features: ArrayLike, labels: ArrayLike) -> MahalanobisDetector:
         f = _as_array(features, "features", 2)
-        y = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(int)
+        y = _to_numpy(labels).astype(int)
         if y.shape != (f.shape[0],):
             raise ValueError(f"labels must have shape ({f.shape[0]},), got {y.shape}")
         classes = np.unique(y)

@@ -109,10 +109,32 @@ class FlowModel(nn.Module):
             x, logdet = self.dequantize(x, noise=dequant_noise, generator=generator)
         elif not x.is_floating_point():
             raise TypeError(f"continuous flow expects floating-point inputs, got {x.dtype}")
+        return self._preprocess(x, logdet)
+
+    def _preprocess(self, y: Tensor, logdet: Tensor) -> tuple[Tensor, Tensor]:
         if self.preprocess is not None:
-            x, ld = self.preprocess(x)
+            y, ld = self.preprocess(y)
             logdet = logdet + ld
-        return x, logdet
+        return y, logdet
+
+    def level_scale_features(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        """``(features, log_prob)`` of continuous level-scale values, skipping the dequantizer.
+
+        For ``K`` levels ``x`` holds floats in ``[0, K]`` (bin centres are ``levels + 0.5``) and
+        ``log_prob = log p(x / K) - D log K`` is the flow's density at ``x``: no ``log q`` term
+        and no noise, so it is deterministic and differentiable in ``x`` (what attributions
+        explain). At bin centres it equals ``log_prob(levels, 0.5)`` under uniform
+        dequantization. Continuous flows return :meth:`forward_features`.
+        """
+        if self.num_levels is None:
+            return self.forward_features(x)
+        self._check_input(x)
+        if not x.is_floating_point():
+            x = x.to(next(self.parameters()).dtype)
+        logdet = x.new_full((x.shape[0],), -self.dim * math.log(self.num_levels))
+        h, logdet = self._preprocess(x / self.num_levels, logdet)
+        z, ld, features = self.backbone.forward_features(h)
+        return features, standard_normal_log_prob(z) + logdet + ld
 
     def forward_features(
         self,

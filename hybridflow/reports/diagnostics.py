@@ -6,7 +6,6 @@ subfolder of it (``calibration/``, ``samples/``, ``explain/``) and returns the J
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 
 from ..data import dataset_tensors, load_dataset
-from ..evaluation import predict
+from ..evaluation import negative_log_likelihood, predict
 from ..evaluation.calibration import (
     apply_temperature,
     calibration_metrics,
@@ -30,14 +29,9 @@ from ..evaluation.samples import (
     save_image_grid,
 )
 from ..training import load_run
-from .runs import check_compatible
+from .runs import check_compatible, run_data_kwargs, write_csv
 
 __all__ = ["calibrate_run", "explain_run", "sample_run"]
-
-
-def _data_kw(cfg: dict, data_root: str | None) -> dict[str, Any]:
-    root = data_root if data_root is not None else cfg["data_root"]
-    return {"data_root": root, "seed": cfg["seed"], "val_fraction": cfg["val_fraction"]}
 
 
 def _slug(dataset_spec: str) -> str:
@@ -70,7 +64,7 @@ def calibrate_run(
     model, cfg = load_run(run_dir, device=device)
     if model.num_classes < 2:
         raise ValueError("calibration needs a classifier head with at least 2 classes")
-    data_kw = _data_kw(cfg, data_root)
+    data_kw = run_data_kwargs(cfg, data_root)
     val_set = load_dataset(cfg["dataset"], "val", **data_kw)
     if len(val_set) == 0:
         raise ValueError(
@@ -91,19 +85,19 @@ def calibrate_run(
         "fitted_on": "val",
         "n_bins": n_bins,
         "temperature": temperature,
-        "val_nll_before": calibration_metrics(val["logits"], val["labels"], n_bins)["nll"],
-        "val_nll_after": calibration_metrics(val["logits"], val["labels"], n_bins, temperature)[
-            "nll"
-        ],
+        "val_nll_before": negative_log_likelihood(val["logits"], val["labels"], from_logits=True),
+        "val_nll_after": negative_log_likelihood(
+            apply_temperature(val["logits"], temperature), val["labels"], from_logits=True
+        ),
         "before": before,
         "after": after,
     }
     (out_dir / f"calibration_{split}.json").write_text(json.dumps(result, indent=2) + "\n")
-    with (out_dir / f"calibration_{split}.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["scaling", "temperature", *before])
-        writer.writeheader()
-        writer.writerow({"scaling": "none", "temperature": 1.0, **before})
-        writer.writerow({"scaling": "temperature", "temperature": temperature, **after})
+    rows = [
+        {"scaling": "none", "temperature": 1.0, **before},
+        {"scaling": "temperature", "temperature": temperature, **after},
+    ]
+    write_csv(rows, out_dir / f"calibration_{split}.csv")
     plot_reliability_diagram(
         {
             "before": (test["logits"], test["labels"]),
@@ -150,7 +144,9 @@ def sample_run(
             "file": path.name,
             "bpd_at_bin_centres": float(bpd.mean()),
         }
-    images = dataset_tensors(load_dataset(cfg["dataset"], "test", **_data_kw(cfg, data_root)))[0]
+    images = dataset_tensors(
+        load_dataset(cfg["dataset"], "test", **run_data_kwargs(cfg, data_root))
+    )[0]
     rows = max(1, min(8, n_reconstruct))
     # Whole rows of `rows` inputs, each above its reconstructions.
     x = images[: max(rows, n_reconstruct // rows * rows)].to(torch.float64)
@@ -200,15 +196,18 @@ def explain_run(
         )
     if model.num_classes == 0 and set(targets) & {"logit", "energy"}:
         raise ValueError("the logit and energy targets need a classifier with classes")
-    data_kw = _data_kw(cfg, data_root)
+    data_kw = run_data_kwargs(cfg, data_root)
     in_set = load_dataset(cfg["dataset"], "test", **data_kw)
     sets = {"test": in_set}
     for spec in ood:
         name, _, ood_split = spec.partition("@")
         sets[spec] = load_dataset(name, ood_split or "all", **data_kw)
         check_compatible(name, sets[spec], in_set)
-    train_images = dataset_tensors(load_dataset(cfg["dataset"], "train", **data_kw))[0]
-    data_mean = train_images.double().mean(0) + 0.5
+    if baseline not in ("blur", "mean"):
+        raise ValueError(f"baseline must be 'blur' or 'mean', got {baseline!r}")
+    if baseline == "mean":  # bin centres of the training mean image
+        train_images = dataset_tensors(load_dataset(cfg["dataset"], "train", **data_kw))[0]
+        data_mean = train_images.double().mean(0) + 0.5
     dtype = next(model.parameters()).dtype
     gen = torch.Generator().manual_seed(seed)
 
@@ -237,23 +236,22 @@ def explain_run(
         with torch.no_grad(), deterministic_logdets(model, seed=seed):
             predicted = continuous_logits(model, x_cont).argmax(1)  # the class explained
         for target in targets:
+            f_x = explained(target, x_cont, predicted).tolist()
+            f_b = explained(target, base, predicted).tolist()
             for method in methods:
+                # The baseline tensor itself, so f(baseline) above is exactly what IG integrates.
                 attr = attribute(
                     model,
                     x,
                     target=target,
                     method=method,
-                    baseline=baseline,
+                    baseline=base,
                     class_index=predicted,
                     n_steps=n_steps,
                     seed=seed,
-                    **({"data_mean": data_mean.to(x_cont)} if baseline == "mean" else {}),
                 )
-                slug = _slug(set_name)
-                path = out_dir / f"{slug}_{target}_{method}.png"
+                path = out_dir / f"{_slug(set_name)}_{target}_{method}.png"
                 save_attribution_overlays(x.cpu(), attr, path, num_levels=model.flow.num_levels)
-                f_x = explained(target, x_cont, predicted)
-                f_b = explained(target, base, predicted)
                 result["panels"].append(
                     {
                         "set": set_name,
@@ -261,8 +259,8 @@ def explain_run(
                         "class_index": predicted.tolist() if target == "logit" else None,
                         "method": method,
                         "file": path.name,
-                        "value_at_input": f_x.tolist(),
-                        "value_at_baseline": f_b.tolist(),
+                        "value_at_input": f_x,
+                        "value_at_baseline": f_b,
                         "attribution_sum": attr.flatten(1).sum(1).double().tolist(),
                     }
                 )

@@ -10,7 +10,6 @@ test split is the in-distribution side of every metric.
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -37,7 +36,7 @@ from ..evaluation.ood import (
     png_bits_per_dim,
 )
 from ..training import load_run
-from .runs import check_compatible
+from .runs import check_compatible, run_data_kwargs, write_csv
 
 __all__ = ["HYBRID_COMPONENTS", "format_ood_table", "ood_run", "sanitize_predictions"]
 
@@ -93,12 +92,11 @@ class _Scorer:
     def __init__(
         self,
         dim: int,
-        num_levels: int | None,
         typicality_batch: int,
         alpha: float,
         hybrid_components: Sequence[str],
     ) -> None:
-        self.dim, self.num_levels = dim, num_levels
+        self.dim = dim
         self.typicality = TypicalityTest(1, alpha=alpha)
         self.typicality_batch = TypicalityTest(typicality_batch, alpha=alpha)
         self.mahalanobis = MahalanobisDetector()
@@ -112,12 +110,7 @@ class _Scorer:
         nll = nll_score(val_fit["log_prob"])
         self.typicality.fit(nll)
         self.typicality_batch.fit(nll)
-        calibration = self.per_example(val_cal)
-        unknown = set(self.hybrid_components) - set(calibration)
-        if unknown:
-            raise ValueError(
-                f"unknown hybrid components {sorted(unknown)}; available: {sorted(calibration)}"
-            )
+        calibration = self.per_example(val_cal)  # components are checked by ood_run up front
         self.hybrid.fit({k: calibration[k] for k in self.hybrid_components})
 
     def per_example(self, pred: Mapping) -> dict[str, np.ndarray]:
@@ -272,8 +265,7 @@ def ood_run(
                 f"{bg_model.flow.num_levels} levels; the model reads {model.flow.input_shape} "
                 f"with {model.flow.num_levels}"
             )
-    root = data_root if data_root is not None else cfg["data_root"]
-    data_kw = {"data_root": root, "seed": cfg["seed"], "val_fraction": cfg["val_fraction"]}
+    data_kw = run_data_kwargs(cfg, data_root)
     gen = torch.Generator().manual_seed(seed)
     train_set = load_dataset(cfg["dataset"], "train", **data_kw)
     train_set = _subset(train_set, torch.randperm(len(train_set), generator=gen)[:fit_examples])
@@ -309,7 +301,7 @@ def ood_run(
         pred["non_finite"] = sanitize_predictions(pred)
         return pred
 
-    scorer = _Scorer(model.dim, num_levels, typicality_batch, alpha, hybrid_components)
+    scorer = _Scorer(model.dim, typicality_batch, alpha, hybrid_components)
     scorer.fit(run(train_set, False, bound=False), run(val_fit, False), run(val_cal))
     in_pred = run(in_set)
     in_scores = scorer.per_example(in_pred)
@@ -375,10 +367,7 @@ def ood_run(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"ood_{split}.json").write_text(json.dumps(result, indent=2) + "\n")
-    with (out_dir / f"ood_{split}.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out_dir / f"ood_{split}.csv")
     (out_dir / f"ood_{split}.md").write_text(format_ood_table(result))
     np.savez_compressed(out_dir / f"scores_{split}.npz", **arrays)
     _plot_histograms(in_scores, all_out, out_dir / f"scores_{split}.png")

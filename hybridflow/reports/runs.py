@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,21 @@ from ..data import load_dataset
 from ..evaluation import evaluate_predictions, ood_table, predict
 from ..training import load_run
 
-__all__ = ["check_compatible", "evaluate_run"]
+__all__ = ["check_compatible", "evaluate_run", "run_data_kwargs", "write_csv"]
+
+
+def run_data_kwargs(cfg: Mapping[str, Any], data_root: str | None = None) -> dict[str, Any]:
+    """``load_dataset`` keywords that reproduce a run's splits (its seed and val fraction)."""
+    root = data_root if data_root is not None else cfg["data_root"]
+    return {"data_root": root, "seed": cfg["seed"], "val_fraction": cfg["val_fraction"]}
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Write dict rows (the first row's keys are the columns) as a CSV file."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def check_compatible(name: str, dataset, reference) -> None:
@@ -51,8 +65,7 @@ def evaluate_run(
     """
     run_dir = Path(run_dir)
     model, cfg = load_run(run_dir, device=device)
-    root = data_root if data_root is not None else cfg["data_root"]
-    data_kw = {"data_root": root, "seed": cfg["seed"], "val_fraction": cfg["val_fraction"]}
+    data_kw = run_data_kwargs(cfg, data_root)
     in_set = load_dataset(cfg["dataset"], split, **data_kw)
     bound_kw = {"dequant_samples": dequant_samples, "iw_samples": iw_samples}
     in_pred = predict(model, in_set, batch_size=batch_size, device=device, **bound_kw)
@@ -80,8 +93,5 @@ def evaluate_run(
         rows += [{"ood": spec, "score": score, **metrics} for score, metrics in table.items()]
     (run_dir / f"eval_{split}.json").write_text(json.dumps(result, indent=2) + "\n")
     if rows:
-        with (run_dir / f"ood_{split}.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, run_dir / f"ood_{split}.csv")
     return result

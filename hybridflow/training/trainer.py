@@ -126,6 +126,11 @@ def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
     )
 
 
+def _check_perturb_rate(rate: float) -> None:
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"perturb_rate must lie in [0, 1), got {rate}")
+
+
 def perturb_levels(
     x: torch.Tensor, rate: float, num_levels: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -135,8 +140,7 @@ def perturb_levels(
     Out-of-Distribution Detection" (§4): the perturbed data keep the population-level background
     statistics but lose semantic structure. Uses the global torch RNG unless ``generator`` is given.
     """
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"perturb_rate must lie in [0, 1), got {rate}")
+    _check_perturb_rate(rate)
     if rate == 0.0:
         return x
     replace = torch.rand(x.shape, generator=generator) < rate
@@ -180,7 +184,7 @@ def train(config: Mapping[str, Any] | None = None, **overrides: Any) -> Path:
         raise ValueError("augment_shift needs image data; set --augment_shift=0")
     if cfg["perturb_rate"] and getattr(train_set, "num_levels", None) is None:
         raise ValueError("perturb_rate needs discrete data (levels); set --perturb_rate=0")
-    perturb_levels(images[:1], float(cfg["perturb_rate"]), 2)  # validates the rate up front
+    _check_perturb_rate(float(cfg["perturb_rate"]))
     if len(images) < cfg["batch_size"]:
         raise ValueError(
             f"batch_size {cfg['batch_size']} exceeds the {len(images)} training examples"

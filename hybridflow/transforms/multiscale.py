@@ -94,9 +94,16 @@ class MultiscaleFlow(InvertibleModule):
                 features.append(z_i)
             else:
                 features.append(h)
+        return self.flatten_features(features), logdet, features
+
+    def flatten_features(self, features: list[Tensor]) -> Tensor:
+        """The flat latent ``z`` that :meth:`forward_features` returns with ``features``.
+
+        With factor-out ``z`` concatenates every scale's factored piece; without, every scale's
+        features are full-size activations and ``z`` is the last of them.
+        """
         pieces = features if self.factor_out else features[-1:]
-        z = torch.cat([p.reshape(p.shape[0], -1) for p in pieces], dim=1)
-        return z, logdet, features
+        return torch.cat([p.reshape(p.shape[0], -1) for p in pieces], dim=1)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         z, logdet, _ = self.forward_features(x, context)

@@ -1,4 +1,5 @@
-"""Command line: ``hybridflow train | eval | sweep | ood | calibrate | sample | explain | list``.
+"""Command line: ``hybridflow train | eval | sweep | ood | calibrate | sample | explain | list |
+pretrained``.
 
 Every training option is a ``--key=value`` override of ``hybridflow.training.DEFAULTS``
 (nested keys with dots: ``--backbone_args.hidden_channels=32``); ``--config FILE.json`` loads a
@@ -14,6 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["main"]
+
+
+def resolve_run_dir(spec: str) -> Path:
+    """A run folder argument: a path, or ``pretrained:NAME`` (see ``hybridflow pretrained``)."""
+    from .pretrained import resolve_run_dir as resolve
+
+    return resolve(spec)
 
 
 def _split_known(argv: Sequence[str], flags: set[str]) -> tuple[list[str], list[str]]:
@@ -71,7 +79,7 @@ def _cmd_eval(argv: Sequence[str]) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     result = evaluate_run(
-        args.run_dir,
+        resolve_run_dir(args.run_dir),
         args.split,
         ood=args.ood,
         dequant_samples=args.dequant_samples,
@@ -120,9 +128,9 @@ def _cmd_ood(argv: Sequence[str]) -> int:
     )
     args = parser.parse_args(argv)
     result = ood_run(
-        args.run_dir,
+        resolve_run_dir(args.run_dir),
         args.ood,
-        background=args.background,
+        background=resolve_run_dir(args.background) if args.background else None,
         dequant_samples=args.dequant_samples,
         iw_samples=args.iw_samples,
         typicality_batch=args.typicality_batch,
@@ -148,7 +156,7 @@ def _cmd_calibrate(argv: Sequence[str]) -> int:
     parser.add_argument("--bins", type=int, default=15)
     args = parser.parse_args(argv)
     result = calibrate_run(
-        args.run_dir, n_bins=args.bins, data_root=args.data_root, device=args.device
+        resolve_run_dir(args.run_dir), n_bins=args.bins, data_root=args.data_root, device=args.device
     )
     print(json.dumps(result, indent=2))
     return 0
@@ -169,7 +177,7 @@ def _cmd_sample(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     temps = [float(t) for t in args.temperatures.split(",")]
     result = sample_run(
-        args.run_dir, temps, args.n, seed=args.seed, data_root=args.data_root, device=args.device
+        resolve_run_dir(args.run_dir), temps, args.n, seed=args.seed, data_root=args.data_root, device=args.device
     )
     print(json.dumps(result, indent=2))
     return 0
@@ -192,7 +200,7 @@ def _cmd_explain(argv: Sequence[str]) -> int:
     parser.add_argument("--steps", type=int, default=32, help="integration steps")
     args = parser.parse_args(argv)
     result = explain_run(
-        args.run_dir,
+        resolve_run_dir(args.run_dir),
         args.ood,
         n=args.n,
         targets=args.targets.split(","),
@@ -203,38 +211,44 @@ def _cmd_explain(argv: Sequence[str]) -> int:
         device=args.device,
     )
     print(json.dumps({k: v for k, v in result.items() if k != "panels"}, indent=2))
-    print(f"{len(result['panels'])} attribution panels in {Path(args.run_dir) / 'explain'}")
+    print(f"{len(result['panels'])} attribution panels in {resolve_run_dir(args.run_dir) / 'explain'}")
     return 0
 
 
 def _cmd_sweep(argv: Sequence[str]) -> int:
-    from .reports import run_sweep
+    from .reports import parse_grid, run_sweep
     from .training import parse_overrides
 
     parser = argparse.ArgumentParser(
-        prog="hybridflow sweep", description="Train and compare runs across λ (and backbones)."
+        prog="hybridflow sweep",
+        description="Train a grid of λ × backbone × seed (× --grid keys), evaluate every cell "
+        "(accuracy, bits/dim, calibration, OOD, selective classification) and write "
+        "reports/<name>/ (report.md, report.html, results.csv, results.json).",
     )
-    parser.add_argument("--name", required=True, help="report name: reports/<name>/")
+    parser.add_argument("--name", required=True, help="study name: reports/<name>/")
     parser.add_argument("--lams", default="0,1/D,1", help="comma-separated λ values")
     parser.add_argument("--backbones", default=None, help="comma-separated backbone names")
-    parser.add_argument("--ood", action="append", default=[])
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed)")
+    parser.add_argument(
+        "--grid", action="append", default=[], help="KEY=V1,V2: cross a config key (repeatable)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="cells trained at once")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in all")
+    parser.add_argument("--ood", action="append", default=[], help="OOD set (repeatable)")
     parser.add_argument("--config", help="JSON file with a base config")
     parser.add_argument("--report-root", default="reports")
     parser.add_argument("--runs-root", default="runs")
     parser.add_argument("--dequant-samples", type=int, default=1)
-    flags = {
-        "--name",
-        "--lams",
-        "--backbones",
-        "--ood",
-        "--config",
-        "--report-root",
-        "--runs-root",
-        "--dequant-samples",
-    }
+    parser.add_argument("--iw-samples", type=int, default=0)
+    parser.add_argument("--n-samples", type=int, default=64, help="samples per cell (0: none)")
+    flags = {a for action in parser._actions for a in action.option_strings}
     own, rest = _split_known(argv, flags)
     args = parser.parse_args(own)
     config = {**_base_config(args.config), **parse_overrides(rest)}
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    except ValueError:
+        raise SystemExit(f"error: --seeds takes integers, got {args.seeds!r}") from None
     out = run_sweep(
         args.name,
         lams=args.lams.split(","),
@@ -244,8 +258,42 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
         report_root=args.report_root,
         runs_root=args.runs_root,
         dequant_samples=args.dequant_samples,
+        iw_samples=args.iw_samples,
+        seeds=seeds,
+        grid=parse_grid(args.grid),
+        workers=args.workers,
+        threads=args.threads,
+        n_samples=args.n_samples,
+        command=" ".join(["hybridflow", "sweep", *argv]),
     )
-    print((out / "report.md").read_text())
+    print(f"report: {out / 'report.md'} and {out / 'report.html'}")
+    return 0
+
+
+def _cmd_pretrained(argv: Sequence[str]) -> int:
+    from .pretrained import list_pretrained
+
+    parser = argparse.ArgumentParser(
+        prog="hybridflow pretrained",
+        description="List the pretrained models; every command that takes a run folder also "
+        "takes pretrained:NAME, and Python code loads them with hybridflow.load_pretrained.",
+    )
+    parser.add_argument("--json", action="store_true", help="print the whole index as JSON")
+    args = parser.parse_args(argv)
+    index = list_pretrained()
+    if args.json:
+        print(json.dumps(index, indent=2))
+        return 0
+    print(f"{'name':34} {'params':>8} {'acc %':>7} {'bits/dim':>9} {'ECE %':>6} {'MB':>5}")
+    for name, e in index.items():
+        m = e.get("metrics", {})
+        acc = f"{100 * m['accuracy']:.2f}" if "accuracy" in m else "-"
+        bpd = f"{m['bpd']:.3f}" if "bpd" in m else "-"
+        ece = f"{100 * m['ece']:.2f}" if "ece" in m else "-"
+        print(f"{name:34} {e['num_parameters']:>8,} {acc:>7} {bpd:>9} {ece:>6} "
+              f"{e['bytes'] / 1e6:>5.2f}")
+    print("\nuse: hybridflow ood pretrained:NAME --ood noise:digits; "
+          "python: hybridflow.load_pretrained(NAME)")
     return 0
 
 
@@ -270,6 +318,7 @@ COMMANDS = {
     "sample": _cmd_sample,
     "explain": _cmd_explain,
     "list": _cmd_list,
+    "pretrained": _cmd_pretrained,
 }
 
 

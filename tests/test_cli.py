@@ -46,17 +46,22 @@ def test_sweep_writes_report(tmp_path: Path) -> None:
         "--lams=0,1/D",
         f"--report-root={tmp_path / 'reports'}",
         f"--runs-root={tmp_path / 'runs'}",
+        "--grid",
+        "lr=1e-3,2e-3",
+        "--n-samples=4",
         *TINY,
     ]
     assert main(args) == 0
     out = tmp_path / "reports" / "tiny"
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert [r["lam"] for r in rows] == ["0", "1/D"]
-    assert float(rows[1]["lam_value"]) == pytest.approx(1 / 64)
+    assert [(r["lam"], float(r["lr"])) for r in rows] == [
+        ("0", 1e-3), ("0", 2e-3), ("1/D", 1e-3), ("1/D", 2e-3)
+    ]
     assert all(0 <= float(r["accuracy"]) <= 1 and float(r["bpd"]) > 0 for r in rows)
     report = (out / "report.md").read_text()
-    assert "independent per-pixel categorical" in report and "| realnvp | 1/D |" in report
-    assert (out / "sweep.png").stat().st_size > 0
+    assert "independent per-pixel categorical" in report and "| realnvp | 1/D | lr=" in report
+    assert "Regenerate: `hybridflow sweep --name=tiny" in report
+    assert (out / "tradeoff.png").stat().st_size > 0 and (out / "report.html").exists()
 
 
 def test_bad_options_fail_with_a_message(tmp_path: Path, capsys) -> None:
@@ -94,6 +99,7 @@ def test_sweep_compares_backbones_with_their_own_settings(tmp_path: Path) -> Non
         report_root=tmp_path / "reports",
         runs_root=tmp_path / "runs",
         backbone_overrides={"resflow": resflow},
+        n_samples=4,
     )
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["backbone"] for r in rows] == ["realnvp", "resflow"]
@@ -103,6 +109,6 @@ def test_sweep_compares_backbones_with_their_own_settings(tmp_path: Path) -> Non
     assert "max_steps" not in saved and "backbone_args" not in saved  # they vary by backbone
     assert "Settings of `resflow` runs" in (out / "report.md").read_text()
     resflow_cfg = json.loads(
-        (tmp_path / "runs" / "cmp" / "resflow-lam1overD" / "config.json").read_text()
+        (tmp_path / "runs" / "cmp" / "resflow-lam1overD-s0" / "config.json").read_text()
     )
     assert resflow_cfg["backbone_args"]["blocks_per_scale"] == 1

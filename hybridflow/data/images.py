@@ -529,7 +529,10 @@ def available_datasets() -> list[str]:
     from hybridflow.data.tabular import TABULAR_DATASETS  # tabular imports this module
 
     toys = [f"toy:{t}" for t in TOY_DATASETS]
-    return ["digits", "fashion-mnist", "mnist", "npz:PATH", *toys, *TABULAR_DATASETS]
+    from hybridflow.data.derived import DERIVED_KINDS
+
+    derived = [f"{kind}:BASE" for kind in DERIVED_KINDS]
+    return ["digits", "fashion-mnist", "mnist", "npz:PATH", *toys, *TABULAR_DATASETS, *derived]
 
 
 def load_dataset(
@@ -544,9 +547,10 @@ def load_dataset(
     """Load a dataset split into memory.
 
     Args:
-        name: ``digits`` (17 levels), ``fashion-mnist``, ``mnist``, ``npz:PATH``, ``toy:NAME``
-            or a tabular set (``uci:NAME``, ``sk:NAME``; see :mod:`hybridflow.data.tabular`);
-            see :func:`available_datasets`.
+        name: ``digits`` (17 levels), ``fashion-mnist``, ``mnist``, ``npz:PATH``, ``toy:NAME``,
+            a tabular set (``uci:NAME``, ``sk:NAME``; see :mod:`hybridflow.data.tabular`) or an
+            OOD set made in code (``noise:BASE``, ``inverted:BASE``, ...; see
+            :mod:`hybridflow.data.derived`); see :func:`available_datasets`.
         split: ``train``, ``val``, ``test`` or ``all`` (every example; train then test file
             where the source has both).
         data_root: Folder searched first for IDX files (then its torchvision layout
@@ -575,6 +579,18 @@ def load_dataset(
         return _load_npz(name, split, data_root, seed, val_fraction)
     if name.startswith("toy:") and name[4:] in TOY_DATASETS:
         return make_toy_dataset(name, split, seed)
+    kind = name.partition(":")[0]
+    if kind in ("noise", "constant", "photos", "inverted", "hflip", "vflip") and ":" in name:
+        from hybridflow.data.derived import load_derived  # derived imports this module
+
+        return load_derived(
+            name,
+            split,
+            data_root=data_root,
+            seed=seed,
+            val_fraction=val_fraction,
+            download=download,
+        )
     if name.startswith(("uci:", "sk:")):
         from hybridflow.data.tabular import load_tabular
 

@@ -23,6 +23,7 @@ from .metrics import (
     expected_calibration_error,
     negative_log_likelihood,
     ood_metrics,
+    selective_accuracy,
 )
 from .ood import (
     OOD_SCORE_DESCRIPTIONS,
@@ -78,5 +79,6 @@ __all__ = [
     "reliability_bins",
     "sample_at_temperatures",
     "save_image_grid",
+    "selective_accuracy",
     "uniform_bits_per_dim",
 ]

@@ -33,6 +33,7 @@ __all__ = [
     "expected_calibration_error",
     "negative_log_likelihood",
     "ood_metrics",
+    "selective_accuracy",
 ]
 
 ArrayLike = Any  # torch.Tensor | np.ndarray | sequence of numbers
@@ -262,3 +263,43 @@ def ood_metrics(scores_in: ArrayLike, scores_out: ArrayLike) -> dict[str, float]
         # OOD positive with score s: FPR = in-dist flagged, TPR = OOD detected.
         "fpr95_ood": _fpr_at_tpr(is_ood, scores),
     }
+
+
+def selective_accuracy(
+    correct: ArrayLike, confidence: ArrayLike, coverages: tuple[float, ...] = (0.8, 0.9, 0.95)
+) -> dict[str, float]:
+    """Accuracy on the most confident fraction of inputs, and the area under the risk curve.
+
+    Selective classification (Geifman & El-Yaniv 2017): reject the least confident inputs and
+    classify the rest. ``confidence`` can be any score where higher = keep (max-softmax, or
+    log p(x) of a hybrid model, the use Nalisnick et al. 2019 propose for DIG). At coverage ``c``
+    the ``ceil(c · N)`` most confident inputs are kept (ties broken by input order).
+
+    Args:
+        correct: (N,) booleans, whether each prediction is right.
+        confidence: (N,) scores, higher = more confident.
+        coverages: Kept fractions in (0, 1].
+
+    Returns:
+        ``{"acc@80": ..., "acc@90": ..., "acc@95": ..., "aurc": ...}``: accuracy at each coverage
+        (key = percent) and AURC, the mean risk (error rate) over all coverages k/N.
+    """
+    ok = _to_numpy(correct).astype(bool).ravel()
+    conf = _to_numpy(confidence, np.float64).ravel()
+    if ok.size == 0 or ok.size != conf.size:
+        raise ValueError(
+            f"need equally many, non-zero, correct ({ok.size}) and confidences ({conf.size})"
+        )
+    if not np.all(np.isfinite(conf)):
+        raise ValueError("confidence contains non-finite values")
+    order = np.argsort(-conf, kind="stable")
+    hits = np.cumsum(ok[order])
+    kept = np.arange(1, ok.size + 1)
+    out = {}
+    for c in coverages:
+        if not 0.0 < c <= 1.0:
+            raise ValueError(f"coverage must lie in (0, 1], got {c}")
+        k = int(np.ceil(c * ok.size - 1e-9))
+        out[f"acc@{round(100 * c):d}"] = float(hits[k - 1] / k)
+    out["aurc"] = float(np.mean(1.0 - hits / kept))
+    return out

@@ -1,20 +1,28 @@
-"""Reports: evaluate run folders (metrics, OOD, calibration, samples, attributions) and write
-λ-sweep comparison reports."""
+"""Reports: evaluate run folders (metrics, OOD, calibration, samples, attributions) and run λ
+studies (grids of λ × backbone × seed) into one comparison report."""
 
 from .diagnostics import calibrate_run, explain_run, sample_run
+from .grid import Cell, expand_grid, parse_grid, run_cells
 from .ood import HYBRID_COMPONENTS, format_ood_table, ood_run
 from .runs import evaluate_run
-from .sweep import RESULT_COLUMNS, run_sweep, write_report
+from .study import evaluate_cell, reproduction_checks, write_study_report
+from .sweep import run_sweep, sweep_baselines
 
 __all__ = [
     "HYBRID_COMPONENTS",
-    "RESULT_COLUMNS",
+    "Cell",
     "calibrate_run",
+    "evaluate_cell",
     "evaluate_run",
+    "expand_grid",
     "explain_run",
     "format_ood_table",
     "ood_run",
+    "parse_grid",
+    "reproduction_checks",
+    "run_cells",
     "run_sweep",
     "sample_run",
-    "write_report",
+    "sweep_baselines",
+    "write_study_report",
 ]

@@ -188,7 +188,10 @@ def _plot_histograms(
         lo, hi = np.quantile(np.concatenate(list(groups.values())), [0.005, 0.995])
         bins = np.linspace(lo, hi if hi > lo else lo + 1, 60)
         for label, values in groups.items():
-            ax.hist(np.clip(values, lo, hi), bins=bins, alpha=0.5, density=True, label=label)
+            ax.hist(
+                np.clip(values, lo, hi), bins=bins, alpha=0.5, density=True, label=label,
+                histtype="stepfilled",  # one polygon, not 60 bars: 10x faster to draw
+            )
         ax.set_title(f"{name} (higher = more OOD)", fontsize=9)
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=90)

@@ -8,10 +8,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..data import load_dataset
-from ..evaluation import evaluate_predictions, ood_table, predict
+from ..evaluation import evaluate_predictions, ood_table, predict, selective_accuracy
 from ..training import load_run
 
 __all__ = ["check_compatible", "evaluate_run", "run_data_kwargs", "write_csv"]
@@ -57,8 +58,11 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a run's EMA model on ``split`` and against each OOD dataset.
 
-    Writes ``eval_<split>.json`` (all metrics) and, with ``ood``, ``ood_<split>.csv`` (one row per
-    OOD dataset × score) into the run folder and returns the same dict.
+    Writes ``eval_<split>.json`` (all metrics), ``eval_<split>.npz`` (per-example ``logits``,
+    ``log_prob`` in nats and ``labels``) and, with ``ood``, ``ood_<split>.csv`` (one row per
+    OOD dataset × score) into the run folder and returns the same dict. For labelled data with
+    a classifier the dict has ``selective``: accuracy at 80/90/95% coverage and AURC when the
+    least confident inputs are rejected by log p(x) (``density``) or by ``max_softmax``.
     OOD datasets are read whole (split ``"all"``) unless given as ``NAME@SPLIT``. Bits/dim use
     the importance-weighted bound over ``iw_samples`` draws when it is positive, otherwise the
     mean of ``dequant_samples`` single-draw bounds (see :func:`~hybridflow.evaluation.predict`).
@@ -82,6 +86,23 @@ def evaluate_run(
         **evaluate_predictions(in_pred),
         "ood": {},
     }
+    labels = in_pred["labels"]
+    if model.num_classes and labels.size and labels.min() >= 0:
+        correct = in_pred["logits"].argmax(1) == labels
+        logits = in_pred["logits"] - in_pred["logits"].max(1, keepdims=True)
+        max_softmax = 1.0 / np.exp(logits).sum(1)  # the top class's probability
+        # A non-finite likelihood (a diverged input) ranks as the least confident.
+        density = np.nan_to_num(in_pred["log_prob"], nan=-1e300, neginf=-1e300, posinf=1e300)
+        result["selective"] = {
+            "density": selective_accuracy(correct, density),
+            "max_softmax": selective_accuracy(correct, max_softmax),
+        }
+    np.savez_compressed(
+        run_dir / f"eval_{split}.npz",
+        logits=in_pred["logits"],
+        log_prob=in_pred["log_prob"],
+        labels=labels,
+    )
     rows = []
     for spec in ood:
         name, _, ood_split = spec.partition("@")

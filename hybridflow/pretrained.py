@@ -1,0 +1,181 @@
+"""Pretrained hybrid models shipped with the package, loadable by name.
+
+Names are ``<dataset>/<backbone>-lam<λ>`` with λ written ``0``, ``1overD`` or ``1`` (e.g.
+``digits/coupling-lam1overD``, ``fashion-mnist/resflow-lam1overD``). Each weight file in
+``hybridflow/weights/`` has its SHA-256 recorded in ``index.json``; a file whose checksum
+differs is refused, and every file loads with ``torch.load(weights_only=True)`` (tensors and
+plain containers only, no code). The index also records each model's test metrics and the
+command that trained it.
+
+>>> model = load_pretrained("digits/coupling-lam1overD")      # doctest: +SKIP
+>>> model.flow.log_prob(x)                                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .training import CheckpointError, load_checkpoint, save_checkpoint, save_config
+from .training.trainer import build_model_for, resolve_config
+
+__all__ = [
+    "PRETRAINED_PREFIX",
+    "WEIGHTS_DIR",
+    "export_pretrained",
+    "list_pretrained",
+    "load_pretrained",
+    "pretrained_run_dir",
+    "resolve_run_dir",
+]
+
+#: Where the weight files and their index live (installed with the package).
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+#: Prefix that makes a run-folder argument of the CLI name a pretrained model.
+PRETRAINED_PREFIX = "pretrained:"
+
+
+def _index(weights_dir: Path = WEIGHTS_DIR) -> dict[str, dict[str, Any]]:
+    path = weights_dir / "index.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def list_pretrained(weights_dir: Path = WEIGHTS_DIR) -> dict[str, dict[str, Any]]:
+    """Every pretrained model by name, with its file, SHA-256, size and test metrics."""
+    return _index(weights_dir)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _entry(name: str, weights_dir: Path) -> dict[str, Any]:
+    index = _index(weights_dir)
+    if name not in index:
+        close = difflib.get_close_matches(name, list(index), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"no pretrained model {name!r}{hint} (`hybridflow pretrained` lists {len(index)})"
+        )
+    return index[name]
+
+
+def _verified_file(name: str, weights_dir: Path) -> Path:
+    entry = _entry(name, weights_dir)
+    path = weights_dir / entry["file"]
+    if not path.exists():
+        raise CheckpointError(f"pretrained model {name!r}: weight file {path} is missing")
+    digest = _sha256(path)
+    if digest != entry["sha256"]:
+        raise CheckpointError(
+            f"pretrained model {name!r}: {path} has SHA-256 {digest}, the index records "
+            f"{entry['sha256']}; the file is corrupt or was replaced, refusing to load it"
+        )
+    return path
+
+
+def load_pretrained(
+    name: str, device: str | torch.device = "cpu", weights_dir: Path = WEIGHTS_DIR
+) -> torch.nn.Module:
+    """The pretrained :class:`~hybridflow.models.HybridModel` ``name`` in eval mode.
+
+    Ready for ``model.flow.log_prob(x)`` (``x``: integer levels) and ``model(x).logits``;
+    ``hybridflow.evaluation.predict(model, dataset)`` gives both for a whole dataset.
+
+    Raises:
+        ValueError: Unknown name (the message suggests the closest one).
+        CheckpointError: Missing file, or a checksum that differs from the index.
+    """
+    state = load_checkpoint(_verified_file(name, weights_dir), map_location=device)
+    model = build_model_for(resolve_config(base=state["config"]), state["data"]).to(device)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("HYBRIDFLOW_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "hybridflow"
+
+
+def pretrained_run_dir(name: str, weights_dir: Path = WEIGHTS_DIR) -> Path:
+    """A run folder holding the verified pretrained model, for every run-folder command.
+
+    Made under ``$HYBRIDFLOW_CACHE`` (default ``~/.cache/hybridflow``)
+    ``/pretrained/<name>/``; ``model.pt`` is re-copied whenever its checksum differs, and the
+    commands write their outputs (``ood/``, ``calibration/``, ...) into that folder.
+    """
+    source = _verified_file(name, weights_dir)
+    run_dir = _cache_root() / "pretrained" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / "model.pt"
+    if not target.exists() or _sha256(target) != _entry(name, weights_dir)["sha256"]:
+        shutil.copyfile(source, target)
+    save_config(load_checkpoint(target)["config"], run_dir / "config.json")
+    return run_dir
+
+
+def resolve_run_dir(spec: str | Path) -> Path:
+    """A run folder, or the cached run folder of ``pretrained:NAME``."""
+    text = str(spec)
+    if text.startswith(PRETRAINED_PREFIX):
+        return pretrained_run_dir(text[len(PRETRAINED_PREFIX) :])
+    return Path(spec)
+
+
+def export_pretrained(
+    run_dir: str | Path,
+    name: str,
+    weights_dir: Path = WEIGHTS_DIR,
+    metrics: Mapping[str, Any] | None = None,
+    source: str | None = None,
+    max_bytes: int = 5_000_000,
+) -> dict[str, Any]:
+    """Copy a finished run's EMA weights to ``weights_dir`` as ``name`` and index them.
+
+    The file holds only the weights, the resolved config and the data description
+    (``weights_only``-loadable), saved in float32. Returns the index entry.
+    """
+    state = load_checkpoint(Path(run_dir) / "model.pt")
+    weights = {
+        k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()
+    }
+    file = name.replace("/", "__") + ".pt"
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    path = weights_dir / file
+    save_checkpoint({"model": weights, "config": state["config"], "data": state["data"]}, path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        path.unlink()
+        raise ValueError(f"{name}: {size:,} bytes exceeds the {max_bytes:,}-byte limit")
+    entry = {
+        "file": file,
+        "sha256": _sha256(path),
+        "bytes": size,
+        "dataset": state["config"]["dataset"],
+        "backbone": state["config"]["backbone"],
+        "lam": state["config"]["lam"],
+        "num_parameters": sum(
+            p.numel()
+            for p in build_model_for(resolve_config(base=state["config"]), state["data"])
+            .parameters()
+        ),
+        "metrics": dict(metrics or {}),
+        "source": source,
+    }
+    index = _index(weights_dir)
+    index[name] = entry
+    (weights_dir / "index.json").write_text(json.dumps(dict(sorted(index.items())), indent=2)
+                                            + "\n")
+    return entry

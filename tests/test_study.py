@@ -1,0 +1,224 @@
+"""The λ study: grid runner (workers, resume, failures), the report files, OOD sets made in code,
+selective classification, the reproduction checks and pretrained models."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_REALNVP
+
+from hybridflow.data import load_dataset
+from hybridflow.evaluation import selective_accuracy
+from hybridflow.reports import expand_grid, parse_grid, reproduction_checks, run_sweep
+from hybridflow.reports.grid import check_reusable, read_status
+from hybridflow.reports.study import CellResult
+from hybridflow.training import CheckpointError, ConfigError
+
+SHARED = {
+    "dataset": "digits",
+    "head_args": {"width": 8},
+    "batch_size": 32,
+    "max_steps": 4,
+    "warmup_steps": 1,
+    "eval_every": 0,
+    "log_every": 2,
+}
+BACKBONES = {
+    "realnvp": {"backbone_args": TINY_REALNVP["backbone_args"]},
+    "coupling": {"backbone_args": {"num_scales": 2, "blocks_per_scale": 1, "hidden_channels": 8}},
+}
+FAST_EVAL = {"n_samples": 4, "typicality_batch": 5}
+
+
+def _sweep(tmp_path: Path, name: str, **kw):
+    kw = {
+        "lams": ["0", "1/D"],
+        "backbones": list(BACKBONES),
+        "config": SHARED,
+        "backbone_overrides": BACKBONES,
+        "report_root": tmp_path / "reports",
+        "runs_root": tmp_path / "runs",
+        "ood": ["noise:digits"],
+        "threads": 2,
+        **FAST_EVAL,
+        **kw,
+    }
+    return run_sweep(name, **kw)
+
+
+def test_tiny_sweep_with_two_workers_writes_self_contained_report(tmp_path: Path) -> None:
+    out = _sweep(tmp_path, "tiny", workers=2)
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["backbone"], r["lam"]) for r in rows] == [
+        ("realnvp", "0"), ("realnvp", "1/D"), ("coupling", "0"), ("coupling", "1/D")
+    ]
+    for column in ("accuracy", "bpd", "ece_ts", "selective/density/acc@90",
+                   "ood/noise:digits/nll/auroc", "ood/mean/energy/fpr95_ood"):
+        assert all(np.isfinite(float(r[column])) for r in rows), column
+    result = json.loads((out / "results.json").read_text())
+    acc = result["cells"][0]["metrics"]["accuracy"]
+    assert set(acc) == {"mean", "std", "n", "values", "seeds"} and acc["seeds"] == [0]
+    assert result["provenance"]["workers"] == 2
+
+    md = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
+    assert {"tradeoff.png", "ood_auroc.png", "reliability.png", "bpd_hist.png",
+            "samples.png", "curves.png"} <= set(figures)
+    assert all((out / f).stat().st_size > 1000 for f in figures)
+    # Self-contained: every image embedded, nothing fetched from anywhere.
+    sources = re.findall(r"<img[^>]*src=\"([^\"]*)\"", page)
+    assert len(sources) == len(figures)
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r"<script|<link|@import|https?://|src=\"(?!data:)|url\(", page)
+    assert "↑" in md and "**" in md  # directions and best values marked
+    assert "Regenerate:" in md and "Commit:" in md and "torch " in md
+
+
+def test_resume_skips_finished_cells_and_resumes_interrupted_ones(tmp_path: Path) -> None:
+    out = _sweep(tmp_path, "resume", lams=["1/D"])
+    runs = tmp_path / "runs" / "resume"
+    done, partial = runs / "realnvp-lam1overD-s0", runs / "coupling-lam1overD-s0"
+    mtime = (done / "model.pt").stat().st_mtime_ns
+    (partial / "model.pt").unlink()  # as if killed after its last checkpoint
+    (partial / "study_eval.json").unlink()
+    _sweep(tmp_path, "resume", lams=["1/D"])
+    assert (done / "model.pt").stat().st_mtime_ns == mtime  # not retrained
+    assert read_status(done)["reused"] is True
+    assert read_status(partial)["reused"] is False and (partial / "model.pt").exists()
+    assert (out / "report.md").exists()
+
+
+def test_a_failing_cell_is_reported_and_the_others_finish(tmp_path: Path, capsys) -> None:
+    bad = {**BACKBONES, "coupling": {"backbone_args": {"no_such_argument": 1}}}
+    out = _sweep(tmp_path, "fail", lams=["1/D"], backbone_overrides=bad)
+    assert "FAILED" in capsys.readouterr().out
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["backbone"] for r in rows] == ["realnvp"]
+    md = (out / "report.md").read_text()
+    assert "## Failures" in md and "no_such_argument" in md
+    status = read_status(tmp_path / "runs" / "fail" / "coupling-lam1overD-s0")
+    assert status["status"] == "failed" and "Traceback" in status["traceback"]
+
+
+def test_grid_expansion_names_and_errors(tmp_path: Path) -> None:
+    grid = parse_grid(["lr=1e-3,3e-4", "backbone_args.hidden_channels=8,16"])
+    cells = expand_grid(SHARED, ["1/D"], ["realnvp"], [0, 1], grid, out_dir=tmp_path)
+    assert len(cells) == 8
+    assert cells[0].name == "realnvp-lam1overD-s0-lr1e-3-backbone_args.hidden_channels8"
+    assert cells[0].config["lr"] == pytest.approx(1e-3)
+    assert cells[1].config["backbone_args"]["hidden_channels"] == 16
+    assert cells[0].group == cells[4].group != cells[1].group  # seeds share a group
+    with pytest.raises(ConfigError, match="unknown config key"):
+        expand_grid(SHARED, ["1"], ["realnvp"], grid={"no_such_key": [1]})
+    with pytest.raises(ConfigError, match="own options"):
+        expand_grid(SHARED, ["1"], ["realnvp"], grid={"lam": [0, 1]})
+    with pytest.raises(ConfigError, match="expected --grid"):
+        parse_grid(["lr"])
+    with pytest.raises(ValueError):
+        expand_grid(SHARED, ["half"], ["realnvp"])
+    # A folder holding a run of another config is refused, not silently reused.
+    cell = cells[0]
+    cell.run_dir.mkdir(parents=True)
+    (cell.run_dir / "config.json").write_text(json.dumps({**cell.config, "lr": 0.5}))
+    with pytest.raises(ConfigError, match="differs in lr"):
+        check_reusable(cell)
+
+
+def test_selective_accuracy_by_hand() -> None:
+    correct = np.array([1, 1, 0, 1, 0, 0, 1, 1, 1, 1], bool)
+    confidence = np.arange(10, 0, -1.0)  # already sorted, most confident first
+    out = selective_accuracy(correct, confidence, coverages=(0.5, 0.8, 1.0))
+    assert out["acc@50"] == pytest.approx(3 / 5)
+    assert out["acc@80"] == pytest.approx(5 / 8)
+    assert out["acc@100"] == pytest.approx(7 / 10)
+    risks = [1 - np.cumsum(correct)[k - 1] / k for k in range(1, 11)]
+    assert out["aurc"] == pytest.approx(np.mean(risks))
+    # Rejecting by a confidence that ranks the errors last gives perfect kept accuracy.
+    assert selective_accuracy(correct, correct.astype(float), (0.7,))["acc@70"] == 1.0
+    with pytest.raises(ValueError):
+        selective_accuracy(correct, confidence, (0.0,))
+
+
+@pytest.mark.parametrize("kind", ["noise", "constant", "photos", "inverted", "hflip", "vflip"])
+def test_ood_sets_made_in_code(kind: str) -> None:
+    test = load_dataset("digits", "test")
+    a, b = load_dataset(f"{kind}:digits", "all"), load_dataset(f"{kind}:digits", "test")
+    assert a.shape == test.shape and a.num_levels == 17 and len(a) == len(test)
+    assert torch.equal(a.images, b.images)  # the same set on every call
+    assert int(a.images.max()) < 17 and a.num_classes == 0
+    if kind == "inverted":
+        assert torch.equal(a.images, 16 - test.images)
+    if kind == "constant":
+        flat = a.images.flatten(1)
+        assert torch.equal(flat.min(1).values, flat.max(1).values)
+    if kind == "photos":
+        assert a.images.float().std() > 1  # textured crops, not blank
+
+
+def test_ood_set_errors() -> None:
+    with pytest.raises(ValueError, match="no 'train' split"):
+        load_dataset("noise:digits", "train")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_dataset("noise:nope", "all")
+
+
+def _cell(backbone: str, accs: dict[str, float], bpds: dict[str, float]) -> CellResult:
+    return [
+        CellResult(backbone, lam, (), [0], [{"accuracy": accs[lam], "bpd": bpds[lam]}])
+        for lam in ("0", "1/D", "1")
+    ]
+
+
+def test_reproduction_checks_follow_the_numbers() -> None:
+    good = (
+        _cell("coupling", {"0": 0.99, "1/D": 0.97, "1": 0.90}, {"0": 9, "1/D": 2.1, "1": 2.0})
+        + _cell("coupling+1x1", {"0": 0.99, "1/D": 0.97, "1": 0.91}, {"0": 9, "1/D": 2.1, "1": 2.0})
+        + _cell("resflow-digits", {"0": 0.99, "1/D": 0.98, "1": 0.97},
+                {"0": 9, "1/D": 2.0, "1": 1.9})
+    )
+    checks = reproduction_checks(good)
+    assert [c["reproduced"] for c in checks] == [True, True, True]
+    assert "resflow" not in checks[0]["detail"] and "residual" in checks[0]["detail"]
+    bad = (
+        _cell("coupling", {"0": 0.99, "1/D": 0.99, "1": 0.99}, {"0": 9, "1/D": 1.0, "1": 1.0})
+        + _cell("coupling+1x1", {"0": 0.99, "1/D": 0.97, "1": 0.91}, {"0": 9, "1/D": 2.1, "1": 2.0})
+        + _cell("resflow", {"0": 0.99, "1/D": 0.98, "1": 0.97}, {"0": 9, "1/D": 2.0, "1": 1.9})
+    )
+    assert [c["reproduced"] for c in reproduction_checks(bad)] == [False, False, False]
+    assert reproduction_checks(good[:6]) is None  # no residual backbone: no statement
+
+
+def test_pretrained_export_load_and_checksum(tmp_path: Path, one_thread) -> None:
+    from hybridflow.evaluation import predict
+    from hybridflow.pretrained import export_pretrained, load_pretrained, pretrained_run_dir
+    from hybridflow.training import load_run, train
+
+    run = train({**SHARED, **BACKBONES["realnvp"], "out_dir": str(tmp_path), "name": "r",
+                 "progress": False})
+    weights = tmp_path / "weights"
+    entry = export_pretrained(run, "digits/realnvp-lam1overD", weights, metrics={"bpd": 3.0})
+    assert entry["bytes"] < 5e6 and len(entry["sha256"]) == 64
+    model = load_pretrained("digits/realnvp-lam1overD", weights_dir=weights)
+    reference, _ = load_run(run)
+    test = load_dataset("digits", "test")
+    torch.manual_seed(0)
+    a = predict(model, test)
+    b = predict(reference, test)
+    np.testing.assert_allclose(a["logits"], b["logits"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="did you mean 'digits/realnvp-lam1overD'"):
+        load_pretrained("digits/realnvp-lam1overd", weights_dir=weights)
+    path = weights / entry["file"]
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_pretrained("digits/realnvp-lam1overD", weights_dir=weights)
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        pretrained_run_dir("digits/realnvp-lam1overD", weights_dir=weights)

@@ -156,7 +156,10 @@ def _cmd_calibrate(argv: Sequence[str]) -> int:
     parser.add_argument("--bins", type=int, default=15)
     args = parser.parse_args(argv)
     result = calibrate_run(
-        resolve_run_dir(args.run_dir), n_bins=args.bins, data_root=args.data_root, device=args.device
+        resolve_run_dir(args.run_dir),
+        n_bins=args.bins,
+        data_root=args.data_root,
+        device=args.device,
     )
     print(json.dumps(result, indent=2))
     return 0
@@ -177,7 +180,12 @@ def _cmd_sample(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     temps = [float(t) for t in args.temperatures.split(",")]
     result = sample_run(
-        resolve_run_dir(args.run_dir), temps, args.n, seed=args.seed, data_root=args.data_root, device=args.device
+        resolve_run_dir(args.run_dir),
+        temps,
+        args.n,
+        seed=args.seed,
+        data_root=args.data_root,
+        device=args.device,
     )
     print(json.dumps(result, indent=2))
     return 0
@@ -211,7 +219,9 @@ def _cmd_explain(argv: Sequence[str]) -> int:
         device=args.device,
     )
     print(json.dumps({k: v for k, v in result.items() if k != "panels"}, indent=2))
-    print(f"{len(result['panels'])} attribution panels in {resolve_run_dir(args.run_dir) / 'explain'}")
+    print(
+        f"{len(result['panels'])} attribution panels in {resolve_run_dir(args.run_dir) / 'explain'}"
+    )
     return 0
 
 
@@ -290,10 +300,14 @@ def _cmd_pretrained(argv: Sequence[str]) -> int:
         acc = f"{100 * m['accuracy']:.2f}" if "accuracy" in m else "-"
         bpd = f"{m['bpd']:.3f}" if "bpd" in m else "-"
         ece = f"{100 * m['ece']:.2f}" if "ece" in m else "-"
-        print(f"{name:34} {e['num_parameters']:>8,} {acc:>7} {bpd:>9} {ece:>6} "
-              f"{e['bytes'] / 1e6:>5.2f}")
-    print("\nuse: hybridflow ood pretrained:NAME --ood noise:digits; "
-          "python: hybridflow.load_pretrained(NAME)")
+        print(
+            f"{name:34} {e['num_parameters']:>8,} {acc:>7} {bpd:>9} {ece:>6} "
+            f"{e['bytes'] / 1e6:>5.2f}"
+        )
+    print(
+        "\nuse: hybridflow ood pretrained:NAME --ood noise:digits; "
+        "python: hybridflow.load_pretrained(NAME)"
+    )
     return 0
 
 

@@ -148,9 +148,7 @@ def export_pretrained(
     (``weights_only``-loadable), saved in float32. Returns the index entry.
     """
     state = load_checkpoint(Path(run_dir) / "model.pt")
-    weights = {
-        k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()
-    }
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
     file = name.replace("/", "__") + ".pt"
     weights_dir.mkdir(parents=True, exist_ok=True)
     path = weights_dir / file
@@ -168,14 +166,16 @@ def export_pretrained(
         "lam": state["config"]["lam"],
         "num_parameters": sum(
             p.numel()
-            for p in build_model_for(resolve_config(base=state["config"]), state["data"])
-            .parameters()
+            for p in build_model_for(
+                resolve_config(base=state["config"]), state["data"]
+            ).parameters()
         ),
         "metrics": dict(metrics or {}),
         "source": source,
     }
     index = _index(weights_dir)
     index[name] = entry
-    (weights_dir / "index.json").write_text(json.dumps(dict(sorted(index.items())), indent=2)
-                                            + "\n")
+    (weights_dir / "index.json").write_text(
+        json.dumps(dict(sorted(index.items())), indent=2) + "\n"
+    )
     return entry

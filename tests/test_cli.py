@@ -55,7 +55,10 @@ def test_sweep_writes_report(tmp_path: Path) -> None:
     out = tmp_path / "reports" / "tiny"
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["lam"], float(r["lr"])) for r in rows] == [
-        ("0", 1e-3), ("0", 2e-3), ("1/D", 1e-3), ("1/D", 2e-3)
+        ("0", 1e-3),
+        ("0", 2e-3),
+        ("1/D", 1e-3),
+        ("1/D", 2e-3),
     ]
     assert all(0 <= float(r["accuracy"]) <= 1 and float(r["bpd"]) > 0 for r in rows)
     report = (out / "report.md").read_text()

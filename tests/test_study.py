@@ -56,10 +56,19 @@ def test_tiny_sweep_with_two_workers_writes_self_contained_report(tmp_path: Path
     out = _sweep(tmp_path, "tiny", workers=2)
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["backbone"], r["lam"]) for r in rows] == [
-        ("realnvp", "0"), ("realnvp", "1/D"), ("coupling", "0"), ("coupling", "1/D")
+        ("realnvp", "0"),
+        ("realnvp", "1/D"),
+        ("coupling", "0"),
+        ("coupling", "1/D"),
     ]
-    for column in ("accuracy", "bpd", "ece_ts", "selective/density/acc@90",
-                   "ood/noise:digits/nll/auroc", "ood/mean/energy/fpr95_ood"):
+    for column in (
+        "accuracy",
+        "bpd",
+        "ece_ts",
+        "selective/density/acc@90",
+        "ood/noise:digits/nll/auroc",
+        "ood/mean/energy/fpr95_ood",
+    ):
         assert all(np.isfinite(float(r[column])) for r in rows), column
     result = json.loads((out / "results.json").read_text())
     acc = result["cells"][0]["metrics"]["accuracy"]
@@ -69,8 +78,14 @@ def test_tiny_sweep_with_two_workers_writes_self_contained_report(tmp_path: Path
     md = (out / "report.md").read_text()
     page = (out / "report.html").read_text()
     figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
-    assert {"tradeoff.png", "ood_auroc.png", "reliability.png", "bpd_hist.png",
-            "samples.png", "curves.png"} <= set(figures)
+    assert {
+        "tradeoff.png",
+        "ood_auroc.png",
+        "reliability.png",
+        "bpd_hist.png",
+        "samples.png",
+        "curves.png",
+    } <= set(figures)
     assert all((out / f).stat().st_size > 1000 for f in figures)
     # Self-contained: every image embedded, nothing fetched from anywhere.
     sources = re.findall(r"<img[^>]*src=\"([^\"]*)\"", page)
@@ -180,8 +195,9 @@ def test_reproduction_checks_follow_the_numbers() -> None:
     good = (
         _cell("coupling", {"0": 0.99, "1/D": 0.97, "1": 0.90}, {"0": 9, "1/D": 2.1, "1": 2.0})
         + _cell("coupling+1x1", {"0": 0.99, "1/D": 0.97, "1": 0.91}, {"0": 9, "1/D": 2.1, "1": 2.0})
-        + _cell("resflow-digits", {"0": 0.99, "1/D": 0.98, "1": 0.97},
-                {"0": 9, "1/D": 2.0, "1": 1.9})
+        + _cell(
+            "resflow-digits", {"0": 0.99, "1/D": 0.98, "1": 0.97}, {"0": 9, "1/D": 2.0, "1": 1.9}
+        )
     )
     checks = reproduction_checks(good)
     assert [c["reproduced"] for c in checks] == [True, True, True]
@@ -200,8 +216,9 @@ def test_pretrained_export_load_and_checksum(tmp_path: Path, one_thread) -> None
     from hybridflow.pretrained import export_pretrained, load_pretrained, pretrained_run_dir
     from hybridflow.training import load_run, train
 
-    run = train({**SHARED, **BACKBONES["realnvp"], "out_dir": str(tmp_path), "name": "r",
-                 "progress": False})
+    run = train(
+        {**SHARED, **BACKBONES["realnvp"], "out_dir": str(tmp_path), "name": "r", "progress": False}
+    )
     weights = tmp_path / "weights"
     entry = export_pretrained(run, "digits/realnvp-lam1overD", weights, metrics={"bpd": 3.0})
     assert entry["bytes"] < 5e6 and len(entry["sha256"]) == 64
@@ -222,3 +239,44 @@ def test_pretrained_export_load_and_checksum(tmp_path: Path, one_thread) -> None
         load_pretrained("digits/realnvp-lam1overD", weights_dir=weights)
     with pytest.raises(CheckpointError, match="SHA-256"):
         pretrained_run_dir("digits/realnvp-lam1overD", weights_dir=weights)
+
+
+SHIPPED = sorted(__import__("hybridflow.pretrained").pretrained.list_pretrained())
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_pretrained_models_load_and_match_their_metrics(name: str, one_thread) -> None:
+    from hybridflow.evaluation import evaluate_predictions, predict
+    from hybridflow.pretrained import WEIGHTS_DIR, list_pretrained, load_pretrained
+
+    entry = list_pretrained()[name]
+    assert (WEIGHTS_DIR / entry["file"]).stat().st_size <= 5_000_000
+    model = load_pretrained(name)
+    if entry["dataset"] != "digits":
+        return  # other datasets may be absent offline; loading and the checksum are checked
+    metrics = evaluate_predictions(predict(model, load_dataset("digits", "test"), seed=0))
+    assert metrics["accuracy"] == pytest.approx(entry["metrics"]["accuracy"], abs=1e-9)
+    assert metrics["bpd"] == pytest.approx(entry["metrics"]["bpd"], abs=0.02)  # 1 vs 8 draws
+
+
+def test_shipped_weights_stay_small() -> None:
+    from hybridflow.pretrained import WEIGHTS_DIR
+
+    sizes = [p.stat().st_size for p in WEIGHTS_DIR.glob("*.pt")]
+    assert sum(sizes) <= 30_000_000
+
+
+def test_cli_lists_and_uses_pretrained_models(capsys, tmp_path, monkeypatch) -> None:
+    from hybridflow.cli import main
+
+    assert main(["pretrained"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in SHIPPED)
+    assert main(["eval", "pretrained:digits/no-such-model"]) == 1
+    assert "no pretrained model" in capsys.readouterr().err
+    if "digits/coupling-lam1overD" in SHIPPED:
+        monkeypatch.setenv("HYBRIDFLOW_CACHE", str(tmp_path))
+        assert main(["eval", "pretrained:digits/coupling-lam1overD", "--ood", "noise:digits"]) == 0
+        assert (
+            tmp_path / "pretrained" / "digits" / "coupling-lam1overD" / "eval_test.json"
+        ).exists()

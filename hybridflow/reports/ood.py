@@ -189,7 +189,11 @@ def _plot_histograms(
         bins = np.linspace(lo, hi if hi > lo else lo + 1, 60)
         for label, values in groups.items():
             ax.hist(
-                np.clip(values, lo, hi), bins=bins, alpha=0.5, density=True, label=label,
+                np.clip(values, lo, hi),
+                bins=bins,
+                alpha=0.5,
+                density=True,
+                label=label,
                 histtype="stepfilled",  # one polygon, not 60 bars: 10x faster to draw
             )
         ax.set_title(f"{name} (higher = more OOD)", fontsize=9)

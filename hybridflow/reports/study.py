@@ -601,6 +601,7 @@ class _Table:
     header: list[str]
     rows: list[list[str]]
     bold: set[tuple[int, int]] = field(default_factory=set)
+    text: bool = False  # sentences in cells: let them wrap
 
 
 def _best_marks(values: list[float | None], higher: bool) -> set[int]:
@@ -631,10 +632,14 @@ def _metric_table(results, columns, lead=("backbone", "λ")) -> _Table:
                 row.append(_pm(stat, scale, digits))
         table.rows.append(row)
     offset = len(lead) + (1 if points else 0)
-    for j, (_, metric, _, _, hib) in enumerate(columns):
+    for j, (_, metric, scale, digits, hib) in enumerate(columns):
         if hib is None:
             continue
-        values = [(r.stat(metric) or {}).get("mean") if r.runs else None for r in results]
+        # Compare the values as shown, so that equal-looking cells are marked alike.
+        values = [
+            round(scale * r.stat(metric)["mean"], digits) if r.runs and r.stat(metric) else None
+            for r in results
+        ]
         for i in _best_marks(values, hib):
             table.bold.add((i, offset + j))
     return table
@@ -659,18 +664,19 @@ def _html_table(t: _Table) -> str:
             for j, c in enumerate(row)
         )
         body.append(f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    cls = ' class="text"' if t.text else ""
+    return f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:2em auto;
-max-width:1150px;color:#1b1f24;line-height:1.45;padding:0 1em}
+max-width:1400px;color:#1b1f24;line-height:1.45;padding:0 1em}
 h1{font-size:1.7em;border-bottom:2px solid #d0d7de;padding-bottom:.3em}
 h2{font-size:1.3em;border-bottom:1px solid #d0d7de;padding-bottom:.2em;margin-top:1.6em}
 h3{font-size:1.05em}
 table{border-collapse:collapse;margin:.6em 0 1em;font-size:.86em;display:block;overflow-x:auto}
 th,td{border:1px solid #d0d7de;padding:.3em .55em;text-align:right;white-space:nowrap}
-th{background:#f6f8fa}td:first-child,th:first-child,td:nth-child(2){text-align:left}
+th{background:#f6f8fa}table.text td{white-space:normal;text-align:left;min-width:9em}td:first-child,th:first-child,td:nth-child(2){text-align:left}
 tbody tr:nth-child(even){background:#fafbfc}td.best{font-weight:700;background:#dafbe1}
 img{max-width:100%;border:1px solid #eaeef2;margin:.4em 0}
 code,pre{background:#f6f8fa;border-radius:4px;font-size:.88em}
@@ -962,7 +968,9 @@ def write_study_report(
             if c.get("within_noise"):
                 verdict += " (some differences within seed noise)"
             rows.append([c["claim"], verdict, c["detail"], c["paper"]])
-        doc.table(_Table(["claim", "here", "numbers here (mean ± std)", "paper (MNIST)"], rows))
+        doc.table(
+            _Table(["claim", "here", "numbers here (mean ± std)", "paper (MNIST)"], rows, text=True)
+        )
     doc.heading("Accuracy, density and calibration")
     columns = [c for c in MAIN_COLUMNS if any(r.stat(c[1]) for r in ok_results)]
     doc.table(_metric_table(results, columns))

@@ -26,13 +26,17 @@ for root, dataset in STUDIES.items():
         if not (run / "model.pt").exists() or not evaluation.exists():
             print(f"skip {run}: not finished and evaluated", file=sys.stderr)
             continue
-        test = json.loads(evaluation.read_text())["test"]
+        study = json.loads(evaluation.read_text())
+        test = study["test"]
         backbone, lam = test["backbone"], str(test["lam"]).replace("/", "over")
         name = f"{dataset}/{RENAME.get(backbone, backbone)}-lam{lam}"
         entry = export_pretrained(
             run,
             name,
-            metrics={k: test[k] for k in METRICS if k in test},
+            metrics={
+                **{k: test[k] for k in METRICS if k in test},
+                "dequant_samples": study["settings"]["dequant_samples"],  # bits/dim bound draws
+            },
             source=f"{run} (recipes/{'digits_sweep' if dataset == 'digits' else 'fashion_mnist'}"
             ".py, seed 0)",
         )

@@ -35,6 +35,7 @@ __all__ = [
     "aggregate",
     "evaluate_cell",
     "flat_metrics",
+    "git_commit",
     "reproduction_checks",
     "write_study_report",
 ]
@@ -771,7 +772,9 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
+    """The package checkout's commit, marked when tracked files differ from it (call it before
+    writing into a tracked report folder, or the report's own files mark it)."""
     try:
         root = Path(__file__).resolve().parents[2]
         commit = subprocess.run(
@@ -839,8 +842,12 @@ def write_study_report(
     seeds: Sequence[int] = (0,),
     bound: str = "",
     notes: Sequence[str] = (),
+    commit: str | None = None,
 ) -> Path:
-    """Write ``results.csv``, ``results.json``, the figures, ``report.md`` and ``report.html``."""
+    """Write ``results.csv``, ``results.json``, the figures, ``report.md`` and ``report.html``.
+
+    ``commit`` is the code's commit as read when the study started (default: read now).
+    """
     out.mkdir(parents=True, exist_ok=True)
     # results.csv: one row per run; results.json: per cell and metric.
     run_rows = []
@@ -883,7 +890,7 @@ def write_study_report(
     checks = reproduction_checks(results)
     provenance = {
         "command": command,
-        "commit": _git_commit(),
+        "commit": commit or git_commit(),
         "versions": _versions(),
         "wall_time_s": wall_time_s,
         "threads": threads,

@@ -21,7 +21,7 @@ from ..data import load_dataset
 from ..evaluation import categorical_bits_per_dim, uniform_bits_per_dim
 from ..training import resolve_config, save_config
 from .grid import RUNTIME_KEYS, expand_grid, run_cells
-from .study import EVAL_FILE, aggregate, write_study_report
+from .study import EVAL_FILE, aggregate, git_commit, write_study_report
 
 __all__ = ["run_sweep", "sweep_baselines"]
 
@@ -96,6 +96,7 @@ def run_sweep(
     import torch
 
     started = time.time()
+    commit = git_commit()  # before anything is written into the (tracked) report folder
     base = resolve_config(base=config)
     backbones = list(backbones or [base["backbone"]])
     seeds = list(seeds if seeds is not None else [base["seed"]])
@@ -190,4 +191,5 @@ def run_sweep(
         seeds=seeds,
         bound=bound,
         notes=notes,
+        commit=commit,
     )

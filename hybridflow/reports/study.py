@@ -61,6 +61,8 @@ def evaluate_cell(
     OOD scores use the mean of ``ood_dequant_samples`` draws for test and OOD inputs alike. A
     result on disk with the same settings and model is reused.
     """
+    import torch
+
     from ..evaluation import evaluate_predictions, predict
     from ..training import load_run
     from .diagnostics import calibrate_run, sample_run
@@ -84,6 +86,9 @@ def evaluate_cell(
             return cached
     from ..training import load_checkpoint
 
+    # Residual flows estimate log-dets with random probes from the global generator: seed it so
+    # that a cell evaluates to the same numbers whether it was just trained or reused.
+    torch.manual_seed(0)
     model, cfg = load_run(run_dir)
     test = evaluate_run(run_dir, "test", dequant_samples=dequant_samples)
     train_time = float(load_checkpoint(run_dir / "model.pt").get("train_time_s", float("nan")))

@@ -342,6 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         known = ", ".join(COMMANDS)
         print(f"usage: hybridflow {{{known}}} [options]\n\n{__doc__}", file=sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            from .naming import unknown_name_message
+
+            print(f"error: {unknown_name_message('command', argv[0], COMMANDS)}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     from .training import CheckpointError, ConfigError, TrainingDivergedError
 

@@ -13,7 +13,6 @@ command that trained it.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .naming import unknown_name_message
 from .training import CheckpointError, load_checkpoint, save_checkpoint, save_config
 from .training.trainer import build_model_for, resolve_config
 
@@ -63,12 +63,9 @@ def _sha256(path: Path) -> str:
 
 def _entry(name: str, weights_dir: Path) -> dict[str, Any]:
     index = _index(weights_dir)
+    name = name.replace("lam1/D", "lam1overD")  # λ as the configs write it
     if name not in index:
-        close = difflib.get_close_matches(name, list(index), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"no pretrained model {name!r}{hint} (`hybridflow pretrained` lists {len(index)})"
-        )
+        raise ValueError(unknown_name_message("pretrained model", name, index))
     return index[name]
 
 

@@ -72,6 +72,12 @@ def test_bad_options_fail_with_a_message(tmp_path: Path, capsys) -> None:
     assert "unknown config key" in capsys.readouterr().err
     assert main(["train", *TINY, "--dataset=cifar", f"--out_dir={tmp_path}"]) == 1
     assert main(["bogus"]) == 2
+    assert main(["trian"]) == 2
+    assert "did you mean 'train'?" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path)]) == 1  # a folder, but no run in it
+    assert "is not a run folder" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing")]) == 1
+    assert "is not a folder" in capsys.readouterr().err
 
 
 def test_sweep_compares_backbones_with_their_own_settings(tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
 """Generic conformance suite: every public invertible layer of hybridflow, in float64.
 
 For each registered case: inverse(forward(x)) ≈ x, log|det J| equals ``slogdet`` of the autograd
-Jacobian, and in eval mode an example's output does not depend on the rest of the batch.
+Jacobian, and in eval mode an example's output does not depend on the rest of the batch. In the
+inverse direction: ``Inverse(layer)``'s log-det equals ``slogdet`` of the autograd Jacobian of
+``layer.inverse``, and the inverse's gradients (parameters and input) match finite differences.
 ``test_every_public_layer_is_registered`` fails when a public layer has no case here.
 """
 
@@ -38,6 +40,9 @@ class Case:
     make: Callable[[], T.InvertibleModule]
     sample: Callable[[int], Tensor]
     kind: type = field(default=T.InvertibleModule)
+    #: Elementwise scale of the latent's finite-difference step (inverse-gradient test), for
+    #: latents that sit close to the edge of the inverse's domain.
+    latent_step: Callable[[Tensor], Tensor] | None = None
 
 
 def _images(c: int, h: int, w: int) -> Callable[[int], Tensor]:
@@ -183,10 +188,12 @@ CASES: list[Case] = [
     ),
     Case("sigmoid", T.Sigmoid, lambda n: 3 * torch.randn(n, 2, 3), T.Sigmoid),
     # Small noise keeps the sigmoid out of saturation, where logit(σ(h)) loses digits (~eps·e^|h|).
+    # Its latents (sigmoid outputs) come within 1e-8 of 0 and 1: FD steps scale with u(1 - u).
     Case(
         "variational-dequantization-noise-flow",
         _dequant_noise_flow,
         lambda n: 0.5 * torch.randn(n, 2, 4, 4),
+        latent_step=lambda u: u * (1 - u),
     ),
     Case("actnorm-image", lambda: T.ActNorm(3), _images(3, 2, 2), T.ActNorm),
     Case("actnorm-vector", lambda: T.ActNorm(5), lambda n: torch.randn(n, 5), T.ActNorm),
@@ -356,11 +363,13 @@ def _prepared(case: Case) -> T.InvertibleModule:
     return layer.eval()
 
 
-def _per_example_jacobian_logdets(layer: T.InvertibleModule, x: Tensor) -> Tensor:
-    def flat_forward(inp: Tensor) -> Tensor:
-        return layer(inp)[0].reshape(inp.shape[0], -1)
+def _per_example_jacobian_logdets(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``log|det ∂fn(x)_i/∂x_i|`` per example from the autograd Jacobian of a batched map."""
 
-    jac = torch.autograd.functional.jacobian(flat_forward, x)  # [N, Dout, N, *in]
+    def flat(inp: Tensor) -> Tensor:
+        return fn(inp).reshape(inp.shape[0], -1)
+
+    jac = torch.autograd.functional.jacobian(flat, x)  # [N, Dout, N, *in]
     n, d = x.shape[0], x[0].numel()
     jac = jac.reshape(n, -1, n, d)
     blocks = torch.stack([jac[i, :, i, :] for i in range(n)])
@@ -385,7 +394,7 @@ def test_logdet_matches_autograd_slogdet(case: Case) -> None:
     x = case.sample(3)
     _, logdet = layer(x)
     torch.testing.assert_close(
-        logdet, _per_example_jacobian_logdets(layer, x), atol=1e-8, rtol=1e-6
+        logdet, _per_example_jacobian_logdets(lambda v: layer(v)[0], x), atol=1e-8, rtol=1e-6
     )
 
 
@@ -399,6 +408,75 @@ def test_eval_output_independent_of_batch(case: Case) -> None:
     torch.testing.assert_close(ld_all[2:3], ld_one)
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_inverse_logdet_matches_autograd_slogdet(case: Case) -> None:
+    """``Inverse(layer)`` reports ``log|det ∂x/∂z|``: the Jacobian of ``layer.inverse`` must
+    agree, which needs the inverse to be differentiable in its input (bisection, fixed point)."""
+    layer = _prepared(case)
+    z = layer(case.sample(2))[0].detach()
+    _, logdet = T.Inverse(layer)(z)
+    torch.testing.assert_close(
+        logdet, _per_example_jacobian_logdets(layer.inverse, z), atol=1e-8, rtol=1e-6
+    )
+
+
+def directional_derivatives(
+    loss: Callable[[], Tensor],
+    tensors: list[Tensor],
+    eps: float = 1e-6,
+    scale: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[float, float]:
+    """``(autograd, finite difference)`` derivative of ``loss()`` along a random direction.
+
+    Shared by the inverse-gradient tests of other modules. Five-point central stencil (error
+    O(ε⁴)): inverses of saturating maps (a sigmoid near 0 or 1) are curved enough that the
+    plain central difference is off in the fifth digit. ``scale`` scales the direction
+    elementwise (a function of each tensor).
+    """
+    directions = [
+        torch.randn_like(t) * (1 if scale is None else scale(t.detach())) for t in tensors
+    ]
+    grads = torch.autograd.grad(loss(), tensors, allow_unused=True)
+    auto = sum(
+        float((g * d).sum()) for g, d in zip(grads, directions, strict=True) if g is not None
+    )
+    saved = [t.detach().clone() for t in tensors]
+
+    def at(step: float) -> float:
+        with torch.no_grad():
+            for t, t0, d in zip(tensors, saved, directions, strict=True):
+                t.copy_(t0 + step * d)
+            return float(loss())
+
+    fd = (8 * (at(eps) - at(-eps)) - (at(2 * eps) - at(-2 * eps))) / (12 * eps)
+    at(0.0)
+    return auto, fd
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_inverse_gradients_match_finite_differences(case: Case) -> None:
+    """``L = ⟨w, layer.inverse(z)⟩``: autograd against central differences, separately along a
+    random direction of all parameters and of ``z`` (implicit gradients of iterative inverses)."""
+    layer = _prepared(case)
+    x = case.sample(3)
+    z = layer(x)[0].detach().requires_grad_(True)
+    w = torch.randn_like(x)
+
+    def loss() -> Tensor:
+        return (w * layer.inverse(z)).sum()
+
+    out = layer.inverse(z)
+    assert out.requires_grad, "the inverse is cut off from the autograd graph"
+    params = [p for p in layer.parameters() if p.requires_grad]
+    for tensors, scale in ((params, None), ([z], case.latent_step)):
+        if not tensors:
+            continue
+        auto, fd = directional_derivatives(loss, tensors, scale=scale)
+        assert auto == pytest.approx(fd, rel=1e-5, abs=1e-6), (
+            f"autograd {auto:.10g} vs finite differences {fd:.10g}"
+        )
+
+
 def test_uniform_dequantization_is_a_surjection_with_exact_logdet() -> None:
     layer = T.UniformDequantization(17)
     x = torch.randint(0, 17, (6, 1, 2, 2)).to(torch.get_default_dtype())
@@ -409,7 +487,7 @@ def test_uniform_dequantization_is_a_surjection_with_exact_logdet() -> None:
     noise = torch.rand(3, 1, 2, 2)
     xc = torch.rand(3, 1, 2, 2) * 16
     fixed = T.UniformDequantization(17)
-    jac_logdet = _per_example_jacobian_logdets(_FixedNoise(fixed, noise), xc)
+    jac_logdet = _per_example_jacobian_logdets(lambda v: _FixedNoise(fixed, noise)(v)[0], xc)
     torch.testing.assert_close(fixed(xc, noise=noise)[1], jac_logdet)
     with pytest.raises(ValueError, match="integer levels"):
         layer(torch.full((1, 1, 2, 2), 17.0))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import gzip
+import hashlib
 import math
 import struct
 from pathlib import Path
@@ -12,18 +14,24 @@ import numpy as np
 import pytest
 import torch
 
+import hybridflow.data as data_pkg
 import hybridflow.data.images as images_mod
+import hybridflow.data.registry as registry_mod
 from hybridflow.data import (
     TOY_DATASETS,
+    DatasetFamily,
     DatasetNotFoundError,
     ImageDataset,
     ToyDataset,
+    UnknownDatasetError,
     available_datasets,
     load_dataset,
     read_idx,
+    register_family,
     sample_toy,
     toy_log_density,
 )
+from hybridflow.data.common import stratified_split
 
 __all__: list[str] = []
 
@@ -292,6 +300,14 @@ def test_npz_adds_channel_axis_and_splits(tmp_path: Path) -> None:
     assert not torch.equal(other.indices, parts["test"].indices)
 
 
+def test_npz_partly_labelled(tmp_path: Path) -> None:
+    """Label -1 marks an unlabelled example (semi-supervised data)."""
+    y = np.array([0, -1, 2, -1, 1, -1])
+    np.savez(tmp_path / "part.npz", x=np.zeros((6, 4, 4), dtype=np.uint8), y=y)
+    ds = load_dataset(f"npz:{tmp_path / 'part.npz'}", "all")
+    assert ds.labels.tolist() == y.tolist() and ds.num_classes == 3
+
+
 def test_npz_four_dims_and_no_labels(tmp_path: Path) -> None:
     x = np.zeros((10, 3, 4, 4), dtype=np.uint8)
     x[:, 2] = 255
@@ -314,6 +330,7 @@ def test_npz_four_dims_and_no_labels(tmp_path: Path) -> None:
         ({"images": np.zeros((4, 5, 5), dtype=np.uint8)}, "missing key 'x'"),
         ({"x": np.zeros((4, 5, 5), dtype=np.uint8), "y": np.zeros(3, dtype=np.int64)}, "'y'"),
         ({"x": np.zeros((4, 5, 5), dtype=np.uint8), "y": np.zeros(4)}, "integer"),
+        ({"x": np.zeros((4, 5, 5), dtype=np.uint8), "y": np.full(4, -2)}, r"-1 \(unlabelled\)"),
     ],
 )
 def test_npz_bad_content(tmp_path: Path, arrays: dict[str, np.ndarray], match: str) -> None:
@@ -431,3 +448,131 @@ def test_available_datasets() -> None:
     for name in names:
         if name == "digits" or name.startswith("toy:"):
             assert len(load_dataset(name, "val")) > 0
+
+
+def test_available_datasets_lists_every_family_in_order() -> None:
+    toys = [f"toy:{t}" for t in TOY_DATASETS]
+    uci = ["uci:power", "uci:gas", "uci:hepmass", "uci:miniboone", "uci:bsds300"]
+    sk = ["sk:breast_cancer", "sk:wine", "sk:iris", "sk:digits64"]
+    derived = [f"{kind}:BASE" for kind in data_pkg.DERIVED_KINDS]
+    expected = ["digits", "fashion-mnist", "mnist", "npz:PATH", *toys, *uci, *sk, *derived]
+    assert available_datasets() == expected
+
+
+# --------------------------------------------------------------------------- did you mean
+
+
+@pytest.mark.parametrize(
+    ("name", "closest"),
+    [
+        ("fashion_mnist", "fashion-mnist"),  # images
+        ("digts", "digits"),
+        ("MNIST", "mnist"),
+        ("toy:moon", "toy:moons"),  # toy
+        ("sk:wien", "sk:wine"),  # scikit-learn tables
+        ("uci:pwer", "uci:power"),  # UCI tables
+        ("noise:digts", "noise:digits"),  # derived: a misspelt base ...
+        ("inverted:fashion_mnist", "inverted:fashion-mnist"),
+        ("nosie:digits", "noise:digits"),  # ... or a misspelt kind
+    ],
+)
+def test_unknown_name_suggests_the_closest(name: str, closest: str) -> None:
+    with pytest.raises(UnknownDatasetError) as info:
+        load_dataset(name, "test")
+    error = info.value
+    assert isinstance(error, ValueError)  # callers catching ValueError keep working
+    assert error.name == name and error.suggestion == closest
+    message = str(error)
+    assert message.startswith(f"unknown dataset {name!r}; did you mean {closest!r}? (valid: ")
+    assert ", ".join(available_datasets()) in message
+
+
+def test_unknown_name_without_close_match_lists_the_valid_names() -> None:
+    with pytest.raises(UnknownDatasetError, match="valid: digits, fashion-mnist") as info:
+        load_dataset("cifar10")
+    assert info.value.suggestion is None and "did you mean" not in str(info.value)
+
+
+def test_toy_entry_points_suggest_too() -> None:
+    with pytest.raises(UnknownDatasetError, match="did you mean 'moons'"):
+        sample_toy("moon", 3, torch.Generator())
+    with pytest.raises(UnknownDatasetError, match="did you mean 'toy:moons'"):
+        toy_log_density("toy:moon", torch.zeros(1, 2))
+
+
+def test_unknown_dataset_error_pickles() -> None:
+    import pickle
+
+    with pytest.raises(UnknownDatasetError) as info:
+        load_dataset("digts")
+    again = pickle.loads(pickle.dumps(info.value))
+    assert str(again) == str(info.value) and again.suggestion == "digits"
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_register_family_dispatches_and_refuses_duplicates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(registry_mod, "_FAMILIES", list(registry_mod._FAMILIES))
+    calls: list[tuple[str, str, int]] = []
+
+    def load(name: str, split: str, options: registry_mod.LoadOptions) -> ImageDataset:
+        calls.append((name, split, options.seed))
+        return load_dataset("digits", split, seed=options.seed)
+
+    register_family(DatasetFamily("mine:ARG", load))
+    assert available_datasets()[-1] == "mine:ARG"
+    assert len(load_dataset("mine:anything", "val", seed=2)) == 180
+    assert calls == [("mine:anything", "val", 2)]
+    for taken in ("digits", "toy:OTHER", "mine:X"):
+        with pytest.raises(ValueError, match="already registered"):
+            register_family(DatasetFamily(taken, load))
+
+
+def _data_imports(path: Path) -> set[str]:
+    """Sibling modules of hybridflow.data that ``path`` imports, at any depth of the file."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            module = node.module if node.level == 0 else f"hybridflow.data.{node.module}"
+            if module.startswith("hybridflow.data."):
+                found.add(module.removeprefix("hybridflow.data."))
+    return found
+
+
+def test_data_modules_are_layered_without_cycles() -> None:
+    folder = Path(data_pkg.__file__).parent
+    imports = {p.stem: _data_imports(p) for p in folder.glob("*.py") if p.stem != "__init__"}
+    assert imports["common"] == set()
+    for family in ("images", "toy", "tabular", "derived"):
+        assert imports[family] == {"common"}, family
+    assert imports["registry"] == {"common", "images", "toy", "tabular", "derived"}
+
+
+# --------------------------------------------------------------------------- one stratified split
+
+
+def _digest(indices: torch.Tensor) -> str:
+    return hashlib.sha256(np.ascontiguousarray(indices.numpy()).tobytes()).hexdigest()[:16]
+
+
+# Pinned before the digits and scikit-learn splits were merged into one function: the committed
+# reports depend on every index staying where it is.
+PINNED_SPLITS = {
+    ("digits", 0): ("eca3d1617d92152a", "cc3e965a959f08a8", "2fbaae31b8c6aad1"),
+    ("digits", 1): ("3a0e6db734fb6a2f", "3bdd42401acc1f99", "b5e8e1a4192e565a"),
+    ("sk:iris", 3): ("fc451c7b5b95a5aa", "0f96ff7e63741bc1", "fd36a406788d2939"),
+    ("sk:digits64", 0): ("eca3d1617d92152a", "cc3e965a959f08a8", "2fbaae31b8c6aad1"),
+}
+
+
+@pytest.mark.parametrize(("name", "seed"), list(PINNED_SPLITS))
+def test_stratified_splits_are_pinned_and_shared(name: str, seed: int) -> None:
+    parts = [load_dataset(name, split, seed=seed) for split in SPLITS]
+    assert tuple(_digest(ds.indices) for ds in parts) == PINNED_SPLITS[name, seed]
+    labels = load_dataset(name, "all", seed=seed).labels.numpy()
+    shared = stratified_split(labels, seed, 0.1)
+    for split, ds in zip(SPLITS, parts, strict=True):
+        assert np.array_equal(ds.indices.numpy(), shared[split])

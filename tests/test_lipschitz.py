@@ -21,6 +21,7 @@ from hybridflow.nets import (
     LipSoftplus,
     LipSwish,
     NormOrder,
+    PowerIteration,
     SpectralNormConv2d,
     SpectralNormLinear,
     create_lipschitz_activation,
@@ -363,6 +364,34 @@ def test_dtype_and_validation() -> None:
         LipschitzConvNet(2, 4, (4, 4), kernel_sizes=(3, 2))
     with pytest.raises(ValueError, match="norm"):
         LipschitzMLP(2, 4, norm="frobenius")
+
+
+def test_power_iteration_options_validated_once_and_passed_through() -> None:
+    assert PowerIteration() == PowerIteration(0.98, 1, 0, None, None, 500)
+    for bad, match in [
+        ({"coeff": float("inf")}, "coeff"),
+        ({"max_iterations": 0}, "max_iterations"),
+        ({"max_iterations": True}, "max_iterations"),
+        ({"eval_iterations": 1.5}, "eval_iterations"),
+        ({"atol": -1.0}, "atol"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            PowerIteration(**bad)
+        # Every constructor validates through PowerIteration, before building any layer.
+        with pytest.raises(ValueError, match=match):
+            LipschitzConvNet(2, 4, (4, 4), **bad)
+    with pytest.raises(TypeError, match="coef"):
+        SpectralNormLinear(4, 3, coef=0.5)  # a misspelt option is refused, not ignored
+    with pytest.raises(TypeError, match="domain"):
+        SpectralNormConv2d(2, 3, 3, (4, 4), domain=3.0)  # orders belong to induced layers
+    options = {"coeff": 0.7, "train_iterations": None, "eval_iterations": 2, "atol": 1e-5}
+    options |= {"rtol": 1e-4, "max_iterations": 40}
+    mlp = LipschitzMLP(3, 5, num_hidden_layers=1, norm="induced", **options)
+    conv = LipschitzConvNet(2, 4, (4, 4), kernel_sizes=(1, 3), preact=False, **options)
+    for layer in [*lipschitz_layers(mlp), *lipschitz_layers(conv)]:
+        assert {key: getattr(layer, key) for key in options} == options
+    assert mlp.lipschitz_bound == pytest.approx(0.7**2)
+    assert not isinstance(conv.net[0], LipSwish) and isinstance(conv.net[1], LipSwish)
 
 
 # --- residual-branch networks -----------------------------------------------------------

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from test_conformance import directional_derivatives
 
 from hybridflow.nets import MLP, ConvResNet
 from hybridflow.transforms.mixlogistic import (
@@ -157,14 +158,20 @@ def test_inverse_extreme_mixture_round_trip() -> None:
     assert (x - x_true).abs().max() <= 1e-5
 
 
-def test_inverse_builds_no_graph_and_never_nans() -> None:
+def test_inverse_graph_only_with_grad_and_never_nans() -> None:
     lw, mu, ls = (p.requires_grad_() for p in _params((40,), 3, seed=4))
     mu_far = (mu * 300).detach().requires_grad_()
     ls_far = (ls * 7).detach().requires_grad_()  # some clamp at -7, some near +7 and beyond
     y = torch.linspace(-30, 30, 40, dtype=D)
-    x = mixture_inverse_cdf(y, lw, mu_far, ls_far)
+    with torch.no_grad():
+        x = mixture_inverse_cdf(y, lw, mu_far, ls_far)
     assert not x.requires_grad and x.grad_fn is None
     assert torch.isfinite(x).all()
+    # With autograd on, the value is the same bisection result, now attached to the parameters.
+    x_graph = mixture_inverse_cdf(y, lw, mu_far, ls_far)
+    assert x_graph.requires_grad and torch.equal(x_graph.detach(), x)
+    grads = torch.autograd.grad(x_graph.sum(), (lw, mu_far, ls_far))
+    assert all(torch.isfinite(g).all() for g in grads)
     # The answer hits the target logit to the accuracy the local slope allows.
     lc, lsf = mixture_log_cdf(x, lw.detach(), mu_far.detach(), ls_far.detach())
     slope = (mixture_log_pdf(x, lw, mu_far, ls_far) - lc - lsf).exp().detach()
@@ -199,3 +206,32 @@ def test_bad_constructor_args() -> None:
         MixLogisticCoupling(4, mask="checkerboard", spatial=False)
     with pytest.raises(ValueError):
         MixLogisticCoupling(4, parity=2)
+
+
+def test_inverse_cdf_gradients_match_finite_differences() -> None:
+    """Implicit gradients of the bisection inverse (issue 15): parameters and targets."""
+    lw, mu, ls = (p.requires_grad_() for p in _params((30,), 3, seed=6))
+    y = torch.linspace(-8, 8, 30, dtype=D).requires_grad_()
+    w = torch.randn(30, dtype=D)
+
+    def loss() -> torch.Tensor:
+        return (w * mixture_inverse_cdf(y, lw, mu, ls, tol=1e-13, max_iter=200)).sum()
+
+    auto, fd = directional_derivatives(loss, [lw, mu, ls, y])
+    assert auto == pytest.approx(fd, rel=1e-6, abs=1e-8)
+
+
+@pytest.mark.parametrize("case", [0, 3])
+def test_coupling_inverse_gradients_match_finite_differences(case: int) -> None:
+    """Regression (issue 15): the inverse was cut off from the parameters by ``no_grad``."""
+    layer, shape, std = _layers()[case]
+    layer = layer.to(D)
+    layer.inverse_tol, layer.inverse_max_iter = 1e-13, 200
+    _randomize(layer, std)
+    torch.manual_seed(2)
+    z = torch.randn(shape, dtype=D).requires_grad_()
+    w = torch.randn(shape, dtype=D)
+    auto, fd = directional_derivatives(
+        lambda: (w * layer.inverse(z)).sum(), [*layer.parameters(), z]
+    )
+    assert auto == pytest.approx(fd, rel=1e-6, abs=1e-8)

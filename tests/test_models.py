@@ -86,7 +86,38 @@ def test_bad_inputs_raise_clear_errors() -> None:
         flow.log_prob(torch.full((2, 1, 4, 4), 17.0))
     with pytest.raises(ValueError, match="unknown backbone"):
         create_backbone("no-such-flow", (1, 4, 4))
+    with pytest.raises(ValueError, match="did you mean 'resflow'"):
+        create_backbone("resflw", (1, 4, 4))
     assert "realnvp" in list_backbones()
+
+
+def test_log_prob_refuses_values_that_are_not_levels() -> None:
+    """Inputs that used to give a number silently: scaled images, fractions, NaN, empty."""
+    flow = _flow()
+    levels = torch.randint(0, 17, (3, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"scaled to \[0, 1\].*\(x \* 16\)\.round\(\)"):
+        flow.log_prob(levels / 16.0)
+    with pytest.raises(ValueError, match=r"non-integer values such as 2\.5"):
+        flow.log_prob(torch.where(levels == levels[0, 0, 0, 0], 2.5, levels.double()))
+    for bad in (float("nan"), float("inf")):
+        x = levels.double()
+        x[1, 0, 2, 3] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            flow.log_prob(x)
+    with pytest.raises(ValueError, match="empty batch"):
+        flow.log_prob(levels[:0])
+    with pytest.raises(ValueError, match="shape"):
+        flow.log_prob(torch.tensor(3.0))
+
+
+def test_log_prob_takes_levels_in_any_dtype() -> None:
+    """Levels are exact in every dtype: uint8, int64 and float64 give the float32 model's value."""
+    flow = _flow().float()
+    levels = torch.randint(0, 17, (3, 1, 4, 4))
+    expected = flow.log_prob(levels.float(), dequant_noise=0.5)
+    assert expected.dtype == torch.float32
+    for dtype in (torch.uint8, torch.int64, torch.float64):
+        torch.testing.assert_close(flow.log_prob(levels.to(dtype), dequant_noise=0.5), expected)
 
 
 def _hybrid(head: str = "resflow") -> HybridModel:
@@ -159,6 +190,10 @@ def test_vector_backbone_on_continuous_data() -> None:
     assert out.logits.shape == (10, 2) and torch.isfinite(out.log_prob).all()
     with pytest.raises(TypeError, match="floating-point"):
         model(torch.ones(3, 2, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"expects torch.float64 inputs, got torch.float32"):
+        model(torch.ones(3, 2, dtype=torch.float32))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        model(torch.full((3, 2), float("nan")))
 
 
 def test_resflow_head_pooling_options() -> None:

@@ -216,9 +216,12 @@ def test_ood_command_scores_noise_as_ood(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["ood", f"{out}/m", "--ood", "digits@val", "--hybrid-components=nope"]) == 1
     assert "nope" in capsys.readouterr().err
+    typo = "--hybrid-components=typicality,enrgy"
+    assert main(["ood", f"{out}/m", "--ood", "digits@val", typo]) == 1
+    assert "did you mean 'energy'?" in capsys.readouterr().err
     lr = "--hybrid-components=likelihood_ratio"
     assert main(["ood", f"{out}/m", "--ood", "digits@val", lr]) == 1
-    assert "likelihood_ratio" in capsys.readouterr().err
+    assert "likelihood_ratio needs --background" in capsys.readouterr().err
     for split in ("val", "train"):
         with pytest.raises(ValueError, match="test split only"):
             ood_run(tmp_path / "m", ["digits@val"], split=split)

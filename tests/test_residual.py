@@ -7,8 +7,10 @@ import math
 
 import pytest
 import torch
+from test_conformance import directional_derivatives
 from torch import Tensor, nn
 
+from hybridflow.nets import LipschitzMLP
 from hybridflow.transforms import InverseNotConvergedError, ResidualBlock
 
 D = 4
@@ -198,6 +200,39 @@ def test_inverse_converges_and_reports() -> None:
     assert stats.converged and stats.max_residual < 1e-9 and stats.iterations > 3
 
 
+def test_inverse_gradients_are_implicit() -> None:
+    """DEQ-style gradients (Bai et al. 2019): ``∂x/∂z = (I + J_g(x))⁻¹`` per example, and the
+    parameter gradient matches finite differences; the value is the no-grad solution."""
+    net = _contractive_net(0.9)
+    block = ResidualBlock(net, inverse_atol=1e-12, inverse_rtol=0)
+    z = torch.randn(3, D, requires_grad=True)
+    x = block.inverse(z)
+    with torch.no_grad():
+        assert torch.equal(x.detach(), block.inverse(z))
+    w = torch.randn(3, D)
+    (grad_z,) = torch.autograd.grad((w * x).sum(), z)
+    for i in range(3):
+        jac = torch.autograd.functional.jacobian(net, x[i].detach())
+        expected = torch.linalg.solve((torch.eye(D) + jac).T, w[i])
+        torch.testing.assert_close(grad_z[i], expected, rtol=1e-9, atol=1e-10)
+    auto, fd = directional_derivatives(lambda: (w * block.inverse(z)).sum(), [*net.parameters()])
+    assert auto == pytest.approx(fd, rel=1e-6, abs=1e-8)
+
+
+def test_inverse_with_gradients_keeps_state_and_mode() -> None:
+    """The implicit gradient uses ``g`` with power iterations frozen, like the solve itself."""
+    net = LipschitzMLP(D, 8, coeff=0.9)  # one power iteration per training forward
+    block = ResidualBlock(net, inverse_atol=1e-10, inverse_rtol=0).train()
+    buffers = {k: b.clone() for k, b in net.named_buffers()}
+    z = torch.randn(4, D, requires_grad=True)
+    block.inverse(z).square().sum().backward()
+    assert net.training and z.grad is not None and torch.isfinite(z.grad).all()
+    for name, value in net.named_buffers():
+        assert torch.equal(value, buffers[name]), f"{name} changed"
+    with torch.no_grad():  # sampling: no graph at all
+        assert not block.inverse(z).requires_grad
+
+
 def test_inverse_failure_warns_or_raises_with_residual() -> None:
     expanding = nn.Linear(D, D, bias=False)
     with torch.no_grad():
@@ -210,6 +245,15 @@ def test_inverse_failure_warns_or_raises_with_residual() -> None:
     with pytest.warns(RuntimeWarning, match="did not converge"):
         block.inverse(z)
     assert not block.last_inverse.converged
+    # The implicit gradient iterates with the same J_g: it cannot converge either, and says so.
+    zr = z.clone().requires_grad_(True)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        x = block.inverse(zr)
+    with pytest.warns(RuntimeWarning, match="implicit gradient"):
+        x.sum().backward(retain_graph=True)
+    block.on_inverse_failure = "raise"
+    with pytest.raises(InverseNotConvergedError, match="implicit gradient"):
+        torch.autograd.grad(x.sum(), zr)
 
 
 def test_bad_options_raise() -> None:

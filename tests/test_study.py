@@ -231,6 +231,8 @@ def test_pretrained_export_load_and_checksum(tmp_path: Path, one_thread) -> None
     np.testing.assert_allclose(a["logits"], b["logits"], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="did you mean 'digits/realnvp-lam1overD'"):
         load_pretrained("digits/realnvp-lam1overd", weights_dir=weights)
+    # λ written as configs write it names the same model.
+    assert load_pretrained("digits/realnvp-lam1/D", weights_dir=weights).num_classes == 10
     path = weights / entry["file"]
     data = bytearray(path.read_bytes())
     data[-10] ^= 0xFF
@@ -283,9 +285,9 @@ def test_every_shipped_model_loads_with_its_checksum() -> None:
 
     for name in list_pretrained():
         model = load_pretrained(name)
-        assert sum(p.numel() for p in model.parameters()) == list_pretrained()[name][
-            "num_parameters"
-        ]
+        assert (
+            sum(p.numel() for p in model.parameters()) == list_pretrained()[name]["num_parameters"]
+        )
 
 
 def test_shipped_weights_stay_small() -> None:
@@ -302,7 +304,7 @@ def test_cli_lists_and_uses_pretrained_models(capsys, tmp_path, monkeypatch) -> 
     listing = capsys.readouterr().out
     assert all(name in listing for name in SHIPPED)
     assert main(["eval", "pretrained:digits/no-such-model"]) == 1
-    assert "no pretrained model" in capsys.readouterr().err
+    assert "unknown pretrained model" in capsys.readouterr().err
     if "digits/coupling-lam1overD" in SHIPPED:
         monkeypatch.setenv("HYBRIDFLOW_CACHE", str(tmp_path))
         assert main(["eval", "pretrained:digits/coupling-lam1overD", "--ood", "noise:digits"]) == 0

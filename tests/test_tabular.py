@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from hybridflow.data import UnknownDatasetError, load_dataset
 from hybridflow.data.images import DatasetNotFoundError
 from hybridflow.data.tabular import (
     TABULAR_DATASETS,
@@ -98,6 +99,17 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="seed"):
         load_tabular("sk:iris", seed=-1)
     assert set(TABULAR_DIMS) == set(TABULAR_DATASETS)
+
+
+@pytest.mark.parametrize(
+    ("name", "closest"), [("sk:wien", "sk:wine"), ("sk:iriss", "sk:iris"), ("uci:gass", "uci:gas")]
+)
+def test_misspelt_names_suggest_the_closest(name, closest):
+    with pytest.raises(UnknownDatasetError, match=f"unknown tabular dataset '{name}'; did you"):
+        load_tabular(name)
+    with pytest.raises(UnknownDatasetError, match=f"did you mean '{closest}'") as info:
+        load_dataset(name)
+    assert info.value.suggestion == closest and "sk:digits64" in str(info.value)
 
 
 def test_same_attributes_as_toy_dataset():

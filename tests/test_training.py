@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,11 @@ from hybridflow.training import (
     ConfigError,
     TrainingDivergedError,
     load_checkpoint,
+    load_config,
     load_run,
     parse_overrides,
     resolve_config,
+    run_dir_for,
     train,
 )
 
@@ -133,12 +136,89 @@ def test_config_overrides_are_typed_and_checked() -> None:
     assert cfg["lr"] == 3e-4 and cfg["epochs"] == 7 and cfg["lam"] == "1/D"
     assert cfg["progress"] is False and cfg["backbone_args"]["hidden_channels"] == 16
     assert cfg["data_root"] == "/x"
-    with pytest.raises(ConfigError, match="unknown config key"):
+    with pytest.raises(ConfigError, match="unknown config key 'learning_rate'; did you mean 'lr'"):
         resolve_config(parse_overrides(["--learning_rate=1"]))
+    with pytest.raises(ConfigError, match="did you mean 'eval_every'"):
+        resolve_config(parse_overrides(["--eval_evry=1"]))
     with pytest.raises(ConfigError, match="number"):
         resolve_config(parse_overrides(["--lr=fast"]))
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["--lr"])
+
+
+def test_keys_with_none_defaults_have_declared_types() -> None:
+    """``--name=2024`` is a name, not an int (it crashed run_dir_for with a TypeError)."""
+    cfg = resolve_config(
+        parse_overrides(["--name=2024", "--data_root=7", "--max_steps=30", "--num_threads=2"])
+    )
+    assert cfg["name"] == "2024" and cfg["data_root"] == "7"
+    assert cfg["max_steps"] == 30 and cfg["num_threads"] == 2
+    assert run_dir_for({**cfg, "out_dir": "runs"}).name == "2024"
+    assert resolve_config(parse_overrides(["--name=none", "--max_steps=null"]))["name"] is None
+    assert resolve_config({"max_steps": 1e3})["max_steps"] == 1000  # an integral float is an int
+    assert resolve_config(base={"out_dir": Path("/tmp/x")})["out_dir"] == "/tmp/x"
+
+
+@pytest.mark.parametrize(
+    ("source", "entry", "message"),
+    [
+        ("base", {"name": 2024}, "'name' expects a string or None, got 2024 (int)"),
+        ("base", {"max_steps": "many"}, "'max_steps' expects an int or None, got 'many'"),
+        ("base", {"num_threads": 1.5}, "'num_threads' expects an int or None, got 1.5 (float)"),
+        ("base", {"epochs": True}, "'epochs' expects an int, got True (bool)"),
+        ("base", {"lr": [1]}, "'lr' expects a number, got [1] (list)"),
+        ("base", {"backbone_args": "wide"}, "'backbone_args' expects a dict, got 'wide'"),
+        ("base", {"lam": -1}, "'lam' expects a number >= 0 or '1/D', got -1"),
+        ("cli", {"lam": "1/E"}, "'lam' expects a number >= 0 or '1/D', got '1/E'"),
+        ("cli", {"epochs": "2.5"}, "'epochs' expects an int, got 2.5 (float)"),
+        ("cli", {"progress": "maybe"}, "'progress' expects a boolean, got 'maybe'"),
+        ("json", {"seed": "zero"}, "'seed' expects an int, got 'zero'"),
+        ("json", {"dataset": 3}, "'dataset' expects a string, got 3 (int)"),
+    ],
+)
+def test_wrong_types_name_key_type_and_value(
+    tmp_path: Path, source: str, entry: dict, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        if source == "base":
+            resolve_config(base=entry)
+        elif source == "cli":
+            resolve_config(parse_overrides([f"--{k}={v}" for k, v in entry.items()]))
+        else:
+            path = tmp_path / "config.json"
+            path.write_text(json.dumps(entry))
+            load_config(path)
+
+
+def test_command_line_reports_a_wrong_type_in_one_line(tmp_path: Path, capsys) -> None:
+    from hybridflow.cli import main
+
+    assert main(["train", f"--out_dir={tmp_path}", "--epochs=many"]) == 1
+    err = capsys.readouterr().err
+    assert "'epochs' expects an int, got 'many'" in err and "Traceback" not in err
+
+
+class _Pickled:
+    """Any class instance makes a file unloadable with ``weights_only=True``."""
+
+
+@pytest.mark.parametrize("filename", ["checkpoint.pt", "model.pt"])
+def test_file_with_python_objects_is_refused_in_one_clear_line(
+    tmp_path: Path, filename: str
+) -> None:
+    run_dir = tmp_path / "unsafe"
+    run_dir.mkdir()
+    torch.save({"model": _Pickled(), "config": {}}, run_dir / filename)
+    with pytest.raises(CheckpointError) as info:
+        if filename == "checkpoint.pt":
+            train(_cfg(tmp_path, name="unsafe"))
+        else:
+            load_run(run_dir)
+    text = str(info.value)
+    assert "\n" not in text and len(text) < 450
+    assert "arbitrary Python objects" in text and "refused for safety" in text
+    assert "_Pickled" in text and "nothing in it was run" in text
+    assert f"writes a valid {filename}" in text and "torch.save" in text
 
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")

@@ -1,38 +1,50 @@
 """Datasets of hybridflow: integer-level images, 2-D toy densities and tabular benchmarks.
 
-Use :func:`load_dataset` with a name from :func:`available_datasets`.
+Use :func:`load_dataset` with a name from :func:`available_datasets`. Modules, bottom to top:
+``common`` (containers, checks, splits) → the families ``images``, ``toy``, ``tabular`` and
+``derived`` → ``registry`` (the one name → loader table) → this package.
 """
 
-from hybridflow.data.images import (
+from hybridflow.data.common import (
     DatasetNotFoundError,
     ImageDataset,
-    available_datasets,
+    PointDataset,
+    UnknownDatasetError,
     dataset_tensors,
+)
+from hybridflow.data.derived import DERIVED_KINDS
+from hybridflow.data.images import read_idx
+from hybridflow.data.registry import (
+    DatasetFamily,
+    available_datasets,
     load_dataset,
-    read_idx,
+    register_family,
 )
 from hybridflow.data.tabular import TABULAR_DATASETS, TabularDataset, load_tabular
 from hybridflow.data.toy import (
     TOY_DATASETS,
-    PointDataset,
     ToyDataset,
     sample_toy,
     toy_log_density,
 )
 
 __all__ = [
+    "DERIVED_KINDS",
     "TABULAR_DATASETS",
     "TOY_DATASETS",
+    "DatasetFamily",
     "DatasetNotFoundError",
     "ImageDataset",
     "PointDataset",
     "TabularDataset",
     "ToyDataset",
+    "UnknownDatasetError",
     "available_datasets",
     "dataset_tensors",
     "load_dataset",
     "load_tabular",
     "read_idx",
+    "register_family",
     "sample_toy",
     "toy_log_density",
 ]

@@ -22,8 +22,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
-from .images import ImageDataset
+from hybridflow.data.common import ImageDataset
 
 __all__ = ["DERIVED_KINDS", "MAX_GENERATED", "load_derived"]
 
@@ -90,6 +91,7 @@ def load_derived(
     name: str,
     split: str = "all",
     *,
+    load_base: Callable[..., Dataset],
     data_root: str | None = None,
     seed: int = 0,
     val_fraction: float = 0.1,
@@ -99,9 +101,12 @@ def load_derived(
 
     The base is loaded with the same ``seed`` and ``val_fraction`` (its test split, which the
     model never saw). ``split`` must be ``all`` or ``test``: the set has no train/val parts.
-    """
-    from .images import load_dataset
 
+    Args:
+        load_base: Loads the base by name, with :func:`hybridflow.data.load_dataset`'s
+            signature; passed in by the dataset registry, which this module sits below (so a
+            base may itself be any registered image dataset, even a derived one).
+    """
     kind, _, base = name.partition(":")
     if kind not in DERIVED_KINDS:
         raise ValueError(f"unknown derived dataset kind {kind!r}; choose from {DERIVED_KINDS}")
@@ -109,7 +114,7 @@ def load_derived(
         raise ValueError(f"{name!r} needs a base dataset, e.g. '{kind}:digits'")
     if split not in ("all", "test"):
         raise ValueError(f"{name} is an OOD set with no {split!r} split; use 'all' or 'test'")
-    ref = load_dataset(
+    ref = load_base(
         base,
         "test",
         data_root=data_root,

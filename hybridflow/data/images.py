@@ -1,10 +1,9 @@
-"""Image datasets held in memory as integer pixel levels, and the :func:`load_dataset` entry point.
+"""Image dataset families held in memory as integer pixel levels: digits, the MNIST family, npz.
 
 Images are stored as uint8 ``N x C x H x W`` tensors of *levels* ``0..num_levels-1``; the
 dequantisation and scaling to floats belong to the model, not to the data. Splits are fixed and
-seeded: the same ``seed`` gives the same split on every machine (index choices use NumPy's
-legacy ``RandomState`` and scikit-learn, whose streams are frozen across versions), and the
-train/val/test splits of one seed never overlap.
+seeded (see :mod:`hybridflow.data.common`). Load them by name with
+:func:`hybridflow.data.load_dataset`, which dispatches to the loaders here.
 
 Parsed source files are cached per process (keyed by path, modification time and size), so
 loading ``train``, ``val`` and ``test`` in turn reads each file once.
@@ -21,15 +20,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
-from torch.utils.data import Dataset
 
-from hybridflow.data.toy import (
-    TOY_DATASETS,
-    PointDataset,
-    ToyDataset,
-    check_split,
-    make_toy_dataset,
+from hybridflow.data.common import (
+    DEFAULT_DATA_ROOT,
+    TEST_FRACTION,
+    DatasetNotFoundError,
+    ImageDataset,
+    check_fractions,
+    dataset_tensors,
+    file_key,
+    random_split,
+    readonly,
+    stratified_split,
 )
 
 __all__ = [
@@ -39,15 +41,12 @@ __all__ = [
     "DatasetNotFoundError",
     "IdxSource",
     "ImageDataset",
-    "available_datasets",
     "dataset_tensors",
-    "load_dataset",
+    "load_digits",
+    "load_idx_dataset",
+    "load_npz",
     "read_idx",
 ]
-
-DEFAULT_DATA_ROOT = "~/.cache/hybridflow"
-# Share of all examples held out as test set for sources without an official test split.
-TEST_FRACTION = 0.2
 
 _IDX_FILES: dict[str, str] = {
     "train_images": "train-images-idx3-ubyte",
@@ -64,10 +63,6 @@ _IDX_DTYPES: dict[int, str] = {
     0x0D: ">f4",
     0x0E: ">f8",
 }
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The data files of a dataset are not on this machine; the message says how to get them."""
 
 
 @dataclass(frozen=True)
@@ -99,88 +94,7 @@ IDX_SOURCES: dict[str, IdxSource] = {
 }
 
 
-class ImageDataset(Dataset):
-    """Integer-level images with labels, held in memory.
-
-    Attributes:
-        images: uint8 ``N x C x H x W`` with values in ``0..num_levels-1``.
-        labels: int64 ``N``; all -1 when the source has no labels.
-        num_levels: Size of the pixel alphabet (17 for ``digits``, 256 otherwise); bits/dim
-            must be computed on this alphabet.
-        num_classes: Number of classes (0 when unlabelled).
-        name: Dataset name, e.g. ``"digits"`` or ``"npz:/path/file.npz"``.
-        split: One of ``train``, ``val``, ``test``, ``all``.
-        indices: int64 ``N``, position of each example in the ``all`` split of the same source
-            (``all`` lists the train file then the test file where a source has both).
-    """
-
-    def __init__(
-        self,
-        images: Tensor,
-        labels: Tensor,
-        *,
-        num_levels: int,
-        num_classes: int,
-        name: str,
-        split: str,
-        indices: Tensor | None = None,
-    ) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(
-                f"images must be uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}"
-            )
-        if labels.shape != (images.shape[0],):
-            raise ValueError("labels must be a 1-D tensor with one entry per image")
-        if not 2 <= num_levels <= 256:
-            raise ValueError(f"num_levels must be in 2..256, got {num_levels}")
-        if images.numel() and int(images.max()) >= num_levels:
-            raise ValueError(f"pixel values exceed the alphabet of {num_levels} levels")
-        self.images = images
-        self.labels = labels.to(torch.int64)
-        self.num_levels = num_levels
-        self.num_classes = num_classes
-        self.name = name
-        self.split = split
-        self.indices = torch.arange(images.shape[0]) if indices is None else indices.to(torch.int64)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """Shape of one image: ``(C, H, W)``."""
-        c, h, w = self.images.shape[1:]
-        return (c, h, w)
-
-    @property
-    def dim(self) -> int:
-        """Number of pixels times channels of one image."""
-        c, h, w = self.shape
-        return c * h * w
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.images[index], self.labels[index]
-
-    def __repr__(self) -> str:
-        return (
-            f"ImageDataset(name={self.name!r}, split={self.split!r}, n={len(self)}, "
-            f"shape={self.shape}, num_levels={self.num_levels})"
-        )
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def _file_key(path: Path) -> tuple[str, int, int]:
-    """Cache key of a file: resolved path plus mtime and size, so edited files are re-read."""
-    st = path.stat()
-    return (str(path.resolve()), st.st_mtime_ns, st.st_size)
-
-
-def _readonly(array: np.ndarray) -> np.ndarray:
-    """Freeze a cached array so that no caller can silently corrupt the cache."""
-    array.setflags(write=False)
-    return array
 
 
 def _make_dataset(
@@ -205,69 +119,30 @@ def _make_dataset(
     )
 
 
-def _check_fractions(val_fraction: float, test_fraction: float) -> None:
-    """Validate ``val_fraction`` so that train keeps at least part of the data."""
-    if not 0.0 <= val_fraction < 1.0 - test_fraction:
-        raise ValueError(
-            f"val_fraction must be in [0, {1.0 - test_fraction:g}) so that the train split is "
-            f"not empty, got {val_fraction}"
-        )
-
-
-def _random_split(
-    n: int, split: str, seed: int, val_fraction: float, test_fraction: float
-) -> np.ndarray:
-    """Sorted indices of ``split`` from one seeded permutation of ``range(n)``."""
-    if split == "all":
-        return np.arange(n)
-    perm = np.random.RandomState(seed).permutation(n)
-    n_test = round(test_fraction * n)
-    n_val = round(val_fraction * n)
-    parts = {
-        "test": perm[:n_test],
-        "val": perm[n_test : n_test + n_val],
-        "train": perm[n_test + n_val :],
-    }
-    return np.sort(parts[split])
-
-
 # --------------------------------------------------------------------------- digits
 
 
 @functools.lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    from sklearn import datasets
 
-    bunch = load_digits()
+    bunch = datasets.load_digits()
     images = bunch.images.astype(np.uint8)[:, None]  # levels 0..16, exact in float64
-    return _readonly(images), _readonly(bunch.target.astype(np.int64))
+    return readonly(images), readonly(bunch.target.astype(np.int64))
 
 
-def _load_digits(split: str, seed: int, val_fraction: float) -> ImageDataset:
+def load_digits(split: str, seed: int, val_fraction: float) -> ImageDataset:
     """scikit-learn's 8x8 digits: 1,797 images, 17 levels (0..16), stratified splits.
 
     test = 20 % of all images, val = ``val_fraction`` of all images taken from the remainder,
     train = the rest; both cuts are stratified by label with ``random_state=seed``.
     """
-    from sklearn.model_selection import train_test_split
-
-    _check_fractions(val_fraction, TEST_FRACTION)
+    check_fractions(val_fraction, TEST_FRACTION)
     images, labels = _digits_arrays()
-    n = len(labels)
     if split == "all":
-        index = np.arange(n)
+        index = np.arange(len(labels))
     else:
-        rest, test = train_test_split(
-            np.arange(n), test_size=TEST_FRACTION, random_state=seed, stratify=labels
-        )
-        n_val = round(val_fraction * n)
-        if n_val > 0:
-            train, val = train_test_split(
-                rest, test_size=n_val, random_state=seed, stratify=labels[rest]
-            )
-        else:
-            train, val = rest, rest[:0]
-        index = np.sort({"train": train, "val": val, "test": test}[split])
+        index = stratified_split(labels, seed, val_fraction, TEST_FRACTION)[split]
     return _make_dataset(
         images, labels, index, num_levels=17, num_classes=10, name="digits", split=split
     )
@@ -322,10 +197,10 @@ def _idx_arrays(
         if labels.size and not 0 <= labels.min() <= labels.max() <= 9:
             raise ValueError(f"{key[0]}: labels outside 0..9")
     return (
-        _readonly(arrays[0][:, None]),
-        _readonly(arrays[1].astype(np.int64)),
-        _readonly(arrays[2][:, None]),
-        _readonly(arrays[3].astype(np.int64)),
+        readonly(arrays[0][:, None]),
+        readonly(arrays[1].astype(np.int64)),
+        readonly(arrays[2][:, None]),
+        readonly(arrays[3].astype(np.int64)),
     )
 
 
@@ -411,18 +286,18 @@ def _locate_idx(name: str, data_root: str | None, download: bool) -> dict[str, P
     return files
 
 
-def _load_idx_dataset(
+def load_idx_dataset(
     name: str, split: str, data_root: str | None, seed: int, val_fraction: float, download: bool
 ) -> ImageDataset:
     """MNIST-family dataset: official test file; val = seeded ``val_fraction`` of train file."""
-    _check_fractions(val_fraction, 0.0)
+    check_fractions(val_fraction, 0.0)
     files = _locate_idx(name, data_root, download)
-    keys = tuple(_file_key(files[role]) for role in _IDX_FILES)
+    keys = tuple(file_key(files[role]) for role in _IDX_FILES)
     train_x, train_y, test_x, test_y = _idx_arrays(keys)
     n_train = len(train_y)
     common = {"num_levels": 256, "num_classes": 10, "name": name, "split": split}
     if split in ("train", "val"):
-        index = _random_split(n_train, split, seed, val_fraction, 0.0)
+        index = random_split(n_train, split, seed, val_fraction, 0.0)
         return _make_dataset(train_x, train_y, index, **common)
     if split == "test":
         ds = _make_dataset(test_x, test_y, np.arange(len(test_y)), **common)
@@ -454,7 +329,8 @@ def _npz_arrays(key: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray | Non
     if "x" not in contents:
         raise ValueError(
             f"{path}: missing key 'x' (uint8 images N x H x W or N x C x H x W); "
-            f"keys present: {sorted(contents)}; optional key 'y' holds integer labels"
+            f"keys present: {sorted(contents)}; optional key 'y' holds integer labels "
+            "(-1: unlabelled)"
         )
     x = contents["x"]
     if x.dtype != np.uint8:
@@ -486,18 +362,21 @@ def _npz_arrays(key: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray | Non
             raise ValueError(f"{path}: 'y' must hold integer labels, got dtype {y.dtype}")
         if y.shape != (len(x),):
             raise ValueError(f"{path}: 'y' must have shape ({len(x)},), got {y.shape}")
-        if y.size and y.min() < 0:
-            raise ValueError(f"{path}: 'y' must hold non-negative labels, got min {y.min()}")
-        y = _readonly(y.astype(np.int64))
+        if y.size and y.min() < -1:
+            raise ValueError(
+                f"{path}: 'y' must hold class indices 0, 1, ... or -1 (unlabelled), got min "
+                f"{y.min()}"
+            )
+        y = readonly(y.astype(np.int64))
     num_levels = 256 if levels is None else int(levels)
-    return _readonly(np.ascontiguousarray(x)), y, num_levels
+    return readonly(np.ascontiguousarray(x)), y, num_levels
 
 
-def _load_npz(
+def load_npz(
     spec: str, split: str, data_root: str | None, seed: int, val_fraction: float
 ) -> ImageDataset:
     """Images from ``npz:PATH``; seeded random split test 20 % / val / train."""
-    _check_fractions(val_fraction, TEST_FRACTION)
+    check_fractions(val_fraction, TEST_FRACTION)
     raw_path = spec[len("npz:") :]
     if not raw_path:
         raise ValueError("npz dataset needs a path: use 'npz:/path/to/file.npz'")
@@ -511,101 +390,11 @@ def _load_npz(
             f"npz file not found (tried: {', '.join(map(str, tried))}). Create it with "
             "numpy.savez(path, x=uint8 images N x H x W or N x C x H x W, y=integer labels)."
         )
-    x, y, num_levels = _npz_arrays(_file_key(path))
+    x, y, num_levels = _npz_arrays(file_key(path))
     n = len(x)
     labels = np.full(n, -1, dtype=np.int64) if y is None else y
-    num_classes = 0 if y is None or y.size == 0 else int(y.max()) + 1
-    index = _random_split(n, split, seed, val_fraction, TEST_FRACTION)
+    num_classes = 0 if y is None or y.size == 0 else max(int(y.max()) + 1, 0)
+    index = random_split(n, split, seed, val_fraction, TEST_FRACTION)
     return _make_dataset(
         x, labels, index, num_levels=num_levels, num_classes=num_classes, name=spec, split=split
-    )
-
-
-# --------------------------------------------------------------------------- entry points
-
-
-def available_datasets() -> list[str]:
-    """Names accepted by :func:`load_dataset` (``npz:PATH`` takes a file path)."""
-    from hybridflow.data.tabular import TABULAR_DATASETS  # tabular imports this module
-
-    toys = [f"toy:{t}" for t in TOY_DATASETS]
-    from hybridflow.data.derived import DERIVED_KINDS
-
-    derived = [f"{kind}:BASE" for kind in DERIVED_KINDS]
-    return ["digits", "fashion-mnist", "mnist", "npz:PATH", *toys, *TABULAR_DATASETS, *derived]
-
-
-def load_dataset(
-    name: str,
-    split: str = "train",
-    *,
-    data_root: str | None = None,
-    seed: int = 0,
-    val_fraction: float = 0.1,
-    download: bool = False,
-) -> ImageDataset | ToyDataset:
-    """Load a dataset split into memory.
-
-    Args:
-        name: ``digits`` (17 levels), ``fashion-mnist``, ``mnist``, ``npz:PATH``, ``toy:NAME``,
-            a tabular set (``uci:NAME``, ``sk:NAME``; see :mod:`hybridflow.data.tabular`) or an
-            OOD set made in code (``noise:BASE``, ``inverted:BASE``, ...; see
-            :mod:`hybridflow.data.derived`); see :func:`available_datasets`.
-        split: ``train``, ``val``, ``test`` or ``all`` (every example; train then test file
-            where the source has both).
-        data_root: Folder searched first for IDX files (then its torchvision layout
-            ``<Class>/raw``) and download target, and the folder of the UCI files; defaults to
-            ``~/.cache/hybridflow``.
-            Relative npz paths that do not exist are also tried under it.
-        seed: Seed of the split (non-negative integer); same seed, same split everywhere.
-        val_fraction: Share of the examples used for validation: of all examples for
-            ``digits``/npz (test is 20 % of all), of the 60,000 train images for the MNIST
-            family. Ignored by toy datasets, whose sizes are fixed.
-        download: Fetch MNIST/Fashion-MNIST with torchvision (needs internet) if not found.
-
-    Raises:
-        ValueError: Unknown name or split, bad fraction or seed, malformed files.
-        DatasetNotFoundError: The files are absent; the message says how to get them.
-    """
-    check_split(split)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    seed = int(seed)
-    if name == "digits":
-        return _load_digits(split, seed, val_fraction)
-    if name in IDX_SOURCES:
-        return _load_idx_dataset(name, split, data_root, seed, val_fraction, download)
-    if name.startswith("npz:"):
-        return _load_npz(name, split, data_root, seed, val_fraction)
-    if name.startswith("toy:") and name[4:] in TOY_DATASETS:
-        return make_toy_dataset(name, split, seed)
-    kind = name.partition(":")[0]
-    if kind in ("noise", "constant", "photos", "inverted", "hflip", "vflip") and ":" in name:
-        from hybridflow.data.derived import load_derived  # derived imports this module
-
-        return load_derived(
-            name,
-            split,
-            data_root=data_root,
-            seed=seed,
-            val_fraction=val_fraction,
-            download=download,
-        )
-    if name.startswith(("uci:", "sk:")):
-        from hybridflow.data.tabular import load_tabular
-
-        return load_tabular(name, split, root=data_root, seed=seed, val_fraction=val_fraction)
-    raise ValueError(
-        f"unknown dataset {name!r}; valid choices are {', '.join(available_datasets())}"
-    )
-
-
-def dataset_tensors(dataset) -> tuple[Tensor, Tensor]:
-    """The ``(inputs, labels)`` tensors of an in-memory dataset: images, toy or tabular points."""
-    if isinstance(dataset, ImageDataset):
-        return dataset.images, dataset.labels
-    if isinstance(dataset, PointDataset):
-        return dataset.points, dataset.labels
-    raise TypeError(
-        f"expected an ImageDataset, ToyDataset or TabularDataset, got {type(dataset).__name__}"
     )

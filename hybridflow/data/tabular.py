@@ -52,13 +52,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hybridflow.data.images import (
+from hybridflow.data.common import (
     DEFAULT_DATA_ROOT,
     DatasetNotFoundError,
-    _file_key,
-    _readonly,
+    PointDataset,
+    check_fractions,
+    check_seed,
+    check_split,
+    file_key,
+    readonly,
+    stratified_split,
+    unknown_dataset_error,
 )
-from hybridflow.data.toy import PointDataset, check_split
 
 __all__ = [
     "MAF_DATA_URL",
@@ -153,7 +158,7 @@ def _tail_split(data: np.ndarray) -> _Splits:
 def _standardise(splits: _Splits, mean: np.ndarray, std: np.ndarray) -> _Splits:
     """Apply ``(x - mean) / std`` to every split and cast to float32 (after, not before)."""
     safe = np.where(std > 0, std, 1.0)  # a constant feature would otherwise become NaN
-    out = tuple(_readonly(((s - mean) / safe).astype(np.float32)) for s in splits)
+    out = tuple(readonly(((s - mean) / safe).astype(np.float32)) for s in splits)
     return out[0], out[1], out[2]
 
 
@@ -337,7 +342,7 @@ def _hepmass_preprocess(
     train = train[:, keep]
     n_val = int(0.1 * train.shape[0])
     splits = (train[: train.shape[0] - n_val], train[train.shape[0] - n_val :], test)
-    out = tuple(_readonly(s.astype(np.float32)) for s in splits)
+    out = tuple(readonly(s.astype(np.float32)) for s in splits)
     return out[0], out[1], out[2]
 
 
@@ -415,35 +420,13 @@ def _sk_raw(short: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     if short == "digits64":
         # Fixed uniform dequantisation of the 17 levels; the stream depends on seed only.
         x = (x + np.random.RandomState(seed).rand(*x.shape)) / 17.0
-    return _readonly(x), _readonly(np.asarray(bunch.target, dtype=np.int64))
-
-
-def _stratified_split(labels: np.ndarray, seed: int, val_fraction: float) -> dict[str, np.ndarray]:
-    """Sorted indices of train/val/test: test = 20 % of all, val = ``val_fraction`` of all."""
-    from sklearn.model_selection import train_test_split
-
-    n = len(labels)
-    rest, test = train_test_split(
-        np.arange(n), test_size=SK_TEST_FRACTION, random_state=seed, stratify=labels
-    )
-    n_val = round(val_fraction * n)
-    if n_val > 0:
-        train, val = train_test_split(
-            rest, test_size=n_val, random_state=seed, stratify=labels[rest]
-        )
-    else:
-        train, val = rest, rest[:0]
-    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+    return readonly(x), readonly(np.asarray(bunch.target, dtype=np.int64))
 
 
 def _load_sklearn(name: str, split: str, seed: int, val_fraction: float) -> TabularDataset:
-    if not 0.0 <= val_fraction < 1.0 - SK_TEST_FRACTION:
-        raise ValueError(
-            f"val_fraction must be in [0, {1.0 - SK_TEST_FRACTION:g}) so that the train split "
-            f"is not empty, got {val_fraction}"
-        )
+    check_fractions(val_fraction, SK_TEST_FRACTION)
     x, y = _sk_raw(name[3:], seed)
-    parts = _stratified_split(y, seed, val_fraction)
+    parts = stratified_split(y, seed, val_fraction, SK_TEST_FRACTION)
     train = x[parts["train"]]
     mean, std = train.mean(axis=0), train.std(axis=0)
     index = np.arange(len(y)) if split == "all" else parts[split]
@@ -464,12 +447,12 @@ def _load_sklearn(name: str, split: str, seed: int, val_fraction: float) -> Tabu
 def _uci_splits(name: str, root: str | None) -> _Splits:
     paths = _locate(name, root)
     if name == "uci:power":
-        return _power_arrays(_file_key(paths[0]))
+        return _power_arrays(file_key(paths[0]))
     if name == "uci:gas":
-        return _gas_arrays(_file_key(paths[0]))
+        return _gas_arrays(file_key(paths[0]))
     if name == "uci:hepmass":
-        return _hepmass_arrays(_file_key(paths[0]), _file_key(paths[1]))
-    return _miniboone_arrays(_file_key(paths[0]))
+        return _hepmass_arrays(file_key(paths[0]), file_key(paths[1]))
+    return _miniboone_arrays(file_key(paths[0]))
 
 
 def _load_uci(name: str, split: str, root: str | None) -> TabularDataset:
@@ -521,11 +504,8 @@ def load_tabular(
     """
     check_split(split)
     if name not in TABULAR_DATASETS:
-        raise ValueError(
-            f"unknown tabular dataset {name!r}; valid choices are {', '.join(TABULAR_DATASETS)}"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+        raise unknown_dataset_error(name, TABULAR_DATASETS, kind="tabular dataset")
+    seed = check_seed(seed)
     if name.startswith("sk:"):
-        return _load_sklearn(name, split, int(seed), val_fraction)
+        return _load_sklearn(name, split, seed, val_fraction)
     return _load_uci(name, split, root)

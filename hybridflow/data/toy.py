@@ -31,7 +31,8 @@ import math
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+
+from hybridflow.data.common import SPLITS, PointDataset, check_split, unknown_dataset_error
 
 __all__ = [
     "EIGHT_GAUSSIANS_RADIUS",
@@ -49,7 +50,6 @@ __all__ = [
     "toy_log_density",
 ]
 
-SPLITS: tuple[str, ...] = ("train", "val", "test", "all")
 TOY_DATASETS: tuple[str, ...] = ("8gaussians", "checkerboard", "grid", "moons", "rings", "spirals")
 # Fixed sizes so that toy results do not depend on val_fraction or on the machine.
 TOY_SPLIT_SIZES: dict[str, int] = {"train": 20_000, "val": 2_000, "test": 10_000}
@@ -75,19 +75,15 @@ _NUM_CLASSES: dict[str, int] = {
 }
 
 
-def check_split(split: str) -> str:
-    """Return ``split`` if it is a valid split name, else raise ``ValueError``."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid splits are {', '.join(SPLITS)}")
-    return split
-
-
 def _toy_name(name: str) -> str:
     """Strip an optional ``toy:`` prefix and validate the toy name."""
-    short = name[4:] if name.startswith("toy:") else name
+    prefixed = name.startswith("toy:")
+    short = name[4:] if prefixed else name
     if short not in TOY_DATASETS:
-        valid = ", ".join(f"toy:{t}" for t in TOY_DATASETS)
-        raise ValueError(f"unknown toy dataset {name!r}; valid toy datasets are {valid}")
+        valid = [f"toy:{t}" for t in TOY_DATASETS]
+        # Suggest in the form the caller used: "moon" -> "moons", "toy:moon" -> "toy:moons".
+        candidates = valid if prefixed else TOY_DATASETS
+        raise unknown_dataset_error(name, valid, candidates=candidates, kind="toy dataset")
     return short
 
 
@@ -201,68 +197,6 @@ def _split_seed(name: str, split: str, seed: int) -> int:
     """A 63-bit seed unique to (toy, split, seed), identical on every machine."""
     digest = hashlib.sha256(f"hybridflow/toy/{name}/{split}/{seed}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-class PointDataset(Dataset):
-    """Continuous points ``N x D`` with labels, held in memory (toy and tabular datasets).
-
-    Attributes:
-        points: float32 ``N x D``.
-        labels: int64 ``N`` (class index, or -1 when unknown).
-        num_levels: Always ``None`` (continuous data).
-        num_classes: Number of classes (0 when unlabelled).
-        name: Dataset name.
-        split: One of ``train``, ``val``, ``test``, ``all``.
-        indices: int64 ``N``, position of each point in the ``all`` split of the same source.
-    """
-
-    def __init__(
-        self,
-        points: Tensor,
-        labels: Tensor,
-        *,
-        name: str,
-        split: str,
-        num_classes: int,
-        indices: Tensor | None = None,
-    ) -> None:
-        if points.dtype != torch.float32 or points.ndim != 2:
-            raise ValueError(
-                f"points must be float32 N x D, got {points.dtype} {tuple(points.shape)}"
-            )
-        if labels.shape != (points.shape[0],):
-            raise ValueError("labels must be a 1-D tensor with one entry per point")
-        if indices is not None and indices.shape != (points.shape[0],):
-            raise ValueError("indices must be a 1-D tensor with one entry per point")
-        self.points = points
-        self.labels = labels.to(torch.int64)
-        self.num_levels: int | None = None
-        self.num_classes = num_classes
-        self.name = name
-        self.split = split
-        self.indices = torch.arange(points.shape[0]) if indices is None else indices.to(torch.int64)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Shape of one example: ``(D,)``."""
-        return (self.points.shape[1],)
-
-    @property
-    def dim(self) -> int:
-        """Number of dimensions of one example: ``D``."""
-        return self.points.shape[1]
-
-    def __len__(self) -> int:
-        return self.points.shape[0]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.points[index], self.labels[index]
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, n={len(self)}, "
-            f"dim={self.dim})"
-        )
 
 
 class ToyDataset(PointDataset):

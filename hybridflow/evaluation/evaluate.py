@@ -83,15 +83,22 @@ def predict(
 
 
 def evaluate_predictions(pred: Mapping, n_bins: int = 15) -> dict[str, float]:
-    """Bits/dim and NLL (nats) of the data; accuracy, ECE, Brier and NLL of the labels."""
+    """Bits/dim and NLL (nats) of the data; accuracy, ECE, Brier and NLL of the labels.
+
+    Classification metrics cover the labelled examples (label ≥ 0) and are absent when there
+    are none or the model has no classes: unlabelled data get density metrics only.
+    """
     nll = -np.asarray(pred["log_prob"], dtype=np.float64)
     result = {
         "nll_nats": float(nll.mean()),
         "bpd": float(nll.mean() / (pred["dim"] * math.log(2))),
     }
-    labels = np.asarray(pred["labels"])
-    if labels.size and labels.min() >= 0 and pred["logits"].shape[1] > 0:
-        cls = classification_metrics(pred["logits"], labels, n_bins=n_bins)
+    labels, logits = np.asarray(pred["labels"]), pred["logits"]
+    known = labels >= 0
+    if known.any() and logits.shape[1] > 0:
+        if not known.all():  # partly labelled data: score the labelled part
+            labels, logits = labels[known], logits[known]
+        cls = classification_metrics(logits, labels, n_bins=n_bins)
         result.update({k if k != "nll" else "class_nll": v for k, v in cls.items()})
     return result
 

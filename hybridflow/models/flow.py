@@ -92,11 +92,57 @@ class FlowModel(nn.Module):
         return self.backbone.feature_shapes
 
     def _check_input(self, x: Tensor) -> None:
-        if tuple(x.shape[1:]) != self.input_shape:
+        """Refuse a wrong shape or an empty batch with a message, not a shape error deep inside."""
+        if x.dim() == 0 or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
                 f"expected a batch of shape [N, {', '.join(map(str, self.input_shape))}], got "
                 f"{tuple(x.shape)}"
             )
+        if x.shape[0] == 0:
+            raise ValueError("empty batch: give at least one example")
+
+    def _checked_data(self, x: Tensor) -> Tensor:
+        """Validate the values of a data batch and return it in the model's dtype.
+
+        Discrete models read integer levels ``0..K-1``: non-integer floats (most often images
+        scaled to ``[0, 1]``) would be read as levels and give a wrong number, so they are
+        refused, as are NaN and Inf. Levels are cast to the parameters' dtype (exact), so a
+        float64 or uint8 batch works with a float32 model. Continuous flows need the model's
+        own floating dtype. One host synchronisation covers every check.
+        """
+        self._check_input(x)
+        dtype = next(self.parameters()).dtype
+        if self.num_levels is None:
+            if not x.is_floating_point():
+                raise TypeError(f"continuous flow expects floating-point inputs, got {x.dtype}")
+            if x.dtype != dtype:
+                raise TypeError(
+                    f"continuous flow expects {dtype} inputs, got {x.dtype}: convert with "
+                    f"x.to({dtype}) or the model with model.to({x.dtype})"
+                )
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("input holds NaN or Inf: the log-density is undefined there")
+            return x
+        if x.is_floating_point():
+            non_finite, fractional = torch.stack(
+                [(~torch.isfinite(x)).any(), (x != torch.round(x)).any()]
+            ).tolist()
+            if non_finite:
+                raise ValueError("input holds NaN or Inf; expected integer levels")
+            if fractional:
+                k = self.num_levels
+                value = x[x != torch.round(x)][0].item()
+                hint = (
+                    f"; these look like images scaled to [0, 1]: pass levels, e.g. "
+                    f"(x * {k - 1}).round()"
+                    if bool(((x >= 0) & (x <= 1)).all())
+                    else ""
+                )
+                raise ValueError(
+                    f"expected integer levels in [0, {k - 1}] (the data's own alphabet), got "
+                    f"non-integer values such as {value:g}{hint}"
+                )
+        return x.to(dtype)
 
     def _to_flow_input(
         self,
@@ -104,11 +150,10 @@ class FlowModel(nn.Module):
         dequant_noise: Tensor | float | None,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        logdet = x.new_zeros(x.shape[0], dtype=torch.get_default_dtype())
+        x = self._checked_data(x)
+        logdet = x.new_zeros(x.shape[0])
         if self.dequantize is not None:
             x, logdet = self.dequantize(x, noise=dequant_noise, generator=generator)
-        elif not x.is_floating_point():
-            raise TypeError(f"continuous flow expects floating-point inputs, got {x.dtype}")
         return self._preprocess(x, logdet)
 
     def _preprocess(self, y: Tensor, logdet: Tensor) -> tuple[Tensor, Tensor]:
@@ -150,7 +195,6 @@ class FlowModel(nn.Module):
                 ``None`` draws ``u ~ q(u | x)`` (uniform or variational).
             generator: Random generator for the dequantization draw.
         """
-        self._check_input(x)
         h, logdet = self._to_flow_input(x, dequant_noise, generator)
         z, ld, features = self.backbone.forward_features(h)
         return features, standard_normal_log_prob(z) + logdet + ld

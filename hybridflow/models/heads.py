@@ -9,6 +9,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from ..naming import unknown_name_message
 from ..transforms import ActNorm
 
 __all__ = ["DIGHead", "ResidualFlowsHead", "create_head"]
@@ -112,5 +113,5 @@ def create_head(
 ) -> nn.Module:
     """Build the head ``name`` (``"resflow"`` or ``"dig"``)."""
     if name not in _HEADS:
-        raise ValueError(f"unknown head {name!r}; available: {', '.join(sorted(_HEADS))}")
+        raise ValueError(unknown_name_message("head", name, _HEADS))
     return _HEADS[name](feature_shapes, num_classes, **kwargs)

@@ -104,12 +104,18 @@ class HybridModel(nn.Module):
     def loss(self, x: Tensor, y: Tensor, lam: float | str) -> dict[str, Tensor]:
         """Hybrid loss terms, each a per-example tensor in nats.
 
+        Unlabelled examples (label -1) have ``ce = 0`` and contribute only λ·NLL (semi-supervised
+        training); a model without classes (``num_classes = 0``) is a pure density model.
+
         Returns a dict with ``loss`` (CE + λ·NLL), ``ce``, ``nll`` and ``bpd`` (NLL in bits/dim),
         plus ``logits``.
         """
         weight = resolve_lambda(lam, self.dim)
         out = self(x)
-        ce = F.cross_entropy(out.logits, y, reduction="none")
+        if self.num_classes:
+            ce = F.cross_entropy(out.logits, y, reduction="none", ignore_index=-1)
+        else:  # the head's output is features, not logits: there is nothing to classify
+            ce = torch.zeros_like(out.log_prob)
         nll = -out.log_prob
         bpd = nll / (self.dim * math.log(2))
         return {"loss": ce + weight * nll, "ce": ce, "nll": nll, "bpd": bpd, "logits": out.logits}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..naming import unknown_name_message
 from ..transforms import MultiscaleFlow
 
 __all__ = ["create_backbone", "list_backbones", "register_backbone"]
@@ -33,5 +34,5 @@ def list_backbones() -> list[str]:
 def create_backbone(name: str, input_shape: tuple[int, ...], **kwargs) -> MultiscaleFlow:
     """Build the backbone ``name`` for inputs of ``input_shape`` (``(C, H, W)`` or ``(D,)``)."""
     if name not in _BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
+        raise ValueError(unknown_name_message("backbone", name, _BACKBONES))
     return _BACKBONES[name](tuple(input_shape), **kwargs)

@@ -20,7 +20,9 @@ weights), which is what :func:`refresh_lipschitz_layers` is for.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,7 @@ __all__ = [
     "LipschitzConvNet",
     "LipschitzMLP",
     "NormOrder",
+    "PowerIteration",
     "SpectralNormConv2d",
     "SpectralNormLinear",
     "lipschitz_layers",
@@ -82,6 +85,10 @@ class NormOrder(nn.Module):
         return f"order={float(self().detach()):.4g}, learnable={self.learnable}"
 
 
+# (domain, codomain) orders of an induced-norm layer; None stands for the spectral norm.
+_Orders = tuple[NormOrder, NormOrder]
+
+
 def _lp_norm(x: Tensor, order: Tensor | None) -> Tensor:
     """``||x||_r`` over all elements, differentiable in ``x`` and ``r``; ``None`` is the 2-norm."""
     if order is None:
@@ -119,16 +126,56 @@ def _keep_if_degenerate(new: Tensor, old: Tensor) -> Tensor:
     return torch.where(ok, new, old)
 
 
-def _check_iterations(name: str, value: int | None) -> int | None:
+def _check_iterations(name: str, value: int | None) -> None:
     if value is None:
-        return None
+        return
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be an int >= 0 or None (until converged), got {value}")
-    return value
+
+
+@dataclass(frozen=True)
+class PowerIteration:
+    """How a norm-constrained layer estimates ``sigma`` and bounds its weight.
+
+    Every layer and residual branch of this module takes these fields as keywords and passes
+    them on unchanged (``LipschitzMLP(4, 16, coeff=0.9, train_iterations=None)``), so they are
+    defined, defaulted and validated here only.
+
+    Attributes:
+        coeff: Bound on the normalized operator norm (< 1 for invertible residual blocks).
+        train_iterations: Power iterations per forward in training mode (``None``: converge).
+        eval_iterations: Power iterations per forward in eval mode (0: use stored vectors).
+        atol: Absolute tolerance on sigma for ``None`` iterations (default 1e-6).
+        rtol: Relative tolerance on sigma for ``None`` iterations (default 1e-6).
+        max_iterations: Cap for ``None`` iterations.
+    """
+
+    coeff: float = 0.98
+    train_iterations: int | None = 1
+    eval_iterations: int | None = 0
+    atol: float | None = None
+    rtol: float | None = None
+    max_iterations: int = 500
+
+    def __post_init__(self) -> None:
+        # coeff < 1 is what makes a residual block invertible, but the layer itself is general.
+        if not (math.isfinite(self.coeff) and self.coeff > 0):
+            raise ValueError(f"coeff must be a positive finite number, got {self.coeff}")
+        limit = self.max_iterations
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"max_iterations must be a positive int, got {limit}")
+        _check_iterations("train_iterations", self.train_iterations)
+        _check_iterations("eval_iterations", self.eval_iterations)
+        if (self.atol is not None and self.atol < 0) or (self.rtol is not None and self.rtol < 0):
+            raise ValueError(f"atol and rtol must be >= 0, got {self.atol}, {self.rtol}")
 
 
 def _as_order(order: float | NormOrder) -> NormOrder:
     return order if isinstance(order, NormOrder) else NormOrder(float(order))
+
+
+def _as_orders(domain: float | NormOrder, codomain: float | NormOrder) -> _Orders:
+    return _as_order(domain), _as_order(codomain)
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -141,12 +188,15 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
 class _NormalizedLayer(nn.Module):
     """Shared power iteration and weight normalization; subclasses supply the operator.
 
-    Subclasses register ``weight`` (and ``bias``) and call :meth:`_setup_normalization`, then
+    Subclasses register ``weight`` (and ``bias``) and call :meth:`_setup_normalization` with
+    validated :class:`PowerIteration` options, then
     implement ``_matvec(v, weight) = W v`` and ``_rmatvec(u, weight) = Wᵀ u`` on single-example
     tensors shaped like the buffers ``v`` (domain) and ``u`` (codomain).
 
     ``domain``/``codomain`` are ``None`` for the spectral norm; otherwise :class:`NormOrder`
-    modules and the generalized power iteration estimates ``||W||_{p→q}``.
+    modules and the generalized power iteration estimates ``||W||_{p→q}``. The options become
+    plain attributes (``coeff``, ``train_iterations``, ...), so a built model can be
+    reconfigured by assignment, e.g. ``layer.atol = None`` (None = default, resolved at use).
     """
 
     weight: Tensor
@@ -154,40 +204,31 @@ class _NormalizedLayer(nn.Module):
     v: Tensor
     domain: NormOrder | None
     codomain: NormOrder | None
+    #: Induced-norm layers also take ``domain``/``codomain`` orders (default 2.0).
+    _induced: ClassVar[bool] = False
+
+    def _parse_options(self, options: dict[str, Any]) -> tuple[_Orders | None, PowerIteration]:
+        """The one place a layer reads and validates its keyword options."""
+        if not self._induced:
+            return None, PowerIteration(**options)
+        rest = dict(options)
+        orders = _as_orders(rest.pop("domain", 2.0), rest.pop("codomain", 2.0))
+        return orders, PowerIteration(**rest)
 
     def _setup_normalization(
         self,
-        *,
-        coeff: float,
-        train_iterations: int | None,
-        eval_iterations: int | None,
-        atol: float | None,
-        rtol: float | None,
-        max_iterations: int,
-        domain: NormOrder | None,
-        codomain: NormOrder | None,
+        options: PowerIteration,
+        orders: _Orders | None,
         u_shape: tuple[int, ...],
         v_shape: tuple[int, ...],
     ) -> None:
-        # coeff < 1 is what makes a residual block invertible, but the layer itself is general.
-        if not (math.isfinite(coeff) and coeff > 0):
-            raise ValueError(f"coeff must be a positive finite number, got {coeff}")
-        if isinstance(max_iterations, bool) or not isinstance(max_iterations, int):
-            raise ValueError(f"max_iterations must be a positive int, got {max_iterations}")
-        if max_iterations < 1:
-            raise ValueError(f"max_iterations must be a positive int, got {max_iterations}")
-        self.coeff = float(coeff)
-        self.train_iterations = _check_iterations("train_iterations", train_iterations)
-        self.eval_iterations = _check_iterations("eval_iterations", eval_iterations)
-        # Stored as given (None = default, resolved at use) so callers can reconfigure a built
-        # model by plain attribute assignment, e.g. ``layer.atol = None``.
-        self.atol = atol
-        self.rtol = rtol
-        if (atol is not None and atol < 0) or (rtol is not None and rtol < 0):
-            raise ValueError(f"atol and rtol must be >= 0, got {atol}, {rtol}")
-        self.max_iterations = max_iterations
-        self.domain = domain
-        self.codomain = codomain
+        self.coeff = float(options.coeff)
+        self.train_iterations = options.train_iterations
+        self.eval_iterations = options.eval_iterations
+        self.atol = options.atol
+        self.rtol = options.rtol
+        self.max_iterations = options.max_iterations
+        self.domain, self.codomain = (None, None) if orders is None else orders
         self.register_buffer("u", self.weight.new_empty(u_shape))
         self.register_buffer("v", self.weight.new_empty(v_shape))
         self._randomize_vectors()
@@ -317,17 +358,13 @@ class _NormalizedLayer(nn.Module):
 
 
 class _LinearBase(_NormalizedLayer):
+    """A normalized linear layer; the public subclasses choose the norm."""
+
     def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        bias: bool,
-        domain: NormOrder | None,
-        codomain: NormOrder | None,
-        **normalization: object,
+        self, in_features: int, out_features: int, bias: bool = True, **options: Any
     ) -> None:
         super().__init__()
+        orders, power = self._parse_options(options)
         if in_features < 1 or out_features < 1:
             raise ValueError(f"features must be positive, got {in_features}, {out_features}")
         self.in_features = in_features
@@ -338,13 +375,7 @@ class _LinearBase(_NormalizedLayer):
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
-        self._setup_normalization(
-            domain=domain,
-            codomain=codomain,
-            u_shape=(out_features,),
-            v_shape=(in_features,),
-            **normalization,  # type: ignore[arg-type]
-        )
+        self._setup_normalization(power, orders, (out_features,), (in_features,))
 
     def reset_parameters(self) -> None:
         """nn.Linear's default init; call :meth:`refresh` afterwards (vectors become stale)."""
@@ -382,39 +413,10 @@ class SpectralNormLinear(_LinearBase):
         in_features: Input size.
         out_features: Output size.
         bias: Learn an additive bias (does not affect the Lipschitz constant).
-        coeff: Bound on the normalized operator norm (< 1 for invertible residual blocks).
-        train_iterations: Power iterations per forward in training mode (``None``: converge).
-        eval_iterations: Power iterations per forward in eval mode (0: use stored vectors).
-        atol: Absolute tolerance on sigma for ``None`` iterations (default 1e-6).
-        rtol: Relative tolerance on sigma for ``None`` iterations (default 1e-6).
-        max_iterations: Cap for ``None`` iterations.
+        **options: :class:`PowerIteration` fields: ``coeff`` (default 0.98),
+            ``train_iterations`` (1), ``eval_iterations`` (0), ``atol``, ``rtol`` (None: 1e-6)
+            and ``max_iterations`` (500).
     """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        coeff: float = 0.98,
-        train_iterations: int | None = 1,
-        eval_iterations: int | None = 0,
-        atol: float | None = None,
-        rtol: float | None = None,
-        max_iterations: int = 500,
-    ) -> None:
-        super().__init__(
-            in_features,
-            out_features,
-            bias=bias,
-            domain=None,
-            codomain=None,
-            coeff=coeff,
-            train_iterations=train_iterations,
-            eval_iterations=eval_iterations,
-            atol=atol,
-            rtol=rtol,
-            max_iterations=max_iterations,
-        )
 
 
 class InducedNormLinear(_LinearBase):
@@ -425,56 +427,31 @@ class InducedNormLinear(_LinearBase):
     spectral norm.
 
     Args:
-        domain: Order p of the input norm, a float or a (possibly shared) :class:`NormOrder`.
-        codomain: Order q of the output norm, likewise.
-        Others: As in :class:`SpectralNormLinear`.
+        Positional arguments: As in :class:`SpectralNormLinear`.
+        **options: As in :class:`SpectralNormLinear`, plus ``domain``, the order p of the input
+            norm (a float or a possibly shared :class:`NormOrder`; default 2.0), and
+            ``codomain``, the order q of the output norm (likewise).
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        coeff: float = 0.98,
-        domain: float | NormOrder = 2.0,
-        codomain: float | NormOrder = 2.0,
-        train_iterations: int | None = 1,
-        eval_iterations: int | None = 0,
-        atol: float | None = None,
-        rtol: float | None = None,
-        max_iterations: int = 500,
-    ) -> None:
-        super().__init__(
-            in_features,
-            out_features,
-            bias=bias,
-            domain=_as_order(domain),
-            codomain=_as_order(codomain),
-            coeff=coeff,
-            train_iterations=train_iterations,
-            eval_iterations=eval_iterations,
-            atol=atol,
-            rtol=rtol,
-            max_iterations=max_iterations,
-        )
+    _induced = True
 
 
 class _Conv2dBase(_NormalizedLayer):
+    """A normalized convolution; the public subclasses choose the norm."""
+
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
         kernel_size: int | tuple[int, int],
         input_size: tuple[int, int],
-        *,
-        stride: int | tuple[int, int],
-        padding: int | tuple[int, int] | None,
-        bias: bool,
-        domain: NormOrder | None,
-        codomain: NormOrder | None,
-        **normalization: object,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | None = None,
+        bias: bool = True,
+        **options: Any,
     ) -> None:
         super().__init__()
+        orders, power = self._parse_options(options)
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"channels must be positive, got {in_channels}, {out_channels}")
         kernel = _pair(kernel_size, "kernel_size")
@@ -507,11 +484,7 @@ class _Conv2dBase(_NormalizedLayer):
             self.register_parameter("bias", None)
         self.reset_parameters()
         self._setup_normalization(
-            domain=domain,
-            codomain=codomain,
-            u_shape=(1, out_channels, *self.output_size),
-            v_shape=(1, in_channels, *size),
-            **normalization,  # type: ignore[arg-type]
+            power, orders, (1, out_channels, *self.output_size), (1, in_channels, *size)
         )
 
     def reset_parameters(self) -> None:
@@ -561,42 +534,8 @@ class SpectralNormConv2d(_Conv2dBase):
         stride: Stride.
         padding: Zero padding, default ``kernel_size // 2`` ("same" for odd kernels).
         bias: Learn an additive bias.
-        Others: As in :class:`SpectralNormLinear`.
+        **options: As in :class:`SpectralNormLinear`.
     """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        input_size: tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | None = None,
-        bias: bool = True,
-        coeff: float = 0.98,
-        train_iterations: int | None = 1,
-        eval_iterations: int | None = 0,
-        atol: float | None = None,
-        rtol: float | None = None,
-        max_iterations: int = 500,
-    ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            input_size,
-            stride=stride,
-            padding=padding,
-            bias=bias,
-            domain=None,
-            codomain=None,
-            coeff=coeff,
-            train_iterations=train_iterations,
-            eval_iterations=eval_iterations,
-            atol=atol,
-            rtol=rtol,
-            max_iterations=max_iterations,
-        )
 
 
 class InducedNormConv2d(_Conv2dBase):
@@ -606,46 +545,12 @@ class InducedNormConv2d(_Conv2dBase):
     lower-bound (local maximum) estimate; see :class:`InducedNormLinear`.
 
     Args:
-        domain: Order p of the input norm, a float or a (possibly shared) :class:`NormOrder`.
-        codomain: Order q of the output norm, likewise.
-        Others: As in :class:`SpectralNormConv2d`.
+        Positional arguments: As in :class:`SpectralNormConv2d`.
+        **options: As in :class:`InducedNormLinear` (``domain``, ``codomain`` and the
+            :class:`PowerIteration` fields).
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        input_size: tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | None = None,
-        bias: bool = True,
-        coeff: float = 0.98,
-        domain: float | NormOrder = 2.0,
-        codomain: float | NormOrder = 2.0,
-        train_iterations: int | None = 1,
-        eval_iterations: int | None = 0,
-        atol: float | None = None,
-        rtol: float | None = None,
-        max_iterations: int = 500,
-    ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            input_size,
-            stride=stride,
-            padding=padding,
-            bias=bias,
-            domain=_as_order(domain),
-            codomain=_as_order(codomain),
-            coeff=coeff,
-            train_iterations=train_iterations,
-            eval_iterations=eval_iterations,
-            atol=atol,
-            rtol=rtol,
-            max_iterations=max_iterations,
-        )
+    _induced = True
 
 
 def refresh_lipschitz_layers(
@@ -695,6 +600,38 @@ def _interface_orders(
     return [outer, *inner, outer]
 
 
+def _build_branch(
+    spectral: type[_NormalizedLayer],
+    induced: type[_NormalizedLayer],
+    layer_args: Sequence[tuple[Any, ...]],
+    *,
+    activation: str = "lipswish",
+    preact: bool = True,
+    norm: str = "spectral",
+    norm_ord: float = 2.0,
+    learnable_ord: bool = False,
+    **options: Any,
+) -> tuple[nn.Sequential, float]:
+    """``[act] → layer → act → … → layer`` and its bound ``coeff ** len(layer_args)``.
+
+    The one place the keywords of :class:`LipschitzMLP` and :class:`LipschitzConvNet` are
+    defaulted; ``options`` (:class:`PowerIteration` fields) go to every layer unchanged.
+    """
+    num_layers = len(layer_args)
+    orders = _interface_orders(num_layers, norm, norm_ord, learnable_ord)
+    coeff = PowerIteration(**options).coeff  # fail before building anything
+    # A fresh activation per position: LipSwish has its own learnable beta.
+    modules: list[nn.Module] = [create_lipschitz_activation(activation)] if preact else []
+    for i, args in enumerate(layer_args):
+        if i > 0:
+            modules.append(create_lipschitz_activation(activation))
+        if orders is None:
+            modules.append(spectral(*args, **options))
+        else:
+            modules.append(induced(*args, domain=orders[i], codomain=orders[i + 1], **options))
+    return nn.Sequential(*modules), float(coeff) ** num_layers
+
+
 class LipschitzMLP(nn.Module):
     """Residual branch ``g`` for vectors: ``[act] → Lin → act → … → Lin`` with ``Lip(g) < 1``.
 
@@ -706,58 +643,31 @@ class LipschitzMLP(nn.Module):
         features: Input and output size.
         hidden_features: Width of the hidden layers.
         num_hidden_layers: Number of hidden layers (linear layers = this + 1).
-        activation: Name from :data:`~hybridflow.nets.activations.LIPSCHITZ_ACTIVATIONS`.
-        coeff: Per-layer norm bound.
-        preact: Start with an activation (pre-activation residual branch).
-        norm: ``"spectral"`` or ``"induced"`` (mixed l_p norms with shared orders).
-        norm_ord: Initial order of every interface norm when ``norm="induced"``.
-        learnable_ord: Learn the inner interface orders (the outer one stays fixed).
-        train_iterations: Power iterations per training forward (``None``: converge).
-        eval_iterations: Power iterations per eval forward.
-        atol: Convergence tolerance for ``None`` iterations.
-        rtol: Convergence tolerance for ``None`` iterations.
+        **options: Keywords, all optional:
+
+            - ``activation``: name from
+              :data:`~hybridflow.nets.activations.LIPSCHITZ_ACTIVATIONS` (``"lipswish"``).
+            - ``preact``: start with an activation (pre-activation residual branch; True).
+            - ``norm``: ``"spectral"`` or ``"induced"`` (mixed l_p norms with shared orders).
+            - ``norm_ord``: initial order of every interface norm when ``norm="induced"`` (2).
+            - ``learnable_ord``: learn the inner interface orders (the outer one stays fixed).
+            - :class:`PowerIteration` fields, passed to every layer: ``coeff`` (per-layer
+              norm bound, 0.98), ``train_iterations``, ``eval_iterations``, ``atol``, ``rtol``,
+              ``max_iterations``.
     """
 
     def __init__(
-        self,
-        features: int,
-        hidden_features: int,
-        num_hidden_layers: int = 2,
-        activation: str = "lipswish",
-        coeff: float = 0.98,
-        preact: bool = True,
-        norm: str = "spectral",
-        norm_ord: float = 2.0,
-        learnable_ord: bool = False,
-        train_iterations: int | None = 1,
-        eval_iterations: int | None = 0,
-        atol: float | None = None,
-        rtol: float | None = None,
+        self, features: int, hidden_features: int, num_hidden_layers: int = 2, **options: Any
     ) -> None:
         super().__init__()
         if num_hidden_layers < 0:
             raise ValueError(f"num_hidden_layers must be >= 0, got {num_hidden_layers}")
         widths = [features] + [hidden_features] * num_hidden_layers + [features]
-        num_layers = len(widths) - 1
-        orders = _interface_orders(num_layers, norm, norm_ord, learnable_ord)
-        iteration = {
-            "coeff": coeff,
-            "train_iterations": train_iterations,
-            "eval_iterations": eval_iterations,
-            "atol": atol,
-            "rtol": rtol,
-        }
-
-        def make_layer(i: int) -> nn.Module:
-            if orders is None:
-                return SpectralNormLinear(widths[i], widths[i + 1], **iteration)
-            return InducedNormLinear(
-                widths[i], widths[i + 1], domain=orders[i], codomain=orders[i + 1], **iteration
-            )
-
-        self.net = _build_branch(num_layers, make_layer, activation, preact)
+        shapes = [(widths[i], widths[i + 1]) for i in range(len(widths) - 1)]
+        self.net, self.lipschitz_bound = _build_branch(
+            SpectralNormLinear, InducedNormLinear, shapes, **options
+        )
         self.features = features
-        self.lipschitz_bound = float(coeff) ** num_layers
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -775,7 +685,7 @@ class LipschitzConvNet(nn.Module):
         hidden_channels: Width of the hidden layers.
         input_size: Spatial size ``(H, W)`` of the inputs (the operator norms depend on it).
         kernel_sizes: Odd kernel size of each conv layer.
-        Others: As in :class:`LipschitzMLP`.
+        **options: As in :class:`LipschitzMLP`.
     """
 
     def __init__(
@@ -784,54 +694,19 @@ class LipschitzConvNet(nn.Module):
         hidden_channels: int,
         input_size: tuple[int, int],
         kernel_sizes: tuple[int, ...] = (3, 1, 3),
-        activation: str = "lipswish",
-        coeff: float = 0.98,
-        preact: bool = True,
-        norm: str = "spectral",
-        norm_ord: float = 2.0,
-        learnable_ord: bool = False,
-        train_iterations: int | None = 1,
-        eval_iterations: int | None = 0,
-        atol: float | None = None,
-        rtol: float | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
         kernels = tuple(kernel_sizes)
         if not kernels or any(k < 1 or k % 2 == 0 for k in kernels):
             raise ValueError(f"kernel_sizes must be non-empty and odd ('same' pad), got {kernels}")
-        num_layers = len(kernels)
-        widths = [channels] + [hidden_channels] * (num_layers - 1) + [channels]
-        orders = _interface_orders(num_layers, norm, norm_ord, learnable_ord)
-        iteration = {
-            "coeff": coeff,
-            "train_iterations": train_iterations,
-            "eval_iterations": eval_iterations,
-            "atol": atol,
-            "rtol": rtol,
-        }
-
-        def make_layer(i: int) -> nn.Module:
-            shape = (widths[i], widths[i + 1], kernels[i], input_size)
-            if orders is None:
-                return SpectralNormConv2d(*shape, **iteration)
-            return InducedNormConv2d(*shape, domain=orders[i], codomain=orders[i + 1], **iteration)
-
-        self.net = _build_branch(num_layers, make_layer, activation, preact)
+        widths = [channels] + [hidden_channels] * (len(kernels) - 1) + [channels]
+        shapes = [(widths[i], widths[i + 1], k, input_size) for i, k in enumerate(kernels)]
+        self.net, self.lipschitz_bound = _build_branch(
+            SpectralNormConv2d, InducedNormConv2d, shapes, **options
+        )
         self.channels = channels
         self.input_size = _pair(input_size, "input_size")
-        self.lipschitz_bound = float(coeff) ** num_layers
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
-
-
-def _build_branch(
-    num_layers: int, make_layer: Callable[[int], nn.Module], activation: str, preact: bool
-) -> nn.Sequential:
-    # A fresh activation per position: LipSwish has its own learnable beta.
-    modules: list[nn.Module] = [create_lipschitz_activation(activation)] if preact else []
-    for i in range(num_layers):
-        if i > 0:
-            modules.append(create_lipschitz_activation(activation))
-        modules.append(make_layer(i))
-    return nn.Sequential(*modules)

@@ -13,6 +13,7 @@ import copy
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from ..evaluation.ood import (
     nll_score,
     png_bits_per_dim,
 )
+from ..naming import unknown_name_message
 from ..training import load_run
 from .runs import check_compatible, run_data_kwargs, write_csv
 
@@ -201,6 +203,173 @@ def _plot_histograms(
     fig.savefig(path, dpi=90)
 
 
+def _available_scores(model, background: str | Path | None) -> set[str]:
+    """Per-example scores that ``model`` (with or without a background model) can give."""
+    available = set(OOD_SCORE_DESCRIPTIONS) - {"typicality_batch", "hybrid"}
+    if not _is_image_model(model):
+        available.discard("complexity")  # PNG codes 1- or 3-channel images of levels
+    if background is None:
+        available.discard("likelihood_ratio")
+    if model.num_classes == 0:
+        available -= {"max_softmax", "energy"}
+    return available
+
+
+def _is_image_model(model) -> bool:
+    """Whether the model reads 1- or 3-channel images of levels (what PNG can code)."""
+    shape = model.flow.input_shape
+    return model.flow.num_levels is not None and len(shape) == 3 and shape[0] in (1, 3)
+
+
+def _check_hybrid_components(components: Sequence[str], available: set[str]) -> None:
+    if not components:
+        raise ValueError(f"give at least one hybrid component among {sorted(available)}")
+    for name in components:
+        if name not in available:
+            raise ValueError(
+                unknown_name_message("hybrid component (OOD score)", name, available)
+                + (" — likelihood_ratio needs --background" if name == "likelihood_ratio" else "")
+            )
+
+
+def _load_background(background: str | Path, model, device) -> Any:
+    """The background model of the likelihood ratio, checked to read the same data."""
+    bg_model, _ = load_run(background, device=device)
+    if bg_model.flow.input_shape != model.flow.input_shape or (
+        bg_model.flow.num_levels != model.flow.num_levels
+    ):
+        raise ValueError(
+            f"background model reads {bg_model.flow.input_shape} with "
+            f"{bg_model.flow.num_levels} levels; the model reads {model.flow.input_shape} "
+            f"with {model.flow.num_levels}"
+        )
+    return bg_model
+
+
+@dataclass
+class _OodData:
+    """The datasets of one OOD run, split by role (see the module docstring)."""
+
+    train_fit: Any  # Mahalanobis fit
+    val_fit: Any  # typicality entropy and threshold
+    val_cal: Any  # hybrid score's conformal calibration
+    test: Any  # in-distribution side of every metric
+    out: dict[str, Any]  # OOD sets by spec
+
+
+def _load_ood_data(
+    cfg: Mapping[str, Any],
+    ood: Sequence[str],
+    split: str,
+    data_root: str | None,
+    fit_examples: int,
+    gen: torch.Generator,
+) -> _OodData:
+    data_kw = run_data_kwargs(cfg, data_root)
+    train_set = load_dataset(cfg["dataset"], "train", **data_kw)
+    train_fit = _subset(train_set, torch.randperm(len(train_set), generator=gen)[:fit_examples])
+    val_set = load_dataset(cfg["dataset"], "val", **data_kw)
+    if len(val_set) < 4:
+        raise ValueError(
+            f"OOD scoring needs a validation split (typicality test, hybrid calibration); "
+            f"{cfg['dataset']} has {len(val_set)} validation examples (val_fraction="
+            f"{cfg['val_fraction']})"
+        )
+    half = torch.randperm(len(val_set), generator=gen)
+    val_fit = _subset(val_set, half[: len(half) // 2])
+    val_cal = _subset(val_set, half[len(half) // 2 :])
+    test = load_dataset(cfg["dataset"], split, **data_kw)
+    out = {}
+    for spec in ood:
+        name, _, ood_split = spec.partition("@")
+        out[spec] = load_dataset(name, ood_split or "all", **data_kw)
+        check_compatible(name, out[spec], test)
+    return _OodData(train_fit, val_fit, val_cal, test, out)
+
+
+class _OodPredictor:
+    """Model outputs an OOD score needs: log p(x), logits, features, PNG bits, background."""
+
+    def __init__(self, model, bg_model, batch_size: int, device, bound_kw: Mapping) -> None:
+        self.model, self.bg_model = model, bg_model
+        self.batch_size, self.device, self.bound_kw = batch_size, device, dict(bound_kw)
+        self.images = _is_image_model(model)
+
+    def __call__(self, dataset, with_extras: bool = True, bound: bool = True) -> dict:
+        # The training subset only feeds the Mahalanobis fit: skip the costly likelihood bound.
+        kw = self.bound_kw if bound else {"seed": self.bound_kw["seed"]}
+        pred = predict(
+            self.model, dataset, self.batch_size, device=self.device, features=True, **kw
+        )
+        if with_extras and self.images:
+            pred["png_bpd"] = png_bits_per_dim(
+                dataset_tensors(dataset)[0], self.model.flow.num_levels
+            )
+        if with_extras and self.bg_model is not None:
+            pred["background_log_prob"] = predict(
+                self.bg_model, dataset, self.batch_size, device=self.device, **self.bound_kw
+            )["log_prob"]
+        pred["non_finite"] = sanitize_predictions(pred)
+        return pred
+
+
+def _labelled_accuracy(pred: Mapping) -> float | None:
+    """Accuracy over the labelled examples (label ≥ 0), ``None`` without logits or labels."""
+    labelled = pred["labels"] >= 0
+    if pred["logits"].shape[1] == 0 or not labelled.any():
+        return None
+    return float((pred["logits"][labelled].argmax(1) == pred["labels"][labelled]).mean())
+
+
+def _score_ood_set(
+    scorer: _Scorer, in_scores: Mapping[str, np.ndarray], in_batch: np.ndarray, out_pred: dict
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``(report entry, per-example scores)`` of one OOD set against the test split."""
+    n = len(out_pred["log_prob"])
+    out_scores = scorer.per_example(out_pred)
+    metrics = {k: ood_metrics(in_scores[k], out_scores[k]) for k in in_scores}
+    eps = scorer.typicality_batch.epsilon
+    flag_rate = None
+    if n >= scorer.typicality_batch.batch_size:  # a set smaller than M has no batch to test
+        out_batch = scorer.typicality_batch.score(out_scores["nll"])
+        metrics["typicality_batch"] = ood_metrics(in_batch, out_batch)
+        flag_rate = {"in": float((in_batch > eps).mean())}
+        flag_rate["out"] = float((out_batch > eps).mean())
+    entry = {
+        "n": n,
+        "non_finite_outputs": out_pred["non_finite"],
+        "bpd": float(out_scores["bpd"].mean()),
+        **({"png_bpd": float(out_pred["png_bpd"].mean())} if "png_bpd" in out_pred else {}),
+        "typicality_batch_flag_rate": flag_rate,
+        "metrics": metrics,
+    }
+    return entry, out_scores
+
+
+def _write_ood_outputs(
+    out_dir: Path,
+    split: str,
+    result: Mapping[str, Any],
+    in_scores: Mapping[str, np.ndarray],
+    out_scores: Mapping[str, Mapping[str, np.ndarray]],
+) -> None:
+    """``ood_<split>.{json,csv,md}``, ``scores_<split>.npz`` and the histogram figure."""
+    rows = [
+        {"ood": spec, "score": k, **m}
+        for spec, entry in result["ood"].items()
+        for k, m in entry["metrics"].items()
+    ]
+    arrays = {f"in/{k}": v for k, v in in_scores.items()}
+    for spec, scores in out_scores.items():
+        arrays |= {f"{spec}/{k}": v for k, v in scores.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"ood_{split}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_csv(rows, out_dir / f"ood_{split}.csv")
+    (out_dir / f"ood_{split}.md").write_text(format_ood_table(result))
+    np.savez_compressed(out_dir / f"scores_{split}.npz", **arrays)
+    _plot_histograms(in_scores, out_scores, out_dir / f"scores_{split}.png")
+
+
 def ood_run(
     run_dir: str | Path,
     ood: Sequence[str],
@@ -246,74 +415,19 @@ def ood_run(
         # the hybrid's p-values: scoring either would test detectors on their own fitting data.
         raise ValueError(f"OOD scoring reads the test split only, got split={split!r}")
     model, cfg = load_run(run_dir, device=device)
-    num_levels = model.flow.num_levels
-    shape = model.flow.input_shape
-    images_ok = num_levels is not None and len(shape) == 3 and shape[0] in (1, 3)
-    available = set(OOD_SCORE_DESCRIPTIONS) - {"typicality_batch", "hybrid"}
-    if not images_ok:
-        available.discard("complexity")  # PNG codes 1- or 3-channel images of levels
-    if background is None:
-        available.discard("likelihood_ratio")
-    if model.num_classes == 0:
-        available -= {"max_softmax", "energy"}
-    if not hybrid_components or set(hybrid_components) - available:
-        raise ValueError(
-            f"hybrid components must be among {sorted(available)} for this run, got "
-            f"{list(hybrid_components)}"
-        )
-    bg_model = None
-    if background is not None:
-        bg_model, _ = load_run(background, device=device)
-        if bg_model.flow.input_shape != model.flow.input_shape or (
-            bg_model.flow.num_levels != model.flow.num_levels
-        ):
-            raise ValueError(
-                f"background model reads {bg_model.flow.input_shape} with "
-                f"{bg_model.flow.num_levels} levels; the model reads {model.flow.input_shape} "
-                f"with {model.flow.num_levels}"
-            )
-    data_kw = run_data_kwargs(cfg, data_root)
-    gen = torch.Generator().manual_seed(seed)
-    train_set = load_dataset(cfg["dataset"], "train", **data_kw)
-    train_set = _subset(train_set, torch.randperm(len(train_set), generator=gen)[:fit_examples])
-    val_set = load_dataset(cfg["dataset"], "val", **data_kw)
-    if len(val_set) < 4:
-        raise ValueError(
-            f"OOD scoring needs a validation split (typicality test, hybrid calibration); "
-            f"{cfg['dataset']} has {len(val_set)} validation examples (val_fraction="
-            f"{cfg['val_fraction']})"
-        )
-    half = torch.randperm(len(val_set), generator=gen)
-    val_fit = _subset(val_set, half[: len(half) // 2])
-    val_cal = _subset(val_set, half[len(half) // 2 :])
-    in_set = load_dataset(cfg["dataset"], split, **data_kw)
-    out_sets = {}
-    for spec in ood:
-        name, _, ood_split = spec.partition("@")
-        out_sets[spec] = load_dataset(name, ood_split or "all", **data_kw)
-        check_compatible(name, out_sets[spec], in_set)
-
+    _check_hybrid_components(hybrid_components, _available_scores(model, background))
+    bg_model = _load_background(background, model, device) if background is not None else None
+    data = _load_ood_data(
+        cfg, ood, split, data_root, fit_examples, torch.Generator().manual_seed(seed)
+    )
     bound_kw = {"dequant_samples": dequant_samples, "iw_samples": iw_samples, "seed": seed}
-
-    def run(dataset, with_extras: bool = True, bound: bool = True) -> dict:
-        # The training subset only feeds the Mahalanobis fit: skip the costly likelihood bound.
-        kw = bound_kw if bound else {"seed": seed}
-        pred = predict(model, dataset, batch_size, device=device, features=True, **kw)
-        if with_extras and images_ok:
-            pred["png_bpd"] = png_bits_per_dim(dataset_tensors(dataset)[0], num_levels)
-        if with_extras and bg_model is not None:
-            pred["background_log_prob"] = predict(
-                bg_model, dataset, batch_size, device=device, **bound_kw
-            )["log_prob"]
-        pred["non_finite"] = sanitize_predictions(pred)
-        return pred
+    run = _OodPredictor(model, bg_model, batch_size, device, bound_kw)
 
     scorer = _Scorer(model.dim, typicality_batch, alpha, hybrid_components)
-    scorer.fit(run(train_set, False, bound=False), run(val_fit, False), run(val_cal))
-    in_pred = run(in_set)
+    scorer.fit(run(data.train_fit, False, bound=False), run(data.val_fit, False), run(data.val_cal))
+    in_pred = run(data.test)
     in_scores = scorer.per_example(in_pred)
     in_batch = scorer.typicality_batch.score(in_scores["nll"])
-    batch = scorer.typicality_batch.batch_size
     result: dict[str, Any] = {
         "run": run_dir.name,
         "dataset": cfg["dataset"],
@@ -334,48 +448,20 @@ def ood_run(
         "score_descriptions": {k: OOD_SCORE_DESCRIPTIONS[k] for k in in_scores},
         "metric_descriptions": OOD_METRIC_DESCRIPTIONS,
         "in_distribution": {
-            "n": len(in_set),
+            "n": len(data.test),
             "non_finite_outputs": in_pred["non_finite"],
             "bpd": float(in_scores["bpd"].mean()),
-            "accuracy": (
-                float((in_pred["logits"].argmax(1) == in_pred["labels"]).mean())
-                if model.num_classes
-                else None
-            ),
+            "accuracy": _labelled_accuracy(in_pred),
         },
         "ood": {},
     }
-    if images_ok:
+    if "png_bpd" in in_pred:
         result["in_distribution"]["png_bpd"] = float(in_pred["png_bpd"].mean())
-    rows, all_out, arrays = [], {}, {f"in/{k}": v for k, v in in_scores.items()}
-    for spec, dataset in out_sets.items():
-        out_pred = run(dataset)
-        out_scores = scorer.per_example(out_pred)
-        metrics = {k: ood_metrics(in_scores[k], out_scores[k]) for k in in_scores}
-        eps = scorer.typicality_batch.epsilon
-        flag_rate = None
-        if len(dataset) >= batch:  # a set smaller than M has no batch to test
-            out_batch = scorer.typicality_batch.score(out_scores["nll"])
-            metrics["typicality_batch"] = ood_metrics(in_batch, out_batch)
-            flag_rate = {"in": float((in_batch > eps).mean())}
-            flag_rate["out"] = float((out_batch > eps).mean())
-        result["ood"][spec] = {
-            "n": len(dataset),
-            "non_finite_outputs": out_pred["non_finite"],
-            "bpd": float(out_scores["bpd"].mean()),
-            **({"png_bpd": float(out_pred["png_bpd"].mean())} if images_ok else {}),
-            "typicality_batch_flag_rate": flag_rate,
-            "metrics": metrics,
-        }
-        rows += [{"ood": spec, "score": k, **m} for k, m in metrics.items()]
-        all_out[spec] = out_scores
-        arrays |= {f"{spec}/{k}": v for k, v in out_scores.items()}
+    out_scores = {}
+    for spec, dataset in data.out.items():
+        result["ood"][spec], out_scores[spec] = _score_ood_set(
+            scorer, in_scores, in_batch, run(dataset)
+        )
     result["score_descriptions"]["typicality_batch"] = OOD_SCORE_DESCRIPTIONS["typicality_batch"]
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"ood_{split}.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_csv(rows, out_dir / f"ood_{split}.csv")
-    (out_dir / f"ood_{split}.md").write_text(format_ood_table(result))
-    np.savez_compressed(out_dir / f"scores_{split}.npz", **arrays)
-    _plot_histograms(in_scores, all_out, out_dir / f"scores_{split}.png")
+    _write_ood_outputs(out_dir, split, result, in_scores, out_scores)
     return result

@@ -1,23 +1,27 @@
-"""Training: configuration, checkpoints and the training loop."""
+"""Training: configuration, checkpoints, the training loop and its shared pieces."""
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import DEFAULTS, ConfigError, load_config, parse_overrides, resolve_config, save_config
-from .trainer import (
-    TrainingDivergedError,
-    build_model_for,
-    data_info,
-    load_run,
-    run_dir_for,
-    train,
+from .config import (
+    DEFAULTS,
+    KEY_TYPES,
+    ConfigError,
+    load_config,
+    parse_overrides,
+    resolve_config,
+    save_config,
 )
+from .loop import TrainingDivergedError, finalize_ema
+from .trainer import build_model_for, data_info, load_run, run_dir_for, train
 
 __all__ = [
     "DEFAULTS",
+    "KEY_TYPES",
     "CheckpointError",
     "ConfigError",
     "TrainingDivergedError",
     "build_model_for",
     "data_info",
+    "finalize_ema",
     "load_checkpoint",
     "load_config",
     "load_run",

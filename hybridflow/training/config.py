@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..naming import closest_name
+
 __all__ = [
     "DEFAULTS",
+    "KEY_TYPES",
     "ConfigError",
     "load_config",
     "parse_overrides",
@@ -72,34 +76,143 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+#: Declared type of every key. Keys whose default is ``None`` also accept ``None``; float keys
+#: accept ints; ``lam`` is a number or ``"1/D"``.
+KEY_TYPES: dict[str, type | tuple[type, ...]] = {
+    "dataset": str,
+    "data_root": str,
+    "download": bool,
+    "val_fraction": float,
+    "augment_shift": int,
+    "perturb_rate": float,
+    "backbone": str,
+    "backbone_args": dict,
+    "head": str,
+    "head_args": dict,
+    "preprocessing": str,
+    "logit_alpha": float,
+    "dequantization": str,
+    "dequantization_args": dict,
+    "lam": (float, str),
+    "epochs": int,
+    "max_steps": int,
+    "batch_size": int,
+    "opt": str,
+    "lr": float,
+    "weight_decay": float,
+    "warmup_steps": int,
+    "min_lr": float,
+    "grad_clip": float,
+    "ema_decay": float,
+    "ema_warmup": bool,
+    "max_nan_skips": int,
+    "seed": int,
+    "device": str,
+    "num_threads": int,
+    "out_dir": str,
+    "name": str,
+    "log_every": int,
+    "eval_every": int,
+    "checkpoint_every_s": float,
+    "resume": bool,
+    "progress": bool,
+    "eval_batch_size": int,
+    "eval_dequant_samples": int,
+}
+
+# Names other tools use for the same settings; difflib finds typos but not synonyms.
+_SYNONYMS = {"learning_rate": "lr", "lambda": "lam", "model": "backbone", "threads": "num_threads"}
+_PATH_KEYS = frozenset({"data_root", "out_dir"})
+
+
 class ConfigError(ValueError):
-    """An unknown key or a value that does not parse."""
+    """An unknown key or a value that does not parse or has the wrong type."""
 
 
-def _parse_value(text: str, default: Any) -> Any:
-    lowered = text.strip().lower()
-    if lowered in ("none", "null"):
+def _type_name(key: str) -> str:
+    names = {bool: "a boolean", int: "an int", float: "a number", str: "a string", dict: "a dict"}
+    text = names.get(KEY_TYPES[key], "a number >= 0 or '1/D'")  # type: ignore[call-overload]
+    return f"{text} or None" if DEFAULTS[key] is None else text
+
+
+def _wrong(key: str, value: Any) -> ConfigError:
+    return ConfigError(
+        f"config key {key!r} expects {_type_name(key)}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def _parse_free(text: str) -> Any:
+    """A value of a free-form sub-key (``backbone_args.X``): JSON if it parses, else the text."""
+    if text.strip().lower() in ("none", "null"):
         return None
-    if isinstance(default, bool):
+    try:
+        return json.loads(text)  # numbers, booleans, lists, dicts
+    except json.JSONDecodeError:
+        return text
+
+
+def _parse_value(key: str, text: str) -> Any:
+    """Parse a command-line string with the declared type of ``key``."""
+    kind, lowered = KEY_TYPES[key], text.strip().lower()
+    if DEFAULTS[key] is None and lowered in ("none", "null"):
+        return None
+    if kind is str or key == "lam":
+        return text  # "--name=2024" is the name "2024"; λ keeps its spelling ("1/D", "0")
+    if kind is bool:
         if lowered in ("true", "1", "yes"):
             return True
         if lowered in ("false", "0", "no"):
             return False
-        raise ConfigError(f"expected a boolean, got {text!r}")
-    if isinstance(default, int) and not isinstance(default, bool):
+        raise _wrong(key, text)
+    if kind in (int, float):
         try:
-            return int(text)
+            return int(text) if kind is int else float(text)
         except ValueError:
-            pass
-    if isinstance(default, (int, float)) and not isinstance(default, bool):
+            try:  # "1e3" is a fine way to write an int; _check_type refuses 2.5
+                return float(text)
+            except ValueError:
+                raise _wrong(key, text) from None
+    value = _parse_free(text)
+    if not isinstance(value, dict):
+        raise _wrong(key, text)
+    return value
+
+
+def _check_type(key: str, value: Any) -> Any:
+    """``value`` if it has the declared type of ``key`` (integral floats become ints)."""
+    kind = KEY_TYPES[key]
+    if value is None and DEFAULTS[key] is None:
+        return value
+    if key in _PATH_KEYS and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if key == "lam":
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise _wrong(key, value)
+        # Deferred import (models pull in torch); the trainer parses λ with this same function.
+        from ..models.hybrid import resolve_lambda
+
         try:
-            return float(text)
+            resolve_lambda(value, 1)
         except ValueError:
-            raise ConfigError(f"expected a number, got {text!r}") from None
-    try:
-        return json.loads(text)  # numbers, lists, dicts for free-form keys
-    except json.JSONDecodeError:
-        return text
+            raise _wrong(key, value) from None
+        return value
+    if isinstance(value, bool):
+        if kind is bool:
+            return value
+        raise _wrong(key, value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind is float and isinstance(value, int):
+        return value
+    if not isinstance(value, kind):
+        raise _wrong(key, value)
+    return value
+
+
+def _unknown_key(key: str) -> ConfigError:
+    guess = _SYNONYMS.get(key.lower()) or closest_name(key, DEFAULTS)
+    hint = f"did you mean {guess!r}?" if guess else f"known keys: {', '.join(DEFAULTS)}"
+    return ConfigError(f"unknown config key {key!r}; {hint}")
 
 
 def parse_overrides(args: Iterable[str]) -> dict[str, str]:
@@ -117,26 +230,28 @@ def parse_overrides(args: Iterable[str]) -> dict[str, str]:
 def resolve_config(
     overrides: Mapping[str, Any] | None = None, base: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Defaults, then ``base`` (e.g. a recipe's dict), then ``overrides``; unknown keys are errors.
+    """Defaults, then ``base`` (e.g. a recipe's dict), then ``overrides``; every key type-checked.
 
-    String values in ``overrides`` are parsed with the type of the default they replace.
-    Keys below ``backbone_args`` and ``head_args`` are free-form (the builders validate them).
+    String values of non-string keys are parsed with the key's declared type (:data:`KEY_TYPES`),
+    whatever their source (command line, recipe dict or JSON file). Unknown keys and values of
+    the wrong type raise :class:`ConfigError`. Keys below ``backbone_args``, ``head_args`` and
+    ``dequantization_args`` are free-form (the builders validate them).
     """
     config = copy.deepcopy(DEFAULTS)
     for source in (base or {}), (overrides or {}):
         for key, value in source.items():
             top, _, sub = key.partition(".")
             if top not in DEFAULTS:
-                raise ConfigError(f"unknown config key {top!r}; known keys: {', '.join(DEFAULTS)}")
+                raise _unknown_key(top)
             if sub:
                 if not isinstance(config[top], dict):
                     raise ConfigError(f"{top!r} has no sub-keys")
-                config[top][sub] = _parse_value(value, None) if isinstance(value, str) else value
-            elif isinstance(value, str) and not isinstance(DEFAULTS[top], str):
-                config[top] = _parse_value(value, DEFAULTS[top])
+                config[top][sub] = _parse_free(value) if isinstance(value, str) else value
+            elif isinstance(value, str) and (KEY_TYPES[top] is not str or DEFAULTS[top] is None):
+                config[top] = _parse_value(top, value)
             else:
                 config[top] = copy.deepcopy(value)
-    return config
+    return {key: _check_type(key, value) for key, value in config.items()}
 
 
 def save_config(config: Mapping[str, Any], path: str | Path) -> None:

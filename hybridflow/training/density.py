@@ -4,7 +4,8 @@ The hybrid trainer (:func:`hybridflow.training.train`) always adds a classificat
 benchmarks such as the UCI sets of Papamakarios et al. (2017) and the toy grids of Huang et al.
 (2018) are pure density estimation. :func:`fit_density` is that loop: timm optimizer, warmup +
 cosine schedule, EMA weights, non-finite steps skipped, and the EMA state with the best
-validation log-likelihood kept (early stopping as in the MAF and NAF papers).
+validation log-likelihood kept (early stopping as in the MAF and NAF papers). It shares the
+trainer's pieces (:mod:`hybridflow.training.loop`), the EMA finalize step included.
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
-from .trainer import TrainingDivergedError
+from .loop import (
+    NonFiniteGuard,
+    RunningMeans,
+    backward_and_clip,
+    create_optimizer_and_scheduler,
+    finalize_ema,
+)
 
 __all__ = ["DensityFit", "evaluate_log_likelihood", "fit_density"]
 
@@ -103,19 +108,21 @@ def fit_density(
     model.train()
     if hasattr(model, "data_init"):
         model.data_init(train_points[:batch_size])
-    optimizer = create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay)
-    scheduler = CosineLRScheduler(
-        optimizer,
-        t_initial=steps,
-        lr_min=min_lr,
-        warmup_t=warmup_steps,
+    optimizer, scheduler = create_optimizer_and_scheduler(
+        model,
+        opt=opt,
+        lr=lr,
+        weight_decay=weight_decay,
+        total_steps=steps,
+        warmup_steps=warmup_steps,
+        min_lr=min_lr,
         warmup_lr_init=lr / 100,
-        t_in_epochs=False,  # scheduled per optimizer step
     )
     ema = ModelEmaV3(model, decay=ema_decay, use_warmup=True)
     gen = torch.Generator().manual_seed(seed)
     fit = DensityFit(model=ema.module)
-    best_ll, best_state, stale, in_a_row, running = -math.inf, None, 0, 0, []
+    guard = NonFiniteGuard(max_nan_skips, "lower lr")
+    best_ll, best_state, stale, running = -math.inf, None, 0, RunningMeans()
     start = time.time()
     step = 0
     try:
@@ -124,31 +131,24 @@ def fit_density(
                 if len(idx) < batch_size or step >= steps:
                     break
                 loss = -model.log_prob(train_points[idx]).mean()
-                optimizer.zero_grad(set_to_none=True)
-                if torch.isfinite(loss):
-                    loss.backward()
-                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
+                finite = backward_and_clip(loss, model, optimizer, grad_clip)
+                guard.record(finite, step)
+                fit.nan_skips = guard.skipped
                 if not finite:
-                    fit.nan_skips += 1
-                    in_a_row += 1
-                    if in_a_row > max_nan_skips:
-                        raise TrainingDivergedError(
-                            f"{in_a_row} non-finite steps in a row at step {step}: lower lr"
-                        )
-                    continue
-                in_a_row = 0
+                    continue  # a skipped batch does not count as a step here
                 optimizer.step()
                 ema.update(model, step=step)
                 step += 1
                 scheduler.step_update(step)
-                running.append(loss.item())
+                running.add("nll", loss)
                 if val_points is not None and (step % eval_every == 0 or step == steps):
-                    val_ll, _ = evaluate_log_likelihood(ema.module, val_points)
+                    # Select among finalized EMA states: stale spectral-norm vectors would make
+                    # the residual flows' likelihoods optimistic and the choice wrong.
+                    val_ll, _ = evaluate_log_likelihood(finalize_ema(ema.module), val_points)
                     fit.history.append(
-                        {"step": step, "train_nll": sum(running) / len(running), "val_ll": val_ll}
+                        {"step": step, "train_nll": running.means()["nll"], "val_ll": val_ll}
                     )
-                    running = []
+                    running = RunningMeans()
                     model.train()
                     if val_ll > best_ll:
                         best_ll, stale, fit.best_step = val_ll, 0, step
@@ -164,5 +164,5 @@ def fit_density(
         ema.module.load_state_dict(best_state)
     else:
         fit.best_step = step
-    fit.model = ema.module.eval()
+    fit.model = finalize_ema(ema.module)
     return fit

@@ -1,21 +1,31 @@
 """The training loop: timm optimizer, warmup + cosine schedule and EMA; CSV metrics; resumable.
 
 A run folder holds ``config.json`` (resolved config), ``metrics.csv`` (one row per logged step or
-validation), ``checkpoint.pt`` (everything needed to resume: model, EMA, optimizer, scheduler,
-step and RNG state) and, at the end, ``model.pt`` (EMA weights and config, for evaluation).
+validation), ``checkpoint.pt`` (everything needed to resume exactly: model, EMA, optimizer,
+scheduler, step, RNG state, running statistics) and, at the end, ``model.pt`` (EMA weights and
+config, for evaluation).
+
+The loop is split as timm's ``train.py`` is: :func:`setup` builds a :class:`TrainState`,
+:func:`train_one_epoch` and :func:`validate` advance it, :func:`save_training_checkpoint` and
+:func:`finalize` write it, and :func:`train` strings them together. A killed run resumed from its
+checkpoint ends with the same ``model.pt`` and ``metrics.csv`` (but ``elapsed_s``) as a run
+never interrupted.
+
+Seams for data-parallel training: :func:`~hybridflow.training.batches.epoch_batches` (each rank's
+share of a batch), :class:`~hybridflow.training.logs.MetricsLog` and
+:func:`save_training_checkpoint` (written by rank 0 only) and :func:`validate` (run by every rank,
+on the EMA copy, never through the DDP wrapper).
 """
 
 from __future__ import annotations
 
-import csv
-import signal
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
@@ -23,24 +33,37 @@ from tqdm.auto import tqdm
 from ..data import dataset_tensors, load_dataset
 from ..evaluation import evaluate_predictions, predict
 from ..models import HybridModel, create_hybrid_model, resolve_lambda
-from ..nets import refresh_lipschitz_layers
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .batches import check_perturb_rate, epoch_batches, perturb_levels, random_shift
+from .checkpoint import CheckpointError, load_checkpoint, remove_temporaries, save_checkpoint
 from .config import resolve_config, save_config
+from .logs import MetricsLog
+from .loop import (
+    DeferredInterrupts,
+    NonFiniteGuard,
+    RunningMeans,
+    TrainingDivergedError,
+    backward_and_clip,
+    create_optimizer_and_scheduler,
+    finalize_ema,
+)
 
 __all__ = [
+    "TrainData",
+    "TrainState",
     "TrainingDivergedError",
     "build_model_for",
     "data_info",
+    "finalize",
     "load_run",
     "perturb_levels",
     "random_shift",
     "run_dir_for",
+    "save_training_checkpoint",
+    "setup",
     "train",
+    "train_one_epoch",
+    "validate",
 ]
-
-
-class TrainingDivergedError(RuntimeError):
-    """Raised after too many consecutive non-finite losses or gradients."""
 
 
 def _device(spec: str) -> torch.device:
@@ -74,103 +97,71 @@ def build_model_for(config: Mapping[str, Any], info: Mapping[str, Any]) -> Hybri
     )
 
 
-class _CsvLog:
-    FIELDS = (
-        "step",
-        "epoch",
-        "split",
-        "lr",
-        "loss",
-        "ce",
-        "nll_nats",
-        "bpd",
-        "accuracy",
-        "ece",
-        "brier",
-        "class_nll",
-        "nan_skips",
-        "elapsed_s",
-    )
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        if not path.exists():
-            with path.open("w", newline="") as f:
-                csv.writer(f).writerow(self.FIELDS)
-
-    def write(self, row: Mapping[str, Any]) -> None:
-        with self.path.open("a", newline="") as f:
-            csv.writer(f).writerow([_fmt(row.get(k, "")) for k in self.FIELDS])
+# --------------------------------------------------------------------------- state and set-up
 
 
-def _fmt(v: Any) -> Any:
-    return f"{v:.6g}" if isinstance(v, float) else v
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":  # dequantization noise is drawn on the device
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
-    """Translate each image by a random offset in ``[-max_shift, max_shift]²``, filling with 0.
+@dataclass(frozen=True)
+class TrainData:
+    """The splits as the loop reads them (a data-parallel run would hold its rank's shard)."""
 
-    Level 0 is the background of digit-like data, so the fill adds no new pixel values.
-    Uses the global torch RNG, whose state checkpoints carry, so resumed runs replay it.
-    """
-    if max_shift <= 0:
-        return x
-    n, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (max_shift,) * 4)
-    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n, 1))
-    rows = (dy + torch.arange(h))[:, :, None]  # [n, h, 1]
-    cols = (dx + torch.arange(w))[:, None, :]  # [n, 1, w]
-    # Advanced indexing gathers every crop at once: [n, h, w, C] -> [n, C, h, w].
-    return padded.permute(0, 2, 3, 1)[torch.arange(n)[:, None, None], rows, cols].permute(
-        0, 3, 1, 2
-    )
+    train_set: Any
+    val_set: Any
+    images: torch.Tensor  # training inputs
+    labels: torch.Tensor  # training labels, -1 where unknown
+    labelled: str  # "all", "some" or "none" of the training examples carry a label
+    info: dict[str, Any]  # data_info(train_set): what the model is sized by
 
 
-def _check_perturb_rate(rate: float) -> None:
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"perturb_rate must lie in [0, 1), got {rate}")
+@dataclass(eq=False)
+class TrainState:
+    """Everything the pieces of the loop share. A checkpoint stores the part that changes."""
+
+    cfg: dict[str, Any]
+    run_dir: Path
+    device: torch.device
+    data: TrainData
+    model: HybridModel
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler
+    lam: float
+    steps_per_epoch: int
+    total_steps: int
+    ema: ModelEmaV3 = field(init=False)
+    log: MetricsLog = field(init=False)
+    guard: NonFiniteGuard = field(init=False)
+    running: RunningMeans = field(default_factory=RunningMeans)
+    step: int = 0
+    evaluated_step: int = -1  # step of the last finished validation
+    elapsed_before: float = 0.0  # seconds spent in earlier sessions of a resumed run
+    started: float = field(default_factory=time.time)
+    last_save: float = field(default_factory=time.time)
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)  # at the last step boundary
+    consistent: bool = True  # False while a step's update or a validation is half done
+    unsaved: bool = True  # something changed since the last checkpoint
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    @property
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.started
+
+    def mark_boundary(self) -> None:
+        """Record that the state is consistent between two steps (what a checkpoint may save)."""
+        self.rng = _rng_state(self.device)
+        self.consistent = True
+        self.unsaved = True
 
 
-def perturb_levels(
-    x: torch.Tensor, rate: float, num_levels: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Replace each entry of ``x`` by a uniform random level in ``[0, num_levels)`` w.p. ``rate``.
-
-    The input perturbation of the background model in Ren et al. 2019, "Likelihood Ratios for
-    Out-of-Distribution Detection" (§4): the perturbed data keep the population-level background
-    statistics but lose semantic structure. Uses the global torch RNG unless ``generator`` is given.
-    """
-    _check_perturb_rate(rate)
-    if rate == 0.0:
-        return x
-    replace = torch.rand(x.shape, generator=generator) < rate
-    noise = torch.randint(0, num_levels, x.shape, generator=generator).to(x.dtype)
-    return torch.where(replace.to(x.device), noise.to(x.device), x)
-
-
-def _batches(n: int, batch_size: int, seed: int, epoch: int):
-    """Seeded permutation per epoch: resuming mid-epoch replays the same order."""
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(n, generator=gen)
-    for i in range(n // batch_size):  # drop the ragged last batch: every step sees a full batch
-        yield perm[i * batch_size : (i + 1) * batch_size]
-
-
-def train(config: Mapping[str, Any] | None = None, **overrides: Any) -> Path:
-    """Train a hybrid model; return its run folder.
-
-    ``config`` is merged over :data:`~hybridflow.training.config.DEFAULTS`, then ``overrides``.
-    With ``resume=True`` (default) an existing ``checkpoint.pt`` in the run folder is continued.
-    """
-    cfg = resolve_config(overrides, base=config)
-    run_dir = run_dir_for(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.json")
-    if cfg["num_threads"]:
-        torch.set_num_threads(int(cfg["num_threads"]))
-    device = _device(cfg["device"])
-    torch.manual_seed(cfg["seed"])
-
+def _load_training_data(cfg: Mapping[str, Any]) -> TrainData:
     data_kw = {
         "data_root": cfg["data_root"],
         "seed": cfg["seed"],
@@ -184,202 +175,357 @@ def train(config: Mapping[str, Any] | None = None, **overrides: Any) -> Path:
         raise ValueError("augment_shift needs image data; set --augment_shift=0")
     if cfg["perturb_rate"] and getattr(train_set, "num_levels", None) is None:
         raise ValueError("perturb_rate needs discrete data (levels); set --perturb_rate=0")
-    _check_perturb_rate(float(cfg["perturb_rate"]))
+    check_perturb_rate(float(cfg["perturb_rate"]))
     if len(images) < cfg["batch_size"]:
         raise ValueError(
             f"batch_size {cfg['batch_size']} exceeds the {len(images)} training examples"
         )
+    labelled = _labelled(labels, cfg)
+    return TrainData(train_set, val_set, images, labels, labelled, data_info(train_set))
 
-    info = data_info(train_set)
-    model = build_model_for(cfg, info).to(device)
-    lam = resolve_lambda(cfg["lam"], model.dim)
-    steps_per_epoch = len(images) // cfg["batch_size"]
-    total_steps = int(cfg["max_steps"] or cfg["epochs"] * steps_per_epoch)
 
-    optimizer = create_optimizer_v2(
-        model, opt=cfg["opt"], lr=cfg["lr"], weight_decay=cfg["weight_decay"]
-    )
-    scheduler = CosineLRScheduler(
-        optimizer,
-        t_initial=total_steps,
-        lr_min=cfg["min_lr"],
-        warmup_t=cfg["warmup_steps"],
-        warmup_lr_init=cfg["lr"] * 1e-2,
-        t_in_epochs=False,
-    )
-    step, nan_skips = 0, 0
-    ckpt_path = run_dir / "checkpoint.pt"
-    state = (
-        load_checkpoint(ckpt_path, map_location=device)
-        if cfg["resume"] and ckpt_path.exists()
-        else None
-    )
-    if state is not None and int(state["step"]) >= total_steps and (run_dir / "model.pt").exists():
-        return run_dir  # already finished: keep its model.pt (and its recorded train time)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, nan_skips = int(state["step"]), int(state["nan_skips"])
-        torch.set_rng_state(state["rng"])
-    else:
-        # Data-dependent ActNorm init on a fixed batch, before the EMA copy is taken.
-        init_idx = torch.randperm(
-            len(images), generator=torch.Generator().manual_seed(cfg["seed"])
-        )[:512]
-        model.data_init(images[init_idx].to(device))
-    ema = ModelEmaV3(model, decay=cfg["ema_decay"], use_warmup=cfg["ema_warmup"])
-    if state is not None:
-        ema.module.load_state_dict(state["ema"])
-
-    log = _CsvLog(run_dir / "metrics.csv")
-
-    def checkpoint() -> None:
-        save_checkpoint(
-            {
-                "model": model.state_dict(),
-                "ema": ema.module.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": step,
-                "nan_skips": nan_skips,
-                "rng": torch.get_rng_state(),
-                "config": dict(cfg),
-                "data": info,
-            },
-            ckpt_path,
+def _labelled(labels: torch.Tensor, cfg: Mapping[str, Any]) -> str:
+    """Which training examples carry a label (-1 marks unlabelled ones); refuse λ = 0 without."""
+    known = labels >= 0
+    if bool(known.all()):
+        return "all"
+    if bool(known.any()):
+        return "some"  # semi-supervised: unlabelled examples contribute λ·NLL only
+    if resolve_lambda(cfg["lam"], 1) == 0:
+        raise ValueError(
+            f"dataset {cfg['dataset']!r} has no labels, and λ = 0 trains only the classifier: "
+            "use --lam=1 (or 1/D) for density-only training"
         )
+    return "none"
 
-    # Turn SIGTERM into KeyboardInterrupt so a killed job still leaves a resumable checkpoint.
-    previous_handler = signal.getsignal(signal.SIGTERM)
-    try:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-    except ValueError:  # not in the main thread
-        previous_handler = None
 
-    start_time, last_ckpt = time.time(), time.time()
-    running: dict[str, float] = {}
-    consecutive_nan = 0
-    bar = tqdm(
-        total=total_steps, initial=step, disable=not cfg["progress"], desc=run_dir.name, leave=False
+def setup(cfg: Mapping[str, Any]) -> TrainState | None:
+    """Run folder, data, model, optimizer, schedule and EMA, resumed from ``checkpoint.pt``.
+
+    Returns ``None`` when the run already finished (its ``model.pt`` is kept as it is).
+    """
+    cfg = dict(cfg)
+    run_dir = run_dir_for(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.json")
+    if cfg["num_threads"]:
+        torch.set_num_threads(int(cfg["num_threads"]))
+    device = _device(cfg["device"])
+    torch.manual_seed(cfg["seed"])
+
+    data = _load_training_data(cfg)
+    model = build_model_for(cfg, data.info).to(device)
+    steps_per_epoch = len(data.images) // cfg["batch_size"]
+    total_steps = int(cfg["max_steps"] or cfg["epochs"] * steps_per_epoch)
+    optimizer, scheduler = create_optimizer_and_scheduler(
+        model,
+        opt=cfg["opt"],
+        lr=cfg["lr"],
+        weight_decay=cfg["weight_decay"],
+        total_steps=total_steps,
+        warmup_steps=cfg["warmup_steps"],
+        min_lr=cfg["min_lr"],
+        warmup_lr_init=cfg["lr"] * 1e-2,
     )
-    model.train()
-    try:
-        while step < total_steps:
-            epoch, offset = divmod(step, steps_per_epoch)
-            for batch_idx in list(_batches(len(images), cfg["batch_size"], cfg["seed"], epoch))[
-                offset:
-            ]:
-                if step >= total_steps:
-                    break
-                x = random_shift(images[batch_idx], cfg["augment_shift"])
-                if cfg["perturb_rate"]:
-                    x = perturb_levels(x, float(cfg["perturb_rate"]), train_set.num_levels)
-                x = x.to(device)
-                y = labels[batch_idx].to(device)
-                terms = model.loss(x, y, lam)
-                loss = terms["loss"].mean()
-                optimizer.zero_grad(set_to_none=True)
-                finite = bool(torch.isfinite(loss))
-                if finite:
-                    loss.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-                    finite = bool(torch.isfinite(grad_norm))
-                if not finite:
-                    # Skip the update; the step counter still advances (schedule stays aligned).
-                    nan_skips += 1
-                    consecutive_nan += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    if consecutive_nan > cfg["max_nan_skips"]:
-                        raise TrainingDivergedError(
-                            f"{consecutive_nan} consecutive non-finite losses at step {step}; "
-                            f"last good checkpoint: {ckpt_path}. Lower lr or raise grad_clip."
-                        )
-                else:
-                    consecutive_nan = 0
-                    optimizer.step()
-                    ema.update(model, step=step)
-                    with torch.no_grad():
-                        for key in ("loss", "ce", "nll", "bpd"):
-                            running[key] = running.get(key, 0.0) + terms[key].mean().item()
-                        running["acc"] = (
-                            running.get("acc", 0.0)
-                            + (terms["logits"].argmax(1) == y).float().mean().item()
-                        )
-                        running["n"] = running.get("n", 0) + 1
-                step += 1
-                scheduler.step_update(step)
-                bar.update(1)
-                if step % cfg["log_every"] == 0 and running.get("n"):
-                    n = running["n"]
-                    row = {
-                        "step": step,
-                        "epoch": epoch,
-                        "split": "train",
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "loss": running["loss"] / n,
-                        "ce": running["ce"] / n,
-                        "nll_nats": running["nll"] / n,
-                        "bpd": running["bpd"] / n,
-                        "accuracy": running["acc"] / n,
-                        "nan_skips": nan_skips,
-                        "elapsed_s": time.time() - start_time,
-                    }
-                    log.write(row)
-                    bar.set_postfix(bpd=f"{row['bpd']:.3f}", acc=f"{row['accuracy']:.3f}")
-                    running = {}
-                if time.time() - last_ckpt > cfg["checkpoint_every_s"]:
-                    checkpoint()
-                    last_ckpt = time.time()
-            epoch_done = step % steps_per_epoch == 0
-            if (
-                epoch_done
-                and cfg["eval_every"]
-                and (step // steps_per_epoch) % cfg["eval_every"] == 0
-            ):
-                # EMA copies stale power-iteration vectors with the weights: refresh them first.
-                refresh_lipschitz_layers(ema.module)
-                metrics = evaluate_predictions(
-                    predict(
-                        ema.module,
-                        val_set,
-                        batch_size=cfg["eval_batch_size"],
-                        dequant_samples=cfg["eval_dequant_samples"],
-                        device=device,
-                    )
-                )
-                log.write(
-                    {
-                        "step": step,
-                        "epoch": step // steps_per_epoch,
-                        "split": "val",
-                        **metrics,
-                        "elapsed_s": time.time() - start_time,
-                    }
-                )
-                model.train()
-    except KeyboardInterrupt:
-        checkpoint()
-        bar.close()
-        raise
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
-    bar.close()
-    checkpoint()
-    refresh_lipschitz_layers(ema.module)
+    ckpt_path = run_dir / "checkpoint.pt"
+    saved = load_checkpoint(ckpt_path, device) if cfg["resume"] and ckpt_path.exists() else None
+    if saved is not None and int(saved["step"]) >= total_steps and (run_dir / "model.pt").exists():
+        return None  # already finished: keep its model.pt (and its recorded train time)
+
+    lam = resolve_lambda(cfg["lam"], model.dim)
+    state = TrainState(
+        cfg, run_dir, device, data, model, optimizer, scheduler, lam, steps_per_epoch, total_steps
+    )
+    state.guard = NonFiniteGuard(
+        cfg["max_nan_skips"], f"last good checkpoint: {ckpt_path}. Lower lr or raise grad_clip."
+    )
+    _open_log(state, saved)
+    if saved is None:
+        # Data-dependent ActNorm init on a fixed batch, before the EMA copy is taken.
+        gen = torch.Generator().manual_seed(cfg["seed"])
+        init_idx = torch.randperm(len(data.images), generator=gen)[:512]
+        model.data_init(data.images[init_idx].to(device))
+    else:
+        _restore(state, saved)
+    state.ema = ModelEmaV3(model, decay=cfg["ema_decay"], use_warmup=cfg["ema_warmup"])
+    if saved is not None:
+        state.ema.module.load_state_dict(saved["ema"])
+    state.mark_boundary()
+    return state
+
+
+def _restore(state: TrainState, saved: Mapping[str, Any]) -> None:
+    """Model, optimizer, schedule, counters and RNG from a checkpoint (the EMA comes after)."""
+    state.model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.step = int(saved["step"])
+    state.guard.load_state_dict(
+        {"skipped": saved["nan_skips"], "in_a_row": saved.get("nan_in_a_row", 0)}
+    )
+    if "running" in saved:
+        state.running.load_state_dict(saved["running"], state.device)
+    state.elapsed_before = float(saved.get("elapsed_s", 0.0))
+    torch.set_rng_state(saved["rng"])
+    if "cuda_rng" in saved and state.device.type == "cuda":
+        torch.cuda.set_rng_state(saved["cuda_rng"], state.device)
+
+
+def _open_log(state: TrainState, saved: Mapping[str, Any] | None) -> None:
+    """``metrics.csv`` holding exactly the rows of the steps the checkpoint has done."""
+    remove_temporaries(state.run_dir)  # left by a run killed while writing
+    state.log = MetricsLog(state.run_dir / "metrics.csv")
+    if saved is None:
+        state.log.rewind(0)  # a fresh start: rows of an attempt that saved nothing are void
+        return
+    step = int(saved["step"])
+    if "evaluated_step" in saved:
+        state.evaluated_step = int(saved["evaluated_step"])
+    elif state.log.has_row(step, "val"):  # a checkpoint from before this field existed
+        state.evaluated_step = step
+    # Rows past the checkpoint are logged again as the run replays those steps; a validation
+    # the checkpoint has not done yet is run again (see _validation_due).
+    state.log.rewind(step, keep_val_at_step=state.evaluated_step == step)
+
+
+# --------------------------------------------------------------------------- one epoch
+
+
+def _training_batch(
+    state: TrainState, batch_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs (augmented) and labels of one batch, on the device."""
+    cfg = state.cfg
+    x = random_shift(state.data.images[batch_idx], cfg["augment_shift"])
+    if cfg["perturb_rate"]:
+        x = perturb_levels(x, float(cfg["perturb_rate"]), state.data.train_set.num_levels)
+    return x.to(state.device), state.data.labels[batch_idx].to(state.device)
+
+
+@torch.no_grad()
+def _accumulate(
+    running: RunningMeans, terms: Mapping[str, torch.Tensor], y: torch.Tensor, labelled: str
+) -> None:
+    """Add one step's batch means to the running statistics (no host sync)."""
+    running.step()
+    for key in ("loss", "nll", "bpd"):
+        running.add(key, terms[key].mean())
+    if labelled == "none":
+        return  # no classification term: ce and accuracy stay empty in metrics.csv
+    running.add("ce", terms["ce"].mean())
+    correct = terms["logits"].argmax(1) == y
+    if labelled == "all":
+        running.add("accuracy", correct.float().mean())
+    else:  # accuracy among the labelled examples of the batch, if it has any
+        count = (y >= 0).sum()
+        accuracy = (correct & (y >= 0)).sum() / count.clamp(min=1)
+        running.add("accuracy", accuracy, weight=(count > 0).double())
+
+
+def _log_train_row(state: TrainState, epoch: int) -> dict[str, float | None]:
+    means = state.running.means()
+    state.log.write(
+        {
+            "step": state.step,
+            "epoch": epoch,
+            "split": "train",
+            "lr": state.optimizer.param_groups[0]["lr"],
+            "loss": means["loss"],
+            "ce": means.get("ce"),
+            "nll_nats": means["nll"],
+            "bpd": means["bpd"],
+            "accuracy": means.get("accuracy"),
+            "nan_skips": state.guard.skipped,
+            "elapsed_s": state.elapsed,
+        }
+    )
+    state.running = RunningMeans()
+    return means
+
+
+def _apply_step(
+    state: TrainState, terms: Mapping[str, torch.Tensor], y: torch.Tensor, finite: bool, epoch: int
+) -> dict[str, float | None] | None:
+    """Everything a step changes after its backward pass (all or nothing); the logged means."""
+    state.consistent = False
+    state.guard.record(finite, state.step)
+    if finite:
+        state.optimizer.step()
+        state.ema.update(state.model, step=state.step)
+        _accumulate(state.running, terms, y, state.data.labelled)
+    # A skipped step still advances the counter, so the schedule stays aligned.
+    state.step += 1
+    state.scheduler.step_update(state.step)
+    logged = None
+    if state.step % state.cfg["log_every"] == 0 and state.running.steps:
+        logged = _log_train_row(state, epoch)
+    state.mark_boundary()
+    return logged
+
+
+def _show_progress(progress: tqdm | None, logged: Mapping[str, float | None] | None) -> None:
+    if progress is None:
+        return
+    progress.update(1)
+    if logged:  # the latest logged means, e.g. "bpd=3.18, accuracy=0.117"
+        shown = {k: logged.get(k) for k in ("bpd", "accuracy")}
+        progress.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None})
+
+
+def train_one_epoch(
+    state: TrainState, interrupts: DeferredInterrupts, progress: tqdm | None = None
+) -> None:
+    """Train from ``state.step`` to the end of its epoch (or to ``total_steps``)."""
+    cfg = state.cfg
+    epoch, offset = divmod(state.step, state.steps_per_epoch)
+    state.model.train()
+    batches = epoch_batches(len(state.data.images), cfg["batch_size"], cfg["seed"], epoch)
+    for batch_idx in batches[offset:]:
+        if state.step >= state.total_steps:
+            break
+        x, y = _training_batch(state, batch_idx)
+        terms = state.model.loss(x, y, state.lam)
+        loss = terms["loss"].mean()
+        finite = backward_and_clip(loss, state.model, state.optimizer, cfg["grad_clip"])
+        with interrupts.deferred():
+            logged = _apply_step(state, terms, y, finite, epoch)
+        _show_progress(progress, logged)
+        if time.time() - state.last_save > cfg["checkpoint_every_s"]:
+            save_training_checkpoint(state)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _validation_due(state: TrainState) -> bool:
+    """An epoch ended at this step, validation falls on it and has not been run yet."""
+    epochs, into_epoch = divmod(state.step, state.steps_per_epoch)
+    every = state.cfg["eval_every"]
+    return (
+        bool(every)
+        and state.step > 0
+        and into_epoch == 0
+        and epochs % every == 0
+        and state.evaluated_step != state.step
+    )
+
+
+def validate(state: TrainState) -> dict[str, float]:
+    """Score the finalized EMA model on the validation split and log the row."""
+    state.consistent = False  # finalizing the EMA and the evaluation's noise change the state
+    model = finalize_ema(state.ema.module)
+    metrics = evaluate_predictions(
+        predict(
+            model,
+            state.data.val_set,
+            batch_size=state.cfg["eval_batch_size"],
+            dequant_samples=state.cfg["eval_dequant_samples"],
+            device=state.device,
+        )
+    )
+    state.log.write(
+        {
+            "step": state.step,
+            "epoch": state.step // state.steps_per_epoch,
+            "split": "val",
+            **metrics,
+            "elapsed_s": state.elapsed,
+        }
+    )
+    state.evaluated_step = state.step
+    state.model.train()
+    state.mark_boundary()
+    return metrics
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_training_checkpoint(state: TrainState) -> None:
+    """Write ``checkpoint.pt`` from the last step boundary (atomic; the resume point)."""
+    payload = {
+        "model": state.model.state_dict(),
+        "ema": state.ema.module.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "step": state.step,
+        "nan_skips": state.guard.skipped,
+        "nan_in_a_row": state.guard.in_a_row,
+        "rng": state.rng["cpu"],
+        "running": state.running.state_dict(),
+        "evaluated_step": state.evaluated_step,
+        "elapsed_s": state.elapsed,
+        "config": dict(state.cfg),
+        "data": state.data.info,
+    }
+    if "cuda" in state.rng:
+        payload["cuda_rng"] = state.rng["cuda"]
+    save_checkpoint(payload, state.checkpoint_path)
+    state.last_save = time.time()
+    state.unsaved = False
+
+
+def finalize(state: TrainState) -> Path:
+    """Write ``model.pt``: the finalized EMA weights with the config and data info."""
+    finalize_ema(state.ema.module)
+    path = state.run_dir / "model.pt"
     save_checkpoint(
         {
-            "model": ema.module.state_dict(),
-            "config": dict(cfg),
-            "data": info,
-            "step": step,
-            "nan_skips": nan_skips,
-            "train_time_s": time.time() - start_time,
+            "model": state.ema.module.state_dict(),
+            "config": dict(state.cfg),
+            "data": state.data.info,
+            "step": state.step,
+            "nan_skips": state.guard.skipped,
+            "train_time_s": state.elapsed,
         },
-        run_dir / "model.pt",
+        path,
     )
-    return run_dir
+    return path
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _run(state: TrainState, interrupts: DeferredInterrupts, progress: tqdm) -> None:
+    while True:
+        if _validation_due(state):
+            if state.unsaved:  # validation changes the state: keep a resume point before it
+                save_training_checkpoint(state)
+            validate(state)
+        if state.step >= state.total_steps:
+            return
+        train_one_epoch(state, interrupts, progress)
+
+
+def train(config: Mapping[str, Any] | None = None, **overrides: Any) -> Path:
+    """Train a hybrid model; return its run folder.
+
+    ``config`` is merged over :data:`~hybridflow.training.config.DEFAULTS`, then ``overrides``.
+    With ``resume=True`` (default) an existing ``checkpoint.pt`` in the run folder is continued.
+    Ctrl-C or SIGTERM saves a checkpoint at the next step boundary and re-raises
+    ``KeyboardInterrupt``.
+    """
+    cfg = resolve_config(overrides, base=config)
+    state = setup(cfg)
+    if state is None:
+        return run_dir_for(cfg)
+    progress = tqdm(
+        total=state.total_steps,
+        initial=state.step,
+        disable=not cfg["progress"],
+        desc=state.run_dir.name,
+        leave=False,
+    )
+    with progress, DeferredInterrupts() as interrupts:
+        try:
+            _run(state, interrupts, progress)
+        except KeyboardInterrupt:
+            if state.consistent:
+                save_training_checkpoint(state)
+            raise
+    save_training_checkpoint(state)
+    finalize(state)
+    return state.run_dir
 
 
 def load_run(
@@ -388,10 +534,17 @@ def load_run(
     """Load a finished run's EMA model (``model.pt``) in eval mode, with its config."""
     run_dir = Path(run_dir)
     path = run_dir / "model.pt"
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is not a folder: give a run folder (runs/NAME)")
+    if not path.exists() and not (run_dir / "config.json").exists():
+        raise CheckpointError(
+            f"{run_dir} is not a run folder (no config.json or model.pt): give the folder "
+            "`hybridflow train` printed, e.g. runs/NAME, or pretrained:NAME"
+        )
     if not path.exists():
         raise CheckpointError(
             f"{run_dir} has no model.pt: the run did not finish (resume it with "
-            f"`hybridflow train --out_dir=... --name={run_dir.name}`)"
+            f"`hybridflow train --config {run_dir / 'config.json'}`)"
         )
     state = load_checkpoint(path, map_location=device)
     cfg = resolve_config(base=state["config"])

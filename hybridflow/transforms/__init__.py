@@ -17,6 +17,7 @@ from .base import (
     standard_normal_log_prob,
     sum_except_batch,
 )
+from .bisection import monotone_bisection
 from .conv1x1 import InvertibleConv1x1
 from .coupling import AffineCoupling, checkerboard_mask
 from .dequantization import Sigmoid, UniformDequantization, VariationalDequantization
@@ -34,7 +35,6 @@ from .naf import (
     ddsf_transform,
     dsf_num_params,
     dsf_transform,
-    monotone_bisection,
 )
 from .normalization import ActNorm
 from .preprocessing import LogitTransform

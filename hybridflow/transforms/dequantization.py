@@ -103,7 +103,16 @@ class UniformDequantization(InvertibleModule):
     ) -> tuple[Tensor, Tensor]:
         """Dequantize; ``noise`` fixes ``u`` (a tensor, or a constant: 0.5 gives bin centres)."""
         x = _levels_as_float(x, self.num_levels, type(self).__name__)
-        u = _draw("uniform", x, generator) if noise is None else _fixed_noise(noise, x)
+        if noise is None:
+            u = _draw("uniform", x, generator)
+        else:
+            u = _fixed_noise(noise, x)
+            # Checked after the cast: 1 - 1e-16 becomes 1.0 in float32, i.e. the next level.
+            if bool((u < 0).any()) or bool((u >= 1).any()):
+                raise ValueError(
+                    f"uniform dequantization noise must lie in [0, 1) in {x.dtype}, got "
+                    f"[{u.min().item():g}, {u.max().item():g}]"
+                )
         logdet = x.new_full((x.shape[0],), -x[0].numel() * math.log(self.num_levels))
         return (x + u) / self.num_levels, logdet
 
@@ -119,8 +128,9 @@ class VariationalDequantization(InvertibleModule):
     network on the levels. Sampling uses only the cheap (CDF) direction of the couplings, as in
     the paper, and ``log q(u | x) = log N(ε) - log|det ∂u/∂ε|``. As in the reference code the
     context network is convolutional only (no attention). Evaluating ``q`` at a *given*
-    ``u`` (``noise=``) inverts the couplings by bisection; gradients then do not flow through
-    that ``ε``, so use it for evaluation only.
+    ``u`` (``noise=``) inverts the couplings by bisection; that ``ε`` is differentiable in the
+    parameters by implicit differentiation (first derivatives), so ``log q(u | x)`` at a fixed
+    ``u`` can be trained too.
 
     The conditional flow is exposed as :attr:`noise_flow` (ε → u) and the context network as
     :attr:`context_net`. Couplings alternate checkerboard parities, and, for two or more

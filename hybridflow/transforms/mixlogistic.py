@@ -6,7 +6,8 @@ The transformed half ``x_b`` goes through the elementwise map
 
 where ``F`` is the CDF of a ``K``-component mixture of logistics whose parameters, like ``a``
 and ``b``, come from a conditioner net applied to the kept half. ``F`` is strictly increasing,
-so the map is invertible; its inverse has no closed form and is found by bisection.
+so the map is invertible; its inverse has no closed form and is found by bisection
+(:mod:`hybridflow.transforms.bisection`), differentiable by implicit differentiation.
 All mixture maths runs in log space so that CDF values within ``1e-30`` of 0 or 1 stay exact.
 """
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import sum_except_batch
+from .bisection import monotone_bisection
 from .coupling import MaskedCoupling, NetFactory, _default_factory
 
 __all__ = ["MixLogisticCoupling", "mixture_inverse_cdf", "mixture_log_cdf", "mixture_log_pdf"]
@@ -82,7 +84,21 @@ def mixture_log_cdf(
     return log_cdf, log_sf
 
 
-@torch.no_grad()
+def _logit_cdf(x: Tensor, logit_weights: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
+    """``logit F(x)`` of the mixture, from its log-CDF and log-survival."""
+    log_cdf, log_sf = mixture_log_cdf(x, logit_weights, means, log_scales)
+    return log_cdf - log_sf
+
+
+def _logit_cdf_and_log_slope(
+    x: Tensor, logit_weights: Tensor, means: Tensor, log_scales: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(logit F(x), log d logit F / dx)``; ``d logit F/dx = f / (F (1 - F))``."""
+    log_cdf, log_sf = mixture_log_cdf(x, logit_weights, means, log_scales)
+    log_pdf = mixture_log_pdf(x, logit_weights, means, log_scales)
+    return log_cdf - log_sf, log_pdf - log_cdf - log_sf
+
+
 def mixture_inverse_cdf(
     u_logit: Tensor,
     logit_weights: Tensor,
@@ -98,31 +114,41 @@ def mixture_inverse_cdf(
     mixture CDF is a convex combination of the ``F_k``, so ``logit F(x)`` lies between the
     smallest and largest component logit (logit is monotone). Hence the root lies in
     ``[min_k(μ_k + s_k·y), max_k(μ_k + s_k·y)]``: at the left end every component logit is
-    ``≤ y``, at the right end every one is ``≥ y``.
+    ``≤ y``, at the right end every one is ``≥ y``. The search is
+    :func:`~hybridflow.transforms.bisection.monotone_bisection` on that bracket.
+
+    With autograd on, ``x`` is differentiable in ``u_logit`` and every mixture parameter by
+    implicit differentiation, ``dx/dθ = -(∂ logit F/∂θ) / (∂ logit F/∂x)`` (first derivatives
+    only; second derivatives through the inverse are not provided).
 
     Args:
         u_logit: Target logits ``y``, shape ``[...]``.
         logit_weights: Unnormalised component log-weights, shape ``[..., K]``.
         means: Component means, shape ``[..., K]``.
         log_scales: Component log-scales, shape ``[..., K]`` (clamped at -7).
-        tol: Stop once every bracket is at most this wide (absolute, in ``x`` units).
+        tol: Stop once every bracket is at most this wide (absolute, in ``x`` units) or its
+            midpoint is no longer representable.
         max_iter: Upper bound on bisection steps.
 
     Returns:
-        ``x`` of the broadcast shape, detached (no autograd graph is built).
+        ``x`` of the broadcast shape.
+
+    Raises:
+        ValueError: non-finite targets, a bracket that overflows, or NaN from the mixture.
     """
-    scales = log_scales.clamp(min=LOG_SCALE_MIN).exp()
-    ends = means + scales * u_logit.unsqueeze(-1)
-    lo, hi = ends.min(dim=-1).values, ends.max(dim=-1).values
-    for _ in range(max_iter):
-        if bool(((hi - lo) <= tol).all()):
-            break
-        mid = 0.5 * (lo + hi)
-        log_cdf, log_sf = mixture_log_cdf(mid, logit_weights, means, log_scales)
-        below = (log_cdf - log_sf) < u_logit
-        lo = torch.where(below, mid, lo)
-        hi = torch.where(below, hi, mid)
-    return 0.5 * (lo + hi)
+    with torch.no_grad():
+        scales = log_scales.clamp(min=LOG_SCALE_MIN).exp()
+        ends = means + scales * u_logit.unsqueeze(-1)
+        bracket = ends.min(dim=-1).values, ends.max(dim=-1).values
+    params = (logit_weights, means, log_scales)
+    return monotone_bisection(
+        lambda x: _logit_cdf_and_log_slope(x, *params),
+        u_logit,
+        tol,
+        max_iter,
+        bracket=bracket,
+        search_fn=lambda x: _logit_cdf(x, *params),
+    )
 
 
 class MixLogisticCoupling(MaskedCoupling):
@@ -193,12 +219,8 @@ class MixLogisticCoupling(MaskedCoupling):
         """Elementwise forward map of the transformed part and its log-derivative."""
         log_a, shift, logits, means, log_scales = params
         xm, lw, mu, ls = self._mix_dtype(x2, logits, means, log_scales)
-        log_cdf, log_sf = mixture_log_cdf(xm, lw, mu, ls)
-        log_pdf = mixture_log_pdf(xm, lw, mu, ls)
-        # d logit(F)/dx = f / (F (1 - F)); all three factors are already in log space.
-        logit = (log_cdf - log_sf).to(x2.dtype)
-        log_deriv = (log_pdf - log_cdf - log_sf).to(x2.dtype)
-        return logit * log_a.exp() + shift, log_deriv + log_a
+        logit, log_deriv = _logit_cdf_and_log_slope(xm, lw, mu, ls)
+        return logit.to(x2.dtype) * log_a.exp() + shift, log_deriv.to(x2.dtype) + log_a
 
     def _untransform(self, y2: Tensor, params) -> Tensor:
         log_a, shift, logits, means, log_scales = params

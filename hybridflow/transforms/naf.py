@@ -36,8 +36,7 @@ Packing of ``params`` (last dimension; ``K`` = ``num_units``; matrices are row-m
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +44,7 @@ from torch import Tensor, nn
 
 from ..nets.made import MADE
 from .base import InvertibleModule, sum_except_batch
+from .bisection import monotone_bisection
 from .coupling import MaskedCoupling, NetFactory, _default_factory
 
 __all__ = [
@@ -221,91 +221,6 @@ def ddsf_transform(
     return _leak(x.expand(lead), h[..., 0], log_jac[..., 0, 0], delta)
 
 
-@torch.no_grad()
-def monotone_bisection(
-    fn: Callable[[Tensor], Tensor],
-    target: Tensor,
-    tol: float = 1e-6,
-    max_iter: int = 100,
-    *,
-    max_expand: int = 128,
-    on_failure: str = "warn",
-) -> Tensor:
-    """Solve ``fn(x) = target`` elementwise for a strictly increasing elementwise ``fn``.
-
-    Vectorised bisection in the style of
-    :func:`~hybridflow.transforms.mixlogistic.mixture_inverse_cdf`. The bracket starts at
-    ``[-1, 1]`` and each side that does not yet contain the target is pushed out by doubling
-    steps (``lo ← lo - 2^j``), at most ``max_expand`` times; then at most ``max_iter`` bisection
-    steps halve every bracket until its width is ``≤ tol`` (absolute, in ``x`` units) or its
-    midpoint is no longer representable (the root is then known to machine precision).
-
-    Args:
-        fn: Elementwise strictly increasing map; called on tensors of ``target``'s shape.
-        target: Finite targets ``y``.
-        tol: Absolute bracket width at which an element counts as solved.
-        max_iter: Maximum bisection steps (bracket expansion is counted separately).
-        max_expand: Maximum doubling steps per side when bracketing.
-        on_failure: ``"warn"`` (``RuntimeWarning``) or ``"raise"`` (``RuntimeError``) when the
-            bisection cap is reached with a bracket wider than ``tol``.
-
-    Returns:
-        The bracket midpoints, detached, of ``target``'s shape.
-
-    Raises:
-        ValueError: non-finite targets, or ``fn`` returned NaN.
-        RuntimeError: no bracket within ``±2^max_expand``, or ``on_failure == "raise"`` and the
-            bisection did not converge.
-    """
-    if on_failure not in ("warn", "raise"):
-        raise ValueError(f"on_failure must be 'warn' or 'raise', got {on_failure!r}")
-    if not bool(torch.isfinite(target).all()):
-        raise ValueError("bisection targets must be finite")
-
-    def below(x: Tensor) -> Tensor:
-        y = fn(x)
-        if bool(torch.isnan(y).any()):
-            raise ValueError("the monotone map returned NaN during bisection")
-        return y < target
-
-    lo, hi = -torch.ones_like(target), torch.ones_like(target)
-    step = torch.ones_like(target)
-    lo_ok, hi_ok = below(lo), ~below(hi)
-    for _ in range(max_expand):
-        if bool(lo_ok.all() and hi_ok.all()):
-            break
-        # The side that failed becomes the new opposite end: the root lies beyond it.
-        hi = torch.where(lo_ok, hi, torch.minimum(hi, lo))
-        lo = torch.where(lo_ok, lo, lo - step)
-        lo = torch.where(hi_ok, lo, torch.maximum(lo, hi))
-        hi = torch.where(hi_ok, hi, hi + step)
-        step = 2.0 * step
-        lo_ok, hi_ok = below(lo), ~below(hi)
-    if not bool(lo_ok.all() and hi_ok.all()):
-        raise RuntimeError(
-            f"bisection could not bracket the root within ±2^{max_expand}: is the map onto ℝ?"
-        )
-    for _ in range(max_iter):
-        mid = 0.5 * (lo + hi)
-        active = ((hi - lo) > tol) & (mid > lo) & (mid < hi)
-        if not bool(active.any()):
-            break
-        go_right = below(mid)
-        lo = torch.where(active & go_right, mid, lo)
-        hi = torch.where(active & ~go_right, mid, hi)
-    mid = 0.5 * (lo + hi)
-    unsolved = ((hi - lo) > tol) & (mid > lo) & (mid < hi)
-    if bool(unsolved.any()):
-        message = (
-            f"bisection stopped after {max_iter} steps with {int(unsolved.sum())} brackets wider "
-            f"than tol={tol} (widest {float((hi - lo).max()):.3g}); raise max_iter"
-        )
-        if on_failure == "raise":
-            raise RuntimeError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
-    return mid
-
-
 def _init_offsets(transformer: str, num_units: int, num_layers: int) -> Tensor:
     """Fixed offsets added to the conditioner output (which starts at zero).
 
@@ -369,8 +284,9 @@ class NeuralAutoregressiveFlow(InvertibleModule):
     ``z_i = τ(x_i; θ_i(x_<i))`` with a DSF or DDSF transformer ``τ`` whose pseudo-parameters
     ``θ_i`` come from one MADE pass; ``log|det dz/dx| = Σ_i log τ'(x_i)`` (triangular Jacobian).
     :meth:`inverse` needs ``D`` sequential MADE passes, each solving the next coordinate in the
-    autoregressive order by :func:`monotone_bisection`; it runs without autograd. The IAF-style
-    variant (cheap sampling) is ``Inverse(NeuralAutoregressiveFlow(...))``.
+    autoregressive order by :func:`monotone_bisection`. With autograd on it is differentiable in
+    ``z``, the context and the MADE weights by implicit differentiation (first derivatives only),
+    so the IAF-style variant (cheap sampling) ``Inverse(NeuralAutoregressiveFlow(...))`` trains.
 
     Initialisation: the MADE output layer is zero, so ``θ`` equals fixed offsets (see
     :func:`_init_offsets`): every ``τ`` starts as ``σ⁻¹(mean_k σ(x + b_k))`` with ``b`` spread
@@ -433,22 +349,25 @@ class NeuralAutoregressiveFlow(InvertibleModule):
         z, log_d = self.tau(x, self.made(x, context))
         return z, log_d.sum(dim=1)
 
-    @torch.no_grad()
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         self._check(z)
         x = torch.zeros_like(z)
-        order = self.made.order
+        columns = torch.arange(self.features, device=z.device)
+        # Column solved at each position of the autoregressive order (no host sync per step).
+        solve_order = torch.argsort(self.made.order)
         for position in range(self.features):
+            j = solve_order[position : position + 1]
             # θ of the coordinate at this position depends only on already-solved coordinates.
-            (j,) = (order == position).nonzero(as_tuple=True)
             raw = self.made(x, context)[:, j]
-            target = z[:, j]
-            x[:, j] = monotone_bisection(
-                lambda t, raw=raw: self.tau(t, raw)[0],
-                target,
+            x_j = monotone_bisection(
+                lambda t, raw=raw: self.tau(t, raw),
+                z[:, j],
                 tol=self.inverse_tol,
                 max_iter=self.inverse_max_iter,
             )
+            # Out of place: earlier MADE passes saved x for backward, and x_j carries the
+            # implicit gradient through θ(x_<j), which chains into the exact triangular solve.
+            x = torch.where(columns == j, x_j, x)
         return x
 
 
@@ -460,7 +379,7 @@ class NAFCoupling(MaskedCoupling):
     Masking follows :class:`~hybridflow.transforms.mixlogistic.MixLogisticCoupling` exactly. The
     conditioner's last layer starts at zero, so at init ``θ`` equals the offsets of
     :class:`NeuralAutoregressiveFlow` (near-identity, distinct units). :meth:`inverse` solves all
-    transformed elements in one vectorised bisection.
+    transformed elements in one vectorised bisection, differentiable by implicit differentiation.
 
     Args:
         num_channels: Channels ``C`` of the input (features for vector inputs).
@@ -507,7 +426,7 @@ class NAFCoupling(MaskedCoupling):
 
     def _solve(self, y: Tensor, raw: Tensor) -> Tensor:
         return monotone_bisection(
-            lambda t: self.tau(t, raw)[0], y, tol=self.inverse_tol, max_iter=self.inverse_max_iter
+            lambda t: self.tau(t, raw), y, tol=self.inverse_tol, max_iter=self.inverse_max_iter
         )
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -521,7 +440,6 @@ class NAFCoupling(MaskedCoupling):
         y, ld = self.tau(moved, self._raw(self._with_context(kept, context)))
         return self._merge(kept, y), sum_except_batch(ld)
 
-    @torch.no_grad()
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         self._check(z)
         if self.mask == "checkerboard":

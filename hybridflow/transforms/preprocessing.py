@@ -27,9 +27,31 @@ class LogitTransform(InvertibleModule):
         if not 0.0 <= alpha < 0.5:
             raise ValueError(f"alpha must lie in [0, 0.5), got {alpha}")
         self.alpha = alpha
+        self._lost_by_dtype: dict[torch.dtype, bool] = {}  # see _margin_lost
+
+    def _margin_lost(self, dtype: torch.dtype) -> bool:
+        """Whether ``α`` vanishes in ``dtype`` (``s`` rounds to 0 at ``x = 0`` or 1 at ``x = 1``).
+
+        Cached per dtype: the answer depends only on ``α`` and the precision.
+        """
+        # setdefault: layers unpickled from before this cache existed lack the attribute.
+        cache = self.__dict__.setdefault("_lost_by_dtype", {})
+        if dtype not in cache:
+            at_zero = torch.tensor(self.alpha, dtype=dtype)
+            at_one = at_zero + torch.tensor(1 - 2 * self.alpha, dtype=dtype)
+            cache[dtype] = bool(at_zero <= 0) or bool(at_one >= 1)
+        return cache[dtype]
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if bool((x < 0).any()) or bool((x > 1).any()):
+        if self._margin_lost(x.dtype):
+            # Without a margin the logit of 0 or 1 is ±∞: refuse rather than return it silently.
+            if bool((x <= 0).any()) or bool((x >= 1).any()):
+                raise ValueError(
+                    f"LogitTransform(alpha={self.alpha:g}) in {x.dtype} expects inputs in (0, 1), "
+                    f"got [{x.min().item():g}, {x.max().item():g}]: the logit of 0 or 1 is "
+                    "infinite; use a larger alpha to allow the end points"
+                )
+        elif bool((x < 0).any()) or bool((x > 1).any()):
             raise ValueError(
                 f"LogitTransform expects inputs in [0, 1], got [{x.min().item():g}, "
                 f"{x.max().item():g}]; dequantize integer levels first"

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -276,45 +278,98 @@ class ResidualBlock(InvertibleModule):
         # The value carries the estimate; the surrogate carries the gradient.
         return x + g_x, value + (surrogate - surrogate.detach())
 
-    @torch.no_grad()
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         """Solve ``x + g(x) = z`` by the fixed-point iteration ``x ← z - g(x)``.
 
         Stops when every element's step is ≤ ``inverse_atol + inverse_rtol·|x|`` (the step
-        itself, not its square). Converges geometrically at rate ``Lip(g)``. Runs without a
-        graph and with power iterations frozen (``g`` in eval mode), so it never changes state.
-        Statistics of the last call are kept in :attr:`last_inverse`.
+        itself, not its square). Converges geometrically at rate ``Lip(g)``. The iteration runs
+        without a graph and with power iterations frozen (``g`` in eval mode), so it never
+        changes state. Statistics of the last call are kept in :attr:`last_inverse`.
+
+        With autograd on (and ``z`` or ``g``'s parameters requiring gradients) the result is
+        differentiable by implicit differentiation, as in Deep Equilibrium Models (Bai et al.
+        2019): ``dx = (I + J_g)⁻¹ (dz - ∂g/∂θ dθ)``, so the incoming gradient ``u`` is mapped to
+        ``v = (I + J_g)⁻ᵀ u`` by the fixed-point iteration ``v ← u - J_gᵀ v`` (vector–Jacobian
+        products at the solution, same tolerances, convergent since ``Lip(g) < 1``). The value
+        is the fixed-point solution itself. Second derivatives through the inverse are not
+        provided. Under ``no_grad`` (sampling) none of this runs.
         """
         self._check(z)
+        needs_grad = torch.is_grad_enabled() and (
+            z.requires_grad or any(p.requires_grad for p in self.net.parameters())
+        )
+        with self._frozen():
+            with torch.no_grad():
+                x = self._fixed_point(z)
+            return self._attach_implicit_gradient(z, x) if needs_grad else x
+
+    @contextmanager
+    def _frozen(self) -> Iterator[None]:
+        """Run ``g`` with power iterations frozen (eval mode): the map the inverse solves."""
         was_training = self.net.training
         self.net.eval()
         try:
-            x = z - self.net(z)
-            converged, step = False, float("inf")
-            iterations = 1
-            while iterations < self.inverse_max_iter:
-                x_next = z - self.net(x)
-                delta = (x_next - x).abs()
-                x = x_next
-                iterations += 1
-                step = float(delta.max()) if delta.numel() else 0.0
-                if bool((delta <= self.inverse_atol + self.inverse_rtol * x.abs()).all()):
-                    converged = True
-                    break
-            residual = float((x + self.net(x) - z).abs().max()) if z.numel() else 0.0
+            yield
         finally:
             self.net.train(was_training)
+
+    def _converged(self, delta: Tensor, x: Tensor) -> bool:
+        return bool((delta <= self.inverse_atol + self.inverse_rtol * x.abs()).all())
+
+    def _not_converged(self, message: str) -> None:
+        if self.on_inverse_failure == "raise":
+            raise InverseNotConvergedError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _fixed_point(self, z: Tensor) -> Tensor:
+        """The fixed-point solve of :meth:`inverse` (``g`` frozen); records :attr:`last_inverse`."""
+        x = z - self.net(z)
+        converged, step = False, float("inf")
+        iterations = 1
+        while iterations < self.inverse_max_iter:
+            x_next = z - self.net(x)
+            delta = (x_next - x).abs()
+            x = x_next
+            iterations += 1
+            step = float(delta.max()) if delta.numel() else 0.0
+            if self._converged(delta, x):
+                converged = True
+                break
+        residual = float((x + self.net(x) - z).abs().max()) if z.numel() else 0.0
         self.last_inverse = InverseStats(iterations, converged, step, residual)
         if not converged:
-            message = (
+            self._not_converged(
                 f"fixed-point inverse did not converge in {iterations} iterations: last step "
                 f"{step:.3g}, residual max|x + g(x) - z| = {residual:.3g} (atol "
                 f"{self.inverse_atol:g}, rtol {self.inverse_rtol:g}); is Lip(g) < 1?"
             )
-            if self.on_inverse_failure == "raise":
-                raise InverseNotConvergedError(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
         return x
+
+    def _attach_implicit_gradient(self, z: Tensor, x: Tensor) -> Tensor:
+        """``x`` (same value) with DEQ implicit gradients to ``z`` and ``g``'s parameters."""
+        x_in = x.detach().requires_grad_(True)
+        g_x = self.net(x_in)
+        h = z - g_x  # one more fixed-point step: the graph to z and θ
+
+        def adjoint(u: Tensor) -> Tensor:
+            # v = u - J_gᵀ v, i.e. v = (I + J_g)⁻ᵀ u; the graph of g_x is kept for reuse.
+            v = u
+            for _ in range(self.inverse_max_iter):
+                (jv,) = torch.autograd.grad(g_x, x_in, v, retain_graph=True, allow_unused=True)
+                v_next = u if jv is None else u - jv
+                done = self._converged((v_next - v).abs(), v_next)
+                v = v_next
+                if done:
+                    return v
+            self._not_converged(
+                f"implicit gradient of the fixed-point inverse did not converge in "
+                f"{self.inverse_max_iter} iterations; is Lip(g) < 1?"
+            )
+            return v
+
+        h.register_hook(adjoint)
+        # Value exactly the fixed-point solution; gradient that of h, as mapped by the hook.
+        return x + (h - h.detach())
 
 
 class _MemoryEfficientLogDet(torch.autograd.Function):

@@ -45,14 +45,21 @@ def _base_config(path: str | None) -> dict:
 
 
 def _cmd_train(argv: Sequence[str]) -> int:
+    import os
+
     from .training import parse_overrides, train
 
-    parser = argparse.ArgumentParser(prog="hybridflow train", description="Train a hybrid model.")
+    parser = argparse.ArgumentParser(
+        prog="hybridflow train",
+        description="Train a hybrid model. Data-parallel: torchrun --standalone "
+        "--nproc_per_node=N -m hybridflow train ... (the same options; batch_size is global).",
+    )
     parser.add_argument("--config", help="JSON file with a base config")
     own, rest = _split_known(argv, {"--config"})
     args = parser.parse_args(own)
     run_dir = train(_base_config(args.config), **parse_overrides(rest))
-    print(run_dir)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the whole run
+        print(run_dir)
     return 0
 
 

@@ -25,6 +25,7 @@ from hybridflow.data import (
     ToyDataset,
     UnknownDatasetError,
     available_datasets,
+    dataset_tensors,
     load_dataset,
     read_idx,
     register_family,
@@ -67,6 +68,13 @@ def write_fake_idx_set(
     for stem, array in arrays.items():
         write_idx(folder / (f"{stem}.gz" if compress else stem), array, compress=compress)
     return arrays
+
+
+class Offline:
+    """Stands in for a torchvision dataset class on a machine without internet."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("no internet")
 
 
 @pytest.fixture
@@ -267,10 +275,6 @@ def test_idx_download_uses_torchvision(
     ds = load_dataset("fashion-mnist", "train", data_root=str(tmp_path), download=True)
     assert calls == [str(tmp_path)] and len(ds) == 9
 
-    class Offline:
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            raise RuntimeError("no internet")
-
     monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
     with pytest.raises(DatasetNotFoundError, match="no internet"):
         load_dataset("mnist", "train", data_root=str(tmp_path / "empty"), download=True)
@@ -429,7 +433,7 @@ def test_toy_errors_and_edge_cases() -> None:
 
 def test_unknown_name_and_split() -> None:
     with pytest.raises(ValueError, match="digits") as info:
-        load_dataset("cifar10")
+        load_dataset("imagenet")
     assert "fashion-mnist" in str(info.value) and "toy:moons" in str(info.value)
     with pytest.raises(ValueError, match="valid splits"):
         load_dataset("digits", "validation")
@@ -456,6 +460,8 @@ def test_available_datasets_lists_every_family_in_order() -> None:
     sk = ["sk:breast_cancer", "sk:wine", "sk:iris", "sk:digits64"]
     derived = [f"{kind}:BASE" for kind in data_pkg.DERIVED_KINDS]
     expected = ["digits", "fashion-mnist", "mnist", "npz:PATH", *toys, *uci, *sk, *derived]
+    # Families added later come after the first ones, which keep their order.
+    expected += ["svhn", "cifar10", "folder:PATH", "synthetic:CxHxW"]
     assert available_datasets() == expected
 
 
@@ -474,6 +480,12 @@ def test_available_datasets_lists_every_family_in_order() -> None:
         ("noise:digts", "noise:digits"),  # derived: a misspelt base ...
         ("inverted:fashion_mnist", "inverted:fashion-mnist"),
         ("nosie:digits", "noise:digits"),  # ... or a misspelt kind
+        ("cifar-10", "cifar10"),  # torchvision image sets
+        ("svnh", "svhn"),
+        ("noise:cifar", "noise:cifar10"),
+        ("synthetc:1x28x28", "synthetic:1x28x28"),  # a misspelt kind before a free argument
+        ("foldr:/data/tree", "folder:/data/tree"),
+        ("nzp:file.npz", "npz:file.npz"),
     ],
 )
 def test_unknown_name_suggests_the_closest(name: str, closest: str) -> None:
@@ -489,7 +501,7 @@ def test_unknown_name_suggests_the_closest(name: str, closest: str) -> None:
 
 def test_unknown_name_without_close_match_lists_the_valid_names() -> None:
     with pytest.raises(UnknownDatasetError, match="valid: digits, fashion-mnist") as info:
-        load_dataset("cifar10")
+        load_dataset("imagenet")
     assert info.value.suggestion is None and "did you mean" not in str(info.value)
 
 
@@ -546,9 +558,9 @@ def test_data_modules_are_layered_without_cycles() -> None:
     folder = Path(data_pkg.__file__).parent
     imports = {p.stem: _data_imports(p) for p in folder.glob("*.py") if p.stem != "__init__"}
     assert imports["common"] == set()
-    for family in ("images", "toy", "tabular", "derived"):
+    for family in ("images", "folder", "toy", "tabular", "derived"):
         assert imports[family] == {"common"}, family
-    assert imports["registry"] == {"common", "images", "toy", "tabular", "derived"}
+    assert imports["registry"] == {"common", "images", "folder", "toy", "tabular", "derived"}
 
 
 # --------------------------------------------------------------------------- one stratified split
@@ -576,3 +588,355 @@ def test_stratified_splits_are_pinned_and_shared(name: str, seed: int) -> None:
     shared = stratified_split(labels, seed, 0.1)
     for split, ds in zip(SPLITS, parts, strict=True):
         assert np.array_equal(ds.indices.numpy(), shared[split])
+
+
+# --------------------------------------------------------------------------- SVHN and CIFAR-10
+
+
+def write_fake_svhn(folder: Path, *, n_train: int = 20, n_test: int = 6) -> dict[str, np.ndarray]:
+    """Tiny SVHN files in torchvision's format: ``X`` is H x W x 3 x N, labels 1..10."""
+    savemat = pytest.importorskip("scipy.io").savemat
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    arrays = {}
+    for part, n in (("train", n_train), ("test", n_test)):
+        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        y = ((np.arange(n, dtype=np.uint8) + 9) % 10 + 1)[:, None]  # 10, 1, 2, ...; 10 is 0
+        savemat(folder / f"{part}_32x32.mat", {"X": x, "y": y})
+        arrays[f"{part}_x"], arrays[f"{part}_y"] = x, y[:, 0]
+    return arrays
+
+
+def write_fake_cifar10(folder: Path, *, per_batch: int = 4, bytes_keys: bool = False) -> np.ndarray:
+    """Tiny CIFAR-10 python batches (pickled dicts, protocol 2); returns all rows, in order."""
+    import pickle
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2)
+    rows = []
+    for name in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"):
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, per_batch).tolist()
+        batch = {"batch_label": name, "labels": labels, "data": data, "filenames": ["x.png"]}
+        if bytes_keys:  # as Python 2 wrote them, read without encoding
+            batch = {k.encode(): v for k, v in batch.items()}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+        rows.append((data, np.asarray(labels)))
+    return rows  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("sub", ["", "SVHN"])
+def test_svhn_torchvision_files(tmp_path: Path, sub: str) -> None:
+    arrays = write_fake_svhn(tmp_path / sub if sub else tmp_path)
+    parts = {split: load_dataset("svhn", split, data_root=str(tmp_path)) for split in SPLITS}
+    assert [len(parts[s]) for s in SPLITS] == [18, 2, 6]
+    for ds in parts.values():
+        assert ds.shape == (3, 32, 32) and ds.images.dtype == torch.uint8
+        assert ds.num_levels == 256 and ds.num_classes == 10 and ds.name == "svhn"
+    assert_disjoint_cover(split_indices(parts), 26)
+    test = parts["test"]
+    assert test.indices.tolist() == list(range(20, 26))
+    # N x C x H x W from MATLAB's H x W x C x N, label 10 -> digit 0 (as torchvision).
+    np.testing.assert_array_equal(test.images.numpy(), arrays["test_x"].transpose(3, 2, 0, 1))
+    np.testing.assert_array_equal(test.labels.numpy(), arrays["test_y"] % 10)
+    assert int(test.labels[0]) == 0 and int(test.labels.max()) <= 9
+    val = parts["val"]
+    expected = arrays["train_x"].transpose(3, 2, 0, 1)[val.indices.numpy()]
+    np.testing.assert_array_equal(val.images.numpy(), expected)
+    again = load_dataset("svhn", "val", data_root=str(tmp_path))
+    assert torch.equal(again.indices, val.indices)
+    assert len(load_dataset("svhn", "all", data_root=str(tmp_path))) == 26
+
+
+@pytest.mark.parametrize("bytes_keys", [False, True])
+def test_cifar10_torchvision_layout(tmp_path: Path, bytes_keys: bool) -> None:
+    rows = write_fake_cifar10(tmp_path / "cifar-10-batches-py", bytes_keys=bytes_keys)
+    parts = {split: load_dataset("cifar10", split, data_root=str(tmp_path)) for split in SPLITS}
+    assert [len(parts[s]) for s in SPLITS] == [18, 2, 4]
+    assert_disjoint_cover(split_indices(parts), 24)
+    everything = load_dataset("cifar10", "all", data_root=str(tmp_path))
+    data = np.concatenate([d for d, _ in rows]).reshape(-1, 3, 32, 32)
+    np.testing.assert_array_equal(everything.images.numpy(), data)  # batches 1..5, then test
+    np.testing.assert_array_equal(everything.labels.numpy(), np.concatenate([y for _, y in rows]))
+    # A row holds the R, G and B planes in turn: pixel (c, h, w) is entry c*1024 + h*32 + w.
+    first = rows[0][0][0]
+    assert int(everything.images[0, 2, 5, 7]) == int(first[2 * 1024 + 5 * 32 + 7])
+    test = parts["test"]
+    assert test.indices.tolist() == list(range(20, 24)) and test.shape == (3, 32, 32)
+    assert test.num_levels == 256 and test.num_classes == 10 and test.name == "cifar10"
+
+
+def test_cifar10_batches_directly_in_data_root(tmp_path: Path) -> None:
+    write_fake_cifar10(tmp_path, per_batch=2)
+    assert len(load_dataset("cifar10", "train", data_root=str(tmp_path), val_fraction=0.2)) == 8
+
+
+def test_cifar10_refuses_pickled_code(tmp_path: Path) -> None:
+    import os
+    import pickle
+
+    write_fake_cifar10(tmp_path)
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "data_batch_3").write_bytes(pickle.dumps({"data": Payload()}, protocol=2))
+    with pytest.raises(ValueError, match="refused for safety"):
+        load_dataset("cifar10", "train", data_root=str(tmp_path))
+    assert not marker.exists()
+    (tmp_path / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="data_batch_3"):
+        load_dataset("cifar10", "train", data_root=str(tmp_path))
+
+
+def test_svhn_corrupt_file_raises(tmp_path: Path) -> None:
+    write_fake_svhn(tmp_path)
+    (tmp_path / "test_32x32.mat").write_bytes(b"MATLAB? no")
+    with pytest.raises(ValueError, match=r"test_32x32\.mat"):
+        load_dataset("svhn", "test", data_root=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("name", "files", "tv_class", "target"),
+    [
+        ("svhn", "train_32x32.mat and test_32x32.mat", "SVHN", "SVHN"),
+        ("cifar10", "data_batch_1", "CIFAR10", "cifar-10-batches-py"),
+    ],
+)
+def test_torchvision_sets_missing_raise_helpful(
+    tmp_path: Path, name: str, files: str, tv_class: str, target: str
+) -> None:
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset(name, "train", data_root=str(tmp_path))
+    message = str(info.value)
+    assert isinstance(info.value, FileNotFoundError)
+    assert message.startswith(f"{'SVHN' if name == 'svhn' else 'CIFAR-10'} ({name!r}) not found")
+    assert files in message and "download=True" in message and "--download" in message
+    assert f"torchvision.datasets.{tv_class} into {tmp_path / target}" in message
+    assert f"{tmp_path} (data_root" in message and "--data-root" in message
+
+
+def test_torchvision_sets_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets
+
+    calls: list[tuple[str, object]] = []
+
+    class FakeSVHN:
+        def __init__(self, root: str, split: str = "train", download: bool = False) -> None:
+            calls.append((root, split))
+            write_fake_svhn(Path(root))
+
+    class FakeCIFAR10:
+        def __init__(self, root: str, train: bool = True, download: bool = False) -> None:
+            calls.append((root, train))
+            write_fake_cifar10(Path(root) / "cifar-10-batches-py")
+
+    monkeypatch.setattr(torchvision.datasets, "SVHN", FakeSVHN)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    assert len(load_dataset("svhn", "test", data_root=str(tmp_path), download=True)) == 6
+    assert len(load_dataset("cifar10", "test", data_root=str(tmp_path), download=True)) == 4
+    svhn_root = str(tmp_path / "SVHN")
+    assert calls == [(svhn_root, "train"), (svhn_root, "test"), (str(tmp_path), True)]
+
+    monkeypatch.setattr(torchvision.datasets, "SVHN", Offline)
+    with pytest.raises(DatasetNotFoundError, match="no internet"):
+        load_dataset("svhn", "train", data_root=str(tmp_path / "empty"), download=True)
+
+
+# --------------------------------------------------------------------------- folder:PATH
+
+
+def write_png_tree(
+    root: Path, classes: dict[str, int], *, size: tuple[int, int] = (6, 4), mode: str = "L"
+) -> dict[str, np.ndarray]:
+    """``root/<class>/<k>.png`` images of ``size`` (width, height); returns pixels by path."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    pixels = {}
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for k in range(count):
+            shape = (size[1], size[0]) + ((3,) if mode == "RGB" else ())
+            array = rng.integers(0, 256, shape, dtype=np.uint8)
+            path = root / name / f"{k:03d}.png"
+            Image.fromarray(array, mode=mode).save(path)
+            pixels[str(path)] = array
+    return pixels
+
+
+def test_folder_is_file_backed_and_decodes_lazily(tmp_path: Path) -> None:
+    pixels = write_png_tree(tmp_path / "tree", {"cat": 6, "dog": 4})
+    name = f"folder:{tmp_path / 'tree'}"
+    parts = {split: load_dataset(name, split, seed=1) for split in SPLITS}
+    assert [len(parts[s]) for s in SPLITS] == [7, 1, 2]  # test 20 %, val 10 %, of all 10
+    assert_disjoint_cover(split_indices(parts), 10)
+    ds = parts["train"]
+    assert ds.in_memory is False and ds.shape == (1, 4, 6) and ds.dim == 24
+    assert ds.num_levels == 256 and ds.num_classes == 2 and ds.classes == ("cat", "dog")
+    assert ds.name == name and ds.split == "train"
+    image, label = ds[0]
+    assert image.dtype == torch.uint8 and image.shape == (1, 4, 6) and isinstance(label, int)
+    np.testing.assert_array_equal(image[0].numpy(), pixels[ds.files[0]])
+    assert label == (0 if "/cat/" in ds.files[0] else 1)
+    assert torch.equal(ds[-1][0], ds[len(ds) - 1][0])
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    with pytest.raises(TypeError, match="file-backed"):
+        dataset_tensors(ds)
+    again = load_dataset(name, "train", seed=1)
+    assert again.files == ds.files and torch.equal(again.indices, ds.indices)
+    # A DataLoader batches it like an in-memory set.
+    x, y = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert x.shape == (4, 1, 4, 6) and x.dtype == torch.uint8 and y.dtype == torch.int64
+
+
+def test_folder_lists_like_torchvision_imagefolder(tmp_path: Path) -> None:
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from hybridflow.data.folder import IMAGE_EXTENSIONS
+
+    write_png_tree(tmp_path, {"b": 3, "a": 2, "c": 2}, mode="RGB", size=(5, 5))
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    ds = load_dataset(f"folder:{tmp_path}", "all")
+    reference = ImageFolder(str(tmp_path))
+    assert ds.files == [path for path, _ in reference.samples]
+    assert ds.labels.tolist() == [label for _, label in reference.samples]
+    assert list(ds.classes) == reference.classes and ds.shape == (3, 5, 5)
+    image, _ = ds[4]
+    expected = np.asarray(reference[4][0])  # PIL RGB image, H x W x 3
+    np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), expected)
+    assert IMAGE_EXTENSIONS == IMG_EXTENSIONS
+
+
+def test_folder_train_test_layout(tmp_path: Path) -> None:
+    write_png_tree(tmp_path / "train", {"0": 5, "1": 5})
+    write_png_tree(tmp_path / "test", {"1": 3})  # a class may be absent from test
+    name = f"folder:{tmp_path}"
+    parts = {split: load_dataset(name, split, val_fraction=0.2) for split in SPLITS}
+    assert [len(parts[s]) for s in SPLITS] == [8, 2, 3]
+    assert_disjoint_cover(split_indices(parts), 13)
+    test = parts["test"]
+    assert test.indices.tolist() == [10, 11, 12] and test.labels.tolist() == [1, 1, 1]
+    assert all("/test/" in f for f in test.files) and test.classes == ("0", "1")
+    assert all("/train/" in f for f in parts["val"].files)
+
+
+def test_folder_relative_path_under_data_root(tmp_path: Path) -> None:
+    write_png_tree(tmp_path / "trees" / "small", {"x": 5})
+    ds = load_dataset("folder:trees/small", "all", data_root=str(tmp_path))
+    assert len(ds) == 5 and ds.num_classes == 1
+
+
+@pytest.mark.parametrize(
+    ("setup", "error", "match"),
+    [
+        ("missing", DatasetNotFoundError, "image folder not found"),
+        ("empty", DatasetNotFoundError, "no all images found"),
+        ("sizes", ValueError, "same size and mode"),
+        ("modes", ValueError, "same size and mode"),
+        ("palette", ValueError, "greyscale .mode L, 1 channel. or RGB"),
+        ("train-only", ValueError, "exists but"),
+        ("extra-test-class", ValueError, r"test classes \['z'\]"),
+        ("not-an-image", ValueError, "cannot be read as an image"),
+    ],
+)
+def test_folder_refusals(tmp_path: Path, setup: str, error: type, match: str) -> None:
+    from PIL import Image
+
+    root = tmp_path / "tree"
+    if setup == "empty":
+        (root / "a").mkdir(parents=True)
+    elif setup == "sizes":
+        write_png_tree(root, {"a": 2})
+        write_png_tree(root, {"b": 1}, size=(4, 4))
+    elif setup == "modes":
+        write_png_tree(root, {"a": 2})
+        write_png_tree(root, {"b": 1}, mode="RGB")
+    elif setup == "palette":
+        (root / "a").mkdir(parents=True)
+        Image.new("P", (4, 4)).save(root / "a" / "p.png")
+    elif setup == "train-only":
+        write_png_tree(root / "train", {"a": 2})
+    elif setup == "extra-test-class":
+        write_png_tree(root / "train", {"a": 2})
+        write_png_tree(root / "test", {"z": 1})
+    elif setup == "not-an-image":
+        write_png_tree(root, {"a": 2})
+        (root / "a" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(error, match=match):
+        load_dataset(f"folder:{root}", "all")
+
+
+def test_folder_as_base_of_generated_ood_sets(tmp_path: Path) -> None:
+    write_png_tree(tmp_path, {"a": 6, "b": 4}, mode="RGB")
+    noise = load_dataset(f"noise:folder:{tmp_path}", "test")
+    assert isinstance(noise, ImageDataset) and noise.shape == (3, 4, 6) and len(noise) == 2
+    with pytest.raises(ValueError, match="file-backed"):
+        load_dataset(f"inverted:folder:{tmp_path}", "test")
+
+
+def test_folder_changed_file_is_caught_on_read(tmp_path: Path) -> None:
+    from PIL import Image
+
+    write_png_tree(tmp_path, {"a": 3})
+    ds = load_dataset(f"folder:{tmp_path}", "all")
+    Image.new("L", (9, 9)).save(ds.files[1])
+    with pytest.raises(ValueError, match="changed after the dataset was loaded"):
+        ds[1]
+
+
+# --------------------------------------------------------------------------- synthetic:CxHxW
+
+
+def test_synthetic_shapes_levels_and_splits() -> None:
+    parts = {split: load_dataset("synthetic:3x32x32", split) for split in SPLITS}
+    assert [len(parts[s]) for s in SPLITS] == [256, 64, 64]
+    assert_disjoint_cover(split_indices(parts), 384)
+    for ds in parts.values():
+        assert isinstance(ds, ImageDataset) and ds.in_memory
+        assert ds.shape == (3, 32, 32) and ds.num_levels == 256 and ds.num_classes == 10
+        assert int(ds.labels.min()) >= 0 and int(ds.labels.max()) <= 9
+    everything = load_dataset("synthetic:3x32x32", "all")
+    assert torch.equal(everything.images, torch.cat([parts[s].images for s in SPLITS]))
+    assert torch.equal(everything.labels, torch.cat([parts[s].labels for s in SPLITS]))
+    # Deterministic per (seed, split), and different across splits and seeds.
+    assert torch.equal(load_dataset("synthetic:3x32x32", "val").images, parts["val"].images)
+    assert not torch.equal(parts["val"].images, parts["test"].images)
+    assert not torch.equal(
+        load_dataset("synthetic:3x32x32", "val", seed=1).images, parts["val"].images
+    )
+    # LEVELS and CLASSES, and the "×" spelling of the shape.
+    small = load_dataset("synthetic:1×8×8:17:0", "train")
+    assert small.shape == (1, 8, 8) and small.num_levels == 17 and int(small.images.max()) == 16
+    assert small.num_classes == 0 and bool((small.labels == -1).all())
+
+
+SYNTHETIC_DIGEST = "09d0844e9cd7c11b"  # sha256 of synthetic:1x28x28 train images + labels
+
+
+def test_synthetic_is_pinned() -> None:
+    # Smoke runs and tests rely on the same tensors on every machine and version.
+    ds = load_dataset("synthetic:1x28x28", "train")
+    digest = hashlib.sha256(ds.images.numpy().tobytes() + ds.labels.numpy().tobytes())
+    assert digest.hexdigest()[:16] == SYNTHETIC_DIGEST
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["synthetic:1x28", "synthetic:0x8x8", "synthetic:1x8x8:1", "synthetic:1x8x8:300", "synthetic:"],
+)
+def test_synthetic_refuses_bad_specs(spec: str) -> None:
+    with pytest.raises(ValueError, match="synthetic"):
+        load_dataset(spec, "train")
+
+
+def test_dataset_tensors_of_in_memory_sets() -> None:
+    ds = load_dataset("synthetic:1x4x4", "test")
+    images, labels = dataset_tensors(ds)
+    assert images is ds.images and labels is ds.labels
+    with pytest.raises(TypeError, match="expected an ImageDataset"):
+        dataset_tensors(torch.utils.data.TensorDataset(torch.zeros(2)))

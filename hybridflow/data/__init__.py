@@ -1,8 +1,10 @@
 """Datasets of hybridflow: integer-level images, 2-D toy densities and tabular benchmarks.
 
 Use :func:`load_dataset` with a name from :func:`available_datasets`. Modules, bottom to top:
-``common`` (containers, checks, splits) → the families ``images``, ``toy``, ``tabular`` and
-``derived`` → ``registry`` (the one name → loader table) → this package.
+``common`` (containers, checks, splits) → the families ``images``, ``folder``, ``toy``,
+``tabular`` and ``derived`` → ``registry`` (the one name → loader table) → this package.
+Every dataset is held in memory except ``folder:PATH`` (:class:`ImageFolderDataset`, whose
+``in_memory`` is ``False``), which decodes one image file per ``dataset[i]``.
 """
 
 from hybridflow.data.common import (
@@ -13,6 +15,7 @@ from hybridflow.data.common import (
     dataset_tensors,
 )
 from hybridflow.data.derived import DERIVED_KINDS
+from hybridflow.data.folder import ImageFolderDataset
 from hybridflow.data.images import read_idx
 from hybridflow.data.registry import (
     DatasetFamily,
@@ -35,6 +38,7 @@ __all__ = [
     "DatasetFamily",
     "DatasetNotFoundError",
     "ImageDataset",
+    "ImageFolderDataset",
     "PointDataset",
     "TabularDataset",
     "ToyDataset",

@@ -11,7 +11,7 @@ versions), and the train/val/test splits of one seed never overlap.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ __all__ = [
     "check_split",
     "dataset_tensors",
     "file_key",
+    "find_data_path",
     "random_split",
     "readonly",
     "stratified_split",
@@ -120,6 +121,8 @@ class ImageDataset(Dataset):
     """Integer-level images with labels, held in memory.
 
     Attributes:
+        in_memory: Always ``True``: :func:`dataset_tensors` returns the whole split at once
+            (file-backed datasets such as ``folder:PATH`` set it to ``False``).
         images: uint8 ``N x C x H x W`` with values in ``0..num_levels-1``.
         labels: int64 ``N``; all -1 when the source has no labels.
         num_levels: Size of the pixel alphabet (17 for ``digits``, 256 otherwise); bits/dim
@@ -130,6 +133,8 @@ class ImageDataset(Dataset):
         indices: int64 ``N``, position of each example in the ``all`` split of the same source
             (``all`` lists the train file then the test file where a source has both).
     """
+
+    in_memory: bool = True
 
     def __init__(
         self,
@@ -189,6 +194,7 @@ class PointDataset(Dataset):
     """Continuous points ``N x D`` with labels, held in memory (toy and tabular datasets).
 
     Attributes:
+        in_memory: Always ``True`` (see :class:`ImageDataset`).
         points: float32 ``N x D``.
         labels: int64 ``N`` (class index, or -1 when unknown).
         num_levels: Always ``None`` (continuous data).
@@ -197,6 +203,8 @@ class PointDataset(Dataset):
         split: One of ``train``, ``val``, ``test``, ``all``.
         indices: int64 ``N``, position of each point in the ``all`` split of the same source.
     """
+
+    in_memory: bool = True
 
     def __init__(
         self,
@@ -248,7 +256,22 @@ class PointDataset(Dataset):
 
 
 def dataset_tensors(dataset: Dataset) -> tuple[Tensor, Tensor]:
-    """The ``(inputs, labels)`` tensors of an in-memory dataset: images, toy or tabular points."""
+    """The ``(inputs, labels)`` tensors of an in-memory dataset: images, toy or tabular points.
+
+    Raises:
+        TypeError: ``dataset`` is file-backed (``in_memory`` is ``False``, e.g. ``folder:PATH``)
+            or not a hybridflow dataset.
+    """
+    if getattr(dataset, "in_memory", True) is False:
+        # Stacking a file-backed split would decode every image at once: the very thing such
+        # datasets exist to avoid. Their readers take one example at a time.
+        raise TypeError(
+            f"dataset {getattr(dataset, 'name', type(dataset).__name__)!r} "
+            f"({getattr(dataset, 'split', '?')} split, {len(dataset)} examples) is file-backed "
+            "(in_memory = False) and is not loaded into one tensor; read it example by example "
+            "(dataset[i] -> (uint8 C x H x W image, label)), e.g. through a "
+            "torch.utils.data.DataLoader"
+        )
     if isinstance(dataset, ImageDataset):
         return dataset.images, dataset.labels
     if isinstance(dataset, PointDataset):
@@ -256,6 +279,32 @@ def dataset_tensors(dataset: Dataset) -> tuple[Tensor, Tensor]:
     raise TypeError(
         f"expected an ImageDataset, ToyDataset or TabularDataset, got {type(dataset).__name__}"
     )
+
+
+# --------------------------------------------------------------------------- file lookup
+
+
+def find_data_path(
+    spec: str, data_root: str | None, exists: Callable[[Path], bool], example: str
+) -> tuple[Path | None, list[Path]]:
+    """The ``PATH`` of ``KIND:PATH`` (``~`` expanded) if it ``exists``, else ``data_root/PATH``
+    for a relative ``PATH``.
+
+    Returns the path found (``None`` if neither exists) and every path tried, for the message
+    of the caller's :class:`DatasetNotFoundError`.
+
+    Raises:
+        ValueError: ``spec`` has no path (the message shows ``KIND:example``).
+    """
+    kind, _, raw = spec.partition(":")
+    if not raw:
+        raise ValueError(f"{kind} dataset needs a path: use '{kind}:{example}'")
+    path = Path(raw).expanduser()
+    tried = [path]
+    if not exists(path) and not path.is_absolute() and data_root:
+        path = Path(data_root).expanduser() / path
+        tried.append(path)
+    return (path if exists(path) else None), tried
 
 
 # --------------------------------------------------------------------------- file cache helpers

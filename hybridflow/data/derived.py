@@ -11,7 +11,9 @@ alphabet and shape:
 - ``hflip:BASE`` / ``vflip:BASE``: the base's test images mirrored left-right / upside-down.
 
 Generated sets have as many images as the base's test split, at most 2,000; transformed sets
-have exactly its test images. All are unlabelled and the same on every call (fixed seeds).
+have exactly its test images. All are unlabelled and the same on every call (fixed seeds). A
+file-backed base (``folder:PATH``) takes the generated kinds only: the transformed ones would
+load its whole test split into memory.
 """
 
 from __future__ import annotations
@@ -122,8 +124,20 @@ def load_derived(
         val_fraction=val_fraction,
         download=download,
     )
-    if not isinstance(ref, ImageDataset):
+    # A file-backed base (``folder:PATH``, in_memory False) has the shape, alphabet and size
+    # the generated kinds need, but its images are on disk: the transformed kinds would have to
+    # decode its whole test split into memory.
+    file_backed = getattr(ref, "in_memory", True) is False
+    if not isinstance(ref, ImageDataset) and not (
+        file_backed and getattr(ref, "num_levels", None) and len(ref.shape) == 3
+    ):
         raise ValueError(f"{name}: the base {base!r} is not an image dataset")
+    if file_backed and kind in _TRANSFORMED:
+        raise ValueError(
+            f"{name}: {kind} transforms the base's test images, but {base!r} is file-backed "
+            f"(read from disk one image at a time); use a generated kind "
+            f"({', '.join(f'{k}:{base}' for k in _GENERATED)}) or an in-memory copy (npz:PATH)"
+        )
     if kind in _GENERATED:
         images = _GENERATED[kind](ref, min(len(ref), MAX_GENERATED), _generator(kind, base))
     else:

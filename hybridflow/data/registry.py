@@ -2,9 +2,10 @@
 :func:`load_dataset` / :func:`available_datasets` dispatch through it.
 
 Layers, bottom to top: :mod:`~hybridflow.data.common` (containers, checks, splits) →
-the families (:mod:`~hybridflow.data.images`, :mod:`~hybridflow.data.toy`,
-:mod:`~hybridflow.data.tabular`, :mod:`~hybridflow.data.derived`) → this module →
-:mod:`hybridflow.data`. Only this module knows every family, so no family imports another.
+the families (:mod:`~hybridflow.data.images`, :mod:`~hybridflow.data.folder`,
+:mod:`~hybridflow.data.toy`, :mod:`~hybridflow.data.tabular`, :mod:`~hybridflow.data.derived`)
+→ this module → :mod:`hybridflow.data`. Only this module knows every family, so no family
+imports another.
 
 A family is named by a pattern: an exact name (``"digits"``) or ``"KIND:ARG"`` for every name
 that starts with ``KIND:`` (``"toy:NAME"``, ``"npz:PATH"``), optionally restricted to a fixed
@@ -26,7 +27,16 @@ from hybridflow.data.common import (
     unknown_dataset_error,
 )
 from hybridflow.data.derived import DERIVED_KINDS, load_derived
-from hybridflow.data.images import IDX_SOURCES, load_digits, load_idx_dataset, load_npz
+from hybridflow.data.folder import ImageFolderDataset, load_folder
+from hybridflow.data.images import (
+    IDX_SOURCES,
+    load_cifar10,
+    load_digits,
+    load_idx_dataset,
+    load_npz,
+    load_svhn,
+    load_synthetic,
+)
 from hybridflow.data.tabular import TABULAR_DATASETS, load_tabular
 from hybridflow.data.toy import TOY_DATASETS, make_toy_dataset
 
@@ -51,7 +61,9 @@ class LoadOptions:
 
 
 #: ``loader(name, split, options)``: the split ``split`` of the dataset ``name``.
-DatasetLoader = Callable[[str, str, LoadOptions], "ImageDataset | PointDataset"]
+DatasetLoader = Callable[
+    [str, str, LoadOptions], "ImageDataset | PointDataset | ImageFolderDataset"
+]
 
 
 @dataclass(frozen=True)
@@ -126,7 +138,13 @@ def _suggestable_names() -> list[str]:
 
 
 def _unknown(name: str) -> UnknownDatasetError:
-    return unknown_dataset_error(name, available_datasets(), candidates=_suggestable_names())
+    candidates = _suggestable_names()
+    kind, colon, arg = name.partition(":")
+    if colon and arg and not any(f.prefix == kind + colon for f in _FAMILIES):
+        # A misspelt kind before a free argument ("foldr:/data/x", "synthetc:1x28x28"): offer
+        # the argument under every kind that takes any argument.
+        candidates += [f"{f.prefix}{arg}" for f in _FAMILIES if f.prefix and f.choices is None]
+    return unknown_dataset_error(name, available_datasets(), candidates=candidates)
 
 
 def _family_of(name: str) -> DatasetFamily:
@@ -144,29 +162,34 @@ def load_dataset(
     seed: int = 0,
     val_fraction: float = 0.1,
     download: bool = False,
-) -> ImageDataset | PointDataset:
-    """Load a dataset split into memory.
+) -> ImageDataset | PointDataset | ImageFolderDataset:
+    """Load a dataset split (into memory, except the file-backed ``folder:PATH``).
 
     Args:
         name: ``digits`` (17 levels), ``fashion-mnist``, ``mnist``, ``npz:PATH``, ``toy:NAME``,
-            a tabular set (``uci:NAME``, ``sk:NAME``; see :mod:`hybridflow.data.tabular`) or an
+            a tabular set (``uci:NAME``, ``sk:NAME``; see :mod:`hybridflow.data.tabular`), an
             OOD set made in code (``noise:BASE``, ``inverted:BASE``, ...; see
-            :mod:`hybridflow.data.derived`); see :func:`available_datasets`.
+            :mod:`hybridflow.data.derived`), ``svhn``, ``cifar10``, an ImageFolder tree
+            ``folder:PATH`` (see :mod:`hybridflow.data.folder`) or random images
+            ``synthetic:CxHxW[:LEVELS[:CLASSES]]``; see :func:`available_datasets`.
         split: ``train``, ``val``, ``test`` or ``all`` (every example; train then test file
             where the source has both).
         data_root: Folder searched first for IDX files (then its torchvision layout
-            ``<Class>/raw``) and download target, and the folder of the UCI files; defaults to
-            ``~/.cache/hybridflow``.
-            Relative npz paths that do not exist are also tried under it.
+            ``<Class>/raw``), SVHN's and CIFAR-10's files and download target, and the folder
+            of the UCI files; defaults to ``~/.cache/hybridflow``.
+            Relative npz and folder paths that do not exist are also tried under it.
         seed: Seed of the split (non-negative integer); same seed, same split everywhere.
         val_fraction: Share of the examples used for validation: of all examples for
-            ``digits``/npz (test is 20 % of all), of the 60,000 train images for the MNIST
-            family. Ignored by toy datasets, whose sizes are fixed.
-        download: Fetch MNIST/Fashion-MNIST with torchvision (needs internet) if not found.
+            ``digits``/npz/a folder without ``train``/``test`` (test is 20 % of all), of the
+            train file for the MNIST family, SVHN, CIFAR-10 and a folder with ``train``/``test``.
+            Ignored by toy and synthetic datasets, whose sizes are fixed.
+        download: Fetch MNIST/Fashion-MNIST/SVHN/CIFAR-10 with torchvision (needs internet) if
+            not found.
 
     Returns:
-        An :class:`~hybridflow.data.ImageDataset`, or a :class:`~hybridflow.data.ToyDataset` /
-        :class:`~hybridflow.data.TabularDataset` (both :class:`~hybridflow.data.PointDataset`).
+        An :class:`~hybridflow.data.ImageDataset`, a :class:`~hybridflow.data.ToyDataset` /
+        :class:`~hybridflow.data.TabularDataset` (both :class:`~hybridflow.data.PointDataset`),
+        or a file-backed :class:`~hybridflow.data.ImageFolderDataset` (``in_memory = False``).
 
     Raises:
         UnknownDatasetError: Unknown name (a ``ValueError``; the message suggests the closest).
@@ -229,3 +252,25 @@ for _tabular_kind in ("uci", "sk"):
     )
 for _derived_kind in DERIVED_KINDS:
     register_family(DatasetFamily(f"{_derived_kind}:BASE", _load_derived))
+# Families added after the first release are listed after it, so existing listings keep order.
+register_family(
+    DatasetFamily(
+        "svhn",
+        lambda name, split, o: load_svhn(split, o.data_root, o.seed, o.val_fraction, o.download),
+    )
+)
+register_family(
+    DatasetFamily(
+        "cifar10",
+        lambda name, split, o: load_cifar10(split, o.data_root, o.seed, o.val_fraction, o.download),
+    )
+)
+register_family(
+    DatasetFamily(
+        "folder:PATH",
+        lambda name, split, o: load_folder(name, split, o.data_root, o.seed, o.val_fraction),
+    )
+)
+register_family(
+    DatasetFamily("synthetic:CxHxW", lambda name, split, o: load_synthetic(name, split, o.seed))
+)

@@ -83,7 +83,12 @@ class HybridModel(nn.Module):
         return self.flow.forward_features(x, dequant_noise)
 
     def forward_head(self, features: list[Tensor], pre_logits: bool = False) -> Tensor:
-        return self.head(features, pre_logits=pre_logits)
+        """Run the head on the flow's features; the result comes back in the features' dtype.
+
+        Under bf16 autocast the head's convolutions and linear layers compute in bfloat16; the
+        cast keeps logits (and the cross-entropy read from them) float32. A no-op otherwise.
+        """
+        return self.head(features, pre_logits=pre_logits).to(features[0].dtype)
 
     def forward(self, x: Tensor, dequant_noise=None) -> HybridOutput:
         features, log_prob = self.forward_features(x, dequant_noise)

@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
+from .datainit import DataInitFlag
+
 __all__ = ["FlowppConditioner", "GatedAttention", "GatedConv", "WNConv2d", "concat_elu"]
 
 
@@ -22,7 +24,7 @@ def concat_elu(x: Tensor) -> Tensor:
     return F.elu(torch.cat([x, -x], dim=1))
 
 
-class WNConv2d(nn.Module):
+class WNConv2d(DataInitFlag):
     """Weight-normalized ``Conv2d`` whose first training forward sets the per-channel gain and
     bias so the outputs on that batch have zero mean and unit variance (Salimans & Kingma 2016).
 
@@ -46,10 +48,10 @@ class WNConv2d(nn.Module):
         mean, std = out.mean(dim=1), out.std(dim=1) + 1e-6
         gain.copy_((1.0 / std).view_as(gain))
         self.conv.bias.copy_(-mean / std)
-        self.initialized.fill_(True)
+        self._mark_initialized()
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training and not bool(self.initialized):
+        if self.training and self._init_pending():
             self._data_init(x)
         return self.conv(x)
 

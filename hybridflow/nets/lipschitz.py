@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import create_lipschitz_activation
+from .amp import autocast_disabled
 
 __all__ = [
     "InducedNormConv2d",
@@ -343,12 +344,16 @@ class _NormalizedLayer(nn.Module):
         return best
 
     def _forward_weight(self) -> Tensor:
-        iterations = self.train_iterations if self.training else self.eval_iterations
-        if iterations is None or iterations > 0:
-            atol = _DEFAULT_ATOL if self.atol is None else self.atol
-            rtol = _DEFAULT_RTOL if self.rtol is None else self.rtol
-            self._power_iteration(iterations, atol, rtol, self.max_iterations)
-        return self.normalized_weight()
+        # Under bf16 autocast only the layer's product with its input runs in bf16: sigma, the
+        # power iteration and the normalization stay in the weight's dtype, so the bound
+        # ||W_hat|| <= coeff that makes the residual block invertible is not rounded away.
+        with autocast_disabled(self.weight):
+            iterations = self.train_iterations if self.training else self.eval_iterations
+            if iterations is None or iterations > 0:
+                atol = _DEFAULT_ATOL if self.atol is None else self.atol
+                rtol = _DEFAULT_RTOL if self.rtol is None else self.rtol
+                self._power_iteration(iterations, atol, rtol, self.max_iterations)
+            return self.normalized_weight()
 
     def _norm_repr(self) -> str:
         return (

@@ -34,8 +34,8 @@ def sweep_baselines(config: Mapping[str, Any]) -> dict[str, float]:
         "val_fraction": config["val_fraction"],
     }
     train_set = load_dataset(config["dataset"], "train", **kw)
-    if getattr(train_set, "num_levels", None) is None:
-        return {}
+    if getattr(train_set, "num_levels", None) is None or not getattr(train_set, "in_memory", True):
+        return {}  # continuous data has no level baseline; file-backed sets are not read whole
     test_set = load_dataset(config["dataset"], "test", **kw)
     k = train_set.num_levels
     return {
@@ -97,7 +97,8 @@ def run_sweep(
 
     started = time.time()
     commit = git_commit()  # before anything is written into the (tracked) report folder
-    base = resolve_config(base=config)
+    # Overrides reach every cell; the checks below (data_root, download, ...) must see them too.
+    base = resolve_config(overrides, base=config)
     backbones = list(backbones or [base["backbone"]])
     seeds = list(seeds if seeds is not None else [base["seed"]])
     runs_dir = Path(runs_root) / name

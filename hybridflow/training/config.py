@@ -36,6 +36,17 @@ DEFAULTS: dict[str, Any] = {
     # replace each pixel by a uniformly random level with this probability, train only; 0.1-0.2
     # trains the background model of the likelihood-ratio OOD score (Ren et al. 2019)
     "perturb_rate": 0.0,
+    # semi-supervised hybrids (Nalisnick et al. 2019, §5): keep this many training labels per
+    # class, or this stratified fraction, chosen by a draw seeded with `seed`; the rest become
+    # unlabelled (-1) and train only λ·NLL. Validation stays fully labelled. At most one is set.
+    "labelled_per_class": None,
+    "labelled_fraction": None,
+    # "drop" trains on the labelled examples only (the supervised baseline of such a run)
+    "unlabelled": "keep",
+    # how training batches are read: "auto" (from memory when the dataset is in memory),
+    # "memory", or "torch" (a DataLoader with loader_workers workers, same batch order)
+    "loader": "auto",
+    "loader_workers": 0,
     # model
     "backbone": "realnvp",
     "backbone_args": {},
@@ -50,8 +61,10 @@ DEFAULTS: dict[str, Any] = {
     # optimisation (timm optimizer, warmup + cosine schedule, EMA)
     "epochs": 50,
     "max_steps": None,
-    "batch_size": 64,
+    "batch_size": 64,  # examples per optimizer step, over all processes and accumulation steps
+    "accum_steps": 1,  # split each batch into this many micro-batches (gradient accumulation)
     "opt": "adamw",
+    "opt_args": {},  # more timm optimizer keywords, e.g. --opt_args.betas=[0.9,0.99]
     "lr": 1e-3,
     "weight_decay": 0.0,
     "warmup_steps": 200,
@@ -60,6 +73,11 @@ DEFAULTS: dict[str, Any] = {
     "ema_decay": 0.998,
     "ema_warmup": True,
     "max_nan_skips": 50,
+    # speed: bf16 autocast of the training forward ("none" | "bf16"), channels-last memory
+    # format, torch.compile of the training loss; validation and evaluation stay float32
+    "amp": "none",
+    "channels_last": False,
+    "compile": False,
     # bookkeeping
     "seed": 0,
     "device": "auto",
@@ -73,6 +91,8 @@ DEFAULTS: dict[str, Any] = {
     "progress": True,
     "eval_batch_size": 512,
     "eval_dequant_samples": 1,  # bound draws averaged for validation bits/dim
+    "tensorboard": False,  # also log to RUN/tensorboard (needs `pip install hybridflow[tb]`)
+    "sample_every": 0,  # sample grids every this many epochs, at validation (RUN/train_samples)
 }
 
 
@@ -85,6 +105,11 @@ KEY_TYPES: dict[str, type | tuple[type, ...]] = {
     "val_fraction": float,
     "augment_shift": int,
     "perturb_rate": float,
+    "labelled_per_class": int,
+    "labelled_fraction": float,
+    "unlabelled": str,
+    "loader": str,
+    "loader_workers": int,
     "backbone": str,
     "backbone_args": dict,
     "head": str,
@@ -97,7 +122,9 @@ KEY_TYPES: dict[str, type | tuple[type, ...]] = {
     "epochs": int,
     "max_steps": int,
     "batch_size": int,
+    "accum_steps": int,
     "opt": str,
+    "opt_args": dict,
     "lr": float,
     "weight_decay": float,
     "warmup_steps": int,
@@ -106,6 +133,9 @@ KEY_TYPES: dict[str, type | tuple[type, ...]] = {
     "ema_decay": float,
     "ema_warmup": bool,
     "max_nan_skips": int,
+    "amp": str,
+    "channels_last": bool,
+    "compile": bool,
     "seed": int,
     "device": str,
     "num_threads": int,
@@ -118,6 +148,8 @@ KEY_TYPES: dict[str, type | tuple[type, ...]] = {
     "progress": bool,
     "eval_batch_size": int,
     "eval_dequant_samples": int,
+    "tensorboard": bool,
+    "sample_every": int,
 }
 
 # Names other tools use for the same settings; difflib finds typos but not synonyms.

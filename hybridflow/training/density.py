@@ -13,7 +13,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from timm.utils import ModelEmaV3
@@ -76,6 +78,7 @@ def fit_density(
     steps: int = 5000,
     batch_size: int = 256,
     opt: str = "adamw",
+    opt_args: Mapping[str, Any] | None = None,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     warmup_steps: int = 100,
@@ -94,6 +97,7 @@ def fit_density(
         train_points: ``[N, ...]`` training data.
         val_points: Validation data for model selection; ``None`` keeps the final EMA weights.
         steps, batch_size, opt, lr, weight_decay, warmup_steps, min_lr: Optimisation (timm).
+        opt_args: Further optimizer keywords, e.g. ``{"betas": (0.9, 0.99)}``.
         grad_clip: Gradient-norm clip.
         ema_decay: EMA decay of the evaluated weights.
         eval_every: Steps between validations.
@@ -117,6 +121,7 @@ def fit_density(
         warmup_steps=warmup_steps,
         min_lr=min_lr,
         warmup_lr_init=lr / 100,
+        opt_args=opt_args,
     )
     ema = ModelEmaV3(model, decay=ema_decay, use_warmup=True)
     gen = torch.Generator().manual_seed(seed)

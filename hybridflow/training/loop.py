@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -42,9 +42,15 @@ def create_optimizer_and_scheduler(
     warmup_steps: int,
     min_lr: float,
     warmup_lr_init: float,
+    opt_args: Mapping[str, Any] | None = None,
 ) -> tuple[torch.optim.Optimizer, CosineLRScheduler]:
-    """A timm optimizer and a linear-warmup + cosine schedule stepped per optimizer step."""
-    optimizer = create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay)
+    """A timm optimizer and a linear-warmup + cosine schedule stepped per optimizer step.
+
+    ``opt_args`` are further keywords of the optimizer (e.g. ``betas`` for Adam).
+    """
+    optimizer = create_optimizer_v2(
+        model, opt=opt, lr=lr, weight_decay=weight_decay, **dict(opt_args or {})
+    )
     scheduler = CosineLRScheduler(
         optimizer,
         t_initial=total_steps,
@@ -174,14 +180,25 @@ class DeferredInterrupts:
     Wrapping each step's update in ``deferred()`` makes it all or nothing: a Ctrl-C, ``kill`` or
     a scheduler's SIGTERM lands between steps, where the state is consistent and can be saved.
     Outside the main thread no handler can be installed and nothing changes.
+
+    Args:
+        hold: Never raise; only record the signal in :attr:`pending`. A data-parallel loop polls
+            it and stops every rank at the same step boundary (ranks receive a signal at
+            slightly different moments, and a rank leaving alone would hang the others).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, hold: bool = False) -> None:
+        self.hold = hold
         self._previous: dict[int, Any] = {}
         self._depth = 0
         self._pending = False
+
+    @property
+    def pending(self) -> bool:
+        """A signal arrived and has not been acted upon yet."""
+        return self._pending
 
     def __enter__(self) -> DeferredInterrupts:
         for sig in self.SIGNALS:
@@ -197,7 +214,7 @@ class DeferredInterrupts:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self._depth:
+        if self._depth or self.hold:
             self._pending = True
         else:
             raise KeyboardInterrupt
@@ -210,6 +227,6 @@ class DeferredInterrupts:
             yield
         finally:
             self._depth -= 1
-        if self._pending and not self._depth:
+        if self._pending and not self._depth and not self.hold:
             self._pending = False
             raise KeyboardInterrupt

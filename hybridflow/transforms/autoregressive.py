@@ -71,7 +71,8 @@ class _AffineAutoregressive(InvertibleModule):
 
     def _params(self, h: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(mu, alpha)`` of every dimension, each depending only on earlier ``h``."""
-        out = self.made(h, context if self.context_features else None)
+        # The MADE may run in bf16 under autocast; its output enters the flow in h's dtype.
+        out = self.made(h, context if self.context_features else None).to(h.dtype)
         return out[..., 0], self.scale * torch.tanh(out[..., 1])
 
     def _one_pass(self, v: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:

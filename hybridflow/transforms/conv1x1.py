@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..nets.amp import autocast_disabled
 from .base import InvertibleModule
 
 __all__ = ["InvertibleConv1x1"]
@@ -69,11 +70,15 @@ class InvertibleConv1x1(InvertibleModule):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x)
-        weight, logdet = self._weight_and_logdet()
-        positions = x.shape[2] * x.shape[3] if self.spatial else 1
-        return self._mix(x, weight), (logdet * positions).expand(x.shape[0])
+        # Part of the flow, not of a conditioner: under autocast the products forming W and the
+        # mixing itself stay in x's dtype (float32), since z and the log-det depend on them.
+        with autocast_disabled(x):
+            weight, logdet = self._weight_and_logdet()
+            positions = x.shape[2] * x.shape[3] if self.spatial else 1
+            return self._mix(x, weight), (logdet * positions).expand(x.shape[0])
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         self._check(z)
-        weight, _ = self._weight_and_logdet()
-        return self._mix(z, torch.linalg.inv(weight))
+        with autocast_disabled(z):
+            weight, _ = self._weight_and_logdet()
+            return self._mix(z, torch.linalg.inv(weight))

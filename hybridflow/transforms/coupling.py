@@ -86,6 +86,15 @@ class MaskedCoupling(InvertibleModule):
             raise ValueError(f"{type(self).__name__} needs a context of shape {want}, got {got}")
         return torch.cat([inp, context], dim=1)
 
+    def _conditioner(self, inp: Tensor, context: Tensor | None) -> Tensor:
+        """``self.net`` on ``inp`` (plus the context), returned in ``inp``'s dtype.
+
+        Under bf16 autocast the net computes in bfloat16; the cast is where its output enters
+        the flow, so the coupling's own maps and log-determinants stay in float32. Without
+        autocast the dtypes already agree and the cast is a no-op.
+        """
+        return self.net(self._with_context(inp, context)).to(inp.dtype)
+
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(kept, moved)`` channel groups."""
         first, second = x[:, : self.num_channels // 2], x[:, self.num_channels // 2 :]
@@ -146,7 +155,7 @@ class AffineCoupling(MaskedCoupling):
             self.scale = nn.Parameter(torch.ones(c_out))
 
     def _params(self, kept: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        out = self.net(self._with_context(kept, context))
+        out = self._conditioner(kept, context)
         if self.additive:
             return out, torch.zeros_like(out)
         shift, raw = out.chunk(2, dim=1)

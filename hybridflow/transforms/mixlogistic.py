@@ -200,9 +200,11 @@ class MixLogisticCoupling(MaskedCoupling):
         # Same bounded "scale · tanh" log-scale as AffineCoupling, for early-training stability.
         self.scale = nn.Parameter(torch.ones(c_out))
 
-    def _params(self, inp: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _params(
+        self, inp: Tensor, context: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Return ``(a, b, logit_weights, means, log_scales)``; mixture params are ``[..., K]``."""
-        out = self.net(inp)
+        out = self._conditioner(inp, context)
         c, k = self.c_out, self.num_components
         raw, shift, rest = out[:, :c], out[:, c : 2 * c], out[:, 2 * c :]
         view = (1, -1) + (1,) * (raw.dim() - 2)
@@ -235,20 +237,18 @@ class MixLogisticCoupling(MaskedCoupling):
         self._check(x)
         if self.mask == "checkerboard":
             m, inp = self._mask_input(x)
-            y, ld = self._transform(x, self._params(self._with_context(inp, context)))
+            y, ld = self._transform(x, self._params(inp, context))
             # Kept sites pass through and contribute nothing to log|det J|.
             return x * m + (1 - m) * y, sum_except_batch(ld * (1 - m))
         kept, moved = self._split(x)
-        y, ld = self._transform(moved, self._params(self._with_context(kept, context)))
+        y, ld = self._transform(moved, self._params(kept, context))
         return self._merge(kept, y), sum_except_batch(ld)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         self._check(z)
         if self.mask == "checkerboard":
             m, inp = self._mask_input(z)
-            x = self._untransform(z, self._params(self._with_context(inp, context)))
+            x = self._untransform(z, self._params(inp, context))
             return z * m + (1 - m) * x
         kept, moved = self._split(z)
-        return self._merge(
-            kept, self._untransform(moved, self._params(self._with_context(kept, context)))
-        )
+        return self._merge(kept, self._untransform(moved, self._params(kept, context)))

@@ -346,7 +346,8 @@ class NeuralAutoregressiveFlow(InvertibleModule):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x)
-        z, log_d = self.tau(x, self.made(x, context))
+        # The MADE may run in bf16 under autocast; its output enters the flow in x's dtype.
+        z, log_d = self.tau(x, self.made(x, context).to(x.dtype))
         return z, log_d.sum(dim=1)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
@@ -358,7 +359,7 @@ class NeuralAutoregressiveFlow(InvertibleModule):
         for position in range(self.features):
             j = solve_order[position : position + 1]
             # θ of the coordinate at this position depends only on already-solved coordinates.
-            raw = self.made(x, context)[:, j]
+            raw = self.made(x, context)[:, j].to(z.dtype)
             x_j = monotone_bisection(
                 lambda t, raw=raw: self.tau(t, raw),
                 z[:, j],
@@ -417,9 +418,9 @@ class NAFCoupling(MaskedCoupling):
         self.c_out = c_out
         self.net = factory(c_in, c_out * self.tau.num_params)
 
-    def _raw(self, inp: Tensor) -> Tensor:
+    def _raw(self, inp: Tensor, context: Tensor | None) -> Tensor:
         """Conditioner output ``[N, c, ..., 3K]`` (parameter axis last)."""
-        out = self.net(inp)
+        out = self._conditioner(inp, context)
         return out.reshape(out.shape[0], self.c_out, self.tau.num_params, *out.shape[2:]).movedim(
             2, -1
         )
@@ -433,18 +434,18 @@ class NAFCoupling(MaskedCoupling):
         self._check(x)
         if self.mask == "checkerboard":
             m, inp = self._mask_input(x)
-            y, ld = self.tau(x, self._raw(self._with_context(inp, context)))
+            y, ld = self.tau(x, self._raw(inp, context))
             # Kept sites pass through and contribute nothing to log|det J|.
             return x * m + (1 - m) * y, sum_except_batch(ld * (1 - m))
         kept, moved = self._split(x)
-        y, ld = self.tau(moved, self._raw(self._with_context(kept, context)))
+        y, ld = self.tau(moved, self._raw(kept, context))
         return self._merge(kept, y), sum_except_batch(ld)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         self._check(z)
         if self.mask == "checkerboard":
             m, inp = self._mask_input(z)
-            x = self._solve(z, self._raw(self._with_context(inp, context)))
+            x = self._solve(z, self._raw(inp, context))
             return z * m + (1 - m) * x
         kept, moved = self._split(z)
-        return self._merge(kept, self._solve(moved, self._raw(self._with_context(kept, context))))
+        return self._merge(kept, self._solve(moved, self._raw(kept, context)))

@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..nets.datainit import DataInitFlag
 from .base import InvertibleModule
 
 __all__ = ["ActNorm"]
 
 
-class ActNorm(InvertibleModule):
+class ActNorm(DataInitFlag, InvertibleModule):
     """Per-channel affine map ``z = (x + bias) * exp(log_scale)`` with data-dependent init.
 
     On its first forward in training mode the layer sets ``bias`` and ``log_scale`` so that the
@@ -53,11 +54,11 @@ class ActNorm(InvertibleModule):
         )
         self.bias.copy_(-mean)
         self.log_scale.copy_(-torch.log(std + self.eps))
-        self.initialized.fill_(True)
+        self._mark_initialized()
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x)
-        if self.training and not bool(self.initialized):
+        if self.training and self._init_pending():
             self._initialize(x)
         z = (x + self._view(self.bias, x)) * self._view(self.log_scale, x).exp()
         sites = x[0, 0].numel()

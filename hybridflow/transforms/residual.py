@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..nets.amp import autocast_disabled
 from .base import InvertibleModule, sum_except_batch
 
 __all__ = ["InverseNotConvergedError", "InverseStats", "ResidualBlock"]
@@ -245,10 +246,25 @@ class ResidualBlock(InvertibleModule):
 
     # ---- forward / inverse ------------------------------------------------------------------
 
+    def _g(self, x: Tensor) -> Tensor:
+        """The residual branch ``g(x)`` in ``x``'s dtype.
+
+        Under bf16 autocast ``g`` (and every vector–Jacobian product through it) computes in
+        bfloat16 while its weights are normalized in float32 (see
+        :mod:`hybridflow.nets.lipschitz`); the cast makes the identity path ``x + g(x)``, the
+        Hutchinson probes and every series accumulation float32. A no-op without autocast.
+        """
+        return self.net(x).to(x.dtype)
+
     def _check(self, x: Tensor) -> None:
         if x.dim() < 2:
             raise ValueError(f"ResidualBlock expects batched inputs [N, ...], got {tuple(x.shape)}")
 
+    # Eager under torch.compile: the log-det estimators differentiate through g twice
+    # (create_graph=True vector-Jacobian products, the memory-efficient backward), which
+    # aot_autograd cannot compile ("does not currently support double backward"), and the
+    # roulette's term count is data-dependent. Outside torch.compile this is a plain call.
+    @torch.compiler.disable
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x)
         needs_grad = torch.is_grad_enabled() and (
@@ -257,7 +273,7 @@ class ResidualBlock(InvertibleModule):
         if self.logdet_estimator == "exact":
             with torch.enable_grad():
                 x_in = x if x.requires_grad else x.detach().requires_grad_(True)
-                g_x = self.net(x_in)
+                g_x = self._g(x_in)
                 logdet = self._exact_logdet(g_x, x_in, create_graph=needs_grad)
             if not needs_grad:
                 return (x + g_x).detach(), logdet.detach()
@@ -266,14 +282,14 @@ class ResidualBlock(InvertibleModule):
         if not needs_grad:
             with torch.enable_grad():
                 x_in = x.detach().requires_grad_(True)
-                g_x = self.net(x_in)
+                g_x = self._g(x_in)
                 logdet = self._series(g_x, x_in, draw, create_graph=False)
             return x + g_x.detach(), logdet.detach()
         if self.memory_efficient:
             params = [p for p in self.net.parameters() if p.requires_grad]
             return _MemoryEfficientLogDet.apply(self, draw, len(params), x, *params)
         x_in = x if x.requires_grad else x.detach().requires_grad_(True)
-        g_x = self.net(x_in)
+        g_x = self._g(x_in)
         value, surrogate = self._value_and_surrogate(g_x, x_in, draw)
         # The value carries the estimate; the surrogate carries the gradient.
         return x + g_x, value + (surrogate - surrogate.detach())
@@ -298,7 +314,9 @@ class ResidualBlock(InvertibleModule):
         needs_grad = torch.is_grad_enabled() and (
             z.requires_grad or any(p.requires_grad for p in self.net.parameters())
         )
-        with self._frozen():
+        # In z's dtype even under autocast: a bf16 g is a quantized map, whose fixed-point
+        # iteration stalls at bf16 resolution, far above the tolerances.
+        with self._frozen(), autocast_disabled(z):
             with torch.no_grad():
                 x = self._fixed_point(z)
             return self._attach_implicit_gradient(z, x) if needs_grad else x
@@ -386,7 +404,7 @@ class _MemoryEfficientLogDet(torch.autograd.Function):
     def forward(ctx, block: ResidualBlock, draw: _Draw, n_params: int, x: Tensor, *params: Tensor):
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
-            g_x = block.net(x_in)
+            g_x = block._g(x_in)
             value, surrogate = block._value_and_surrogate(g_x, x_in, draw)
             grads = torch.autograd.grad(
                 surrogate.sum(), (x_in, *params), retain_graph=True, allow_unused=True

@@ -1,0 +1,101 @@
+"""Semi-supervised hybrids: K labels per class (or a stratified fraction) kept, the rest −1."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_REALNVP
+
+from hybridflow.data import load_dataset
+from hybridflow.training import resolve_config, train
+from hybridflow.training.semisupervised import keep_labels
+from hybridflow.training.trainer import setup
+
+TINY = {
+    **TINY_REALNVP,
+    "dataset": "digits",
+    "batch_size": 64,
+    "max_steps": 6,
+    "warmup_steps": 1,
+    "log_every": 3,
+    "eval_every": 0,
+    "progress": False,
+    "num_threads": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def labels() -> torch.Tensor:
+    return load_dataset("digits", "train").labels
+
+
+def _counts(labels: torch.Tensor) -> list[int]:
+    return torch.bincount(labels[labels >= 0], minlength=10).tolist()
+
+
+def test_exactly_k_labels_per_class_are_kept(labels: torch.Tensor) -> None:
+    kept = keep_labels(labels, per_class=5, seed=0)
+    assert _counts(kept) == [5] * 10 and int((kept == -1).sum()) == len(labels) - 50
+    assert torch.all((kept == -1) | (kept == labels))  # kept labels are the true ones
+    # A class with fewer than K examples keeps them all.
+    assert _counts(keep_labels(labels, per_class=10_000, seed=0)) == _counts(labels)
+
+
+def test_a_fraction_is_stratified(labels: torch.Tensor) -> None:
+    kept = keep_labels(labels, fraction=0.1, seed=0)
+    expected = [int(n * 0.1 + 0.5) for n in _counts(labels)]
+    assert _counts(kept) == expected
+
+
+def test_the_draw_is_seeded(labels: torch.Tensor) -> None:
+    a, b = keep_labels(labels, per_class=5, seed=0), keep_labels(labels, per_class=5, seed=0)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, keep_labels(labels, per_class=5, seed=1))
+    rng = torch.get_rng_state()
+    keep_labels(labels, fraction=0.5, seed=3)
+    assert torch.equal(rng, torch.get_rng_state())  # the global stream is not touched
+
+
+def test_unlabelled_examples_stay_unlabelled() -> None:
+    labels = torch.tensor([0, 0, -1, 1, 1, -1, 0])
+    kept = keep_labels(labels, per_class=2, seed=0)
+    assert torch.all(kept[labels == -1] == -1) and _counts(kept)[:2] == [2, 2]
+
+
+def test_both_keys_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        train(TINY, labelled_per_class=5, labelled_fraction=0.1, out_dir=str(tmp_path), name="x")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="labelled_fraction must lie in"):
+        keep_labels(torch.zeros(3, dtype=torch.int64), fraction=1.5)
+
+
+def test_semi_supervised_training_runs(tmp_path: Path, one_thread) -> None:
+    cfg = {**TINY, "labelled_per_class": 5, "out_dir": str(tmp_path), "name": "semi"}
+    state = setup(resolve_config(cfg))
+    assert _counts(state.data.labels) == [5] * 10 and state.data.labelled == "some"
+    assert bool((state.data.val_set.labels >= 0).all())  # validation stays fully labelled
+    cfg |= {"eval_every": 1, "max_steps": None, "epochs": 1, "batch_size": 256, "name": "run"}
+    run_dir = train(cfg)
+    with (run_dir / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    train_rows = [r for r in rows if r["split"] == "train"]
+    val_rows = [r for r in rows if r["split"] == "val"]
+    assert train_rows and all(r["ce"] and r["accuracy"] for r in train_rows)
+    assert len(val_rows) == 1 and val_rows[0]["accuracy"]
+
+
+def test_dropping_unlabelled_examples_gives_the_supervised_baseline(tmp_path: Path) -> None:
+    """unlabelled=drop trains on exactly the labelled examples a semi-supervised run keeps."""
+    cfg = {**TINY, "labelled_per_class": 7, "out_dir": str(tmp_path), "batch_size": 32}
+    semi = setup(resolve_config({**cfg, "name": "semi"}))
+    alone = setup(resolve_config({**cfg, "name": "alone", "unlabelled": "drop"}))
+    assert alone.data.labelled == "all" and alone.data.size == 70
+    kept = semi.data.labels >= 0
+    assert torch.equal(alone.data.labels, semi.data.labels[kept])
+    assert torch.equal(alone.data.images, semi.data.images[kept])
+    with pytest.raises(ValueError, match="unlabelled must be one of keep, drop"):
+        train(TINY, unlabelled="ignore", out_dir=str(tmp_path), name="bad")

@@ -97,5 +97,7 @@ def test_dropping_unlabelled_examples_gives_the_supervised_baseline(tmp_path: Pa
     kept = semi.data.labels >= 0
     assert torch.equal(alone.data.labels, semi.data.labels[kept])
     assert torch.equal(alone.data.images, semi.data.images[kept])
+    run_dir = train({**cfg, "name": "alone-run", "unlabelled": "drop", "max_steps": 4})
+    assert (run_dir / "model.pt").exists()  # batches index the 70 kept examples only
     with pytest.raises(ValueError, match="unlabelled must be one of keep, drop"):
         train(TINY, unlabelled="ignore", out_dir=str(tmp_path), name="bad")

@@ -20,7 +20,7 @@ import math
 import platform
 import statistics
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -846,12 +846,14 @@ def write_study_report(
     workers: int = 1,
     seeds: Sequence[int] = (0,),
     bound: str = "",
-    notes: Sequence[str] = (),
+    notes: Sequence[str | Callable[[Sequence[CellResult]], str]] = (),
     commit: str | None = None,
 ) -> Path:
     """Write ``results.csv``, ``results.json``, the figures, ``report.md`` and ``report.html``.
 
     ``commit`` is the code's commit as read when the study started (default: read now).
+    ``notes`` are paragraphs under the introduction; a callable note is computed from the
+    results (e.g. a recipe's own comparison of grid values).
     """
     out.mkdir(parents=True, exist_ok=True)
     # results.csv: one row per run; results.json: per cell and metric.
@@ -968,7 +970,7 @@ def write_study_report(
         "validation split." + (f" **{n_failed} run(s) failed** (see Failures)." if n_failed else "")
     )
     for note in notes:
-        doc.para(note)
+        doc.para(note(results) if callable(note) else note)
     if checks:
         doc.heading("Reproduction of the Residual Flows hybrid table (Chen et al. 2019, Table 4)")
         doc.para(

@@ -13,7 +13,7 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from ..data import load_dataset
 from ..evaluation import categorical_bits_per_dim, uniform_bits_per_dim
 from ..training import resolve_config, save_config
 from .grid import RUNTIME_KEYS, expand_grid, run_cells
-from .study import EVAL_FILE, aggregate, git_commit, write_study_report
+from .study import EVAL_FILE, CellResult, aggregate, git_commit, write_study_report
 
 __all__ = ["run_sweep", "sweep_baselines"]
 
@@ -66,7 +66,7 @@ def run_sweep(
     ood_dequant_samples: int = 1,
     overrides: Mapping[str, Any] | None = None,
     command: str | None = None,
-    notes: Sequence[str] = (),
+    notes: Sequence[str | Callable[[Sequence[CellResult]], str]] = (),
     stream=None,
 ) -> Path:
     """Train and evaluate every cell of ``backbones × lams × seeds × grid``; write the report.
@@ -91,7 +91,8 @@ def run_sweep(
         overrides: Config entries applied last, over ``backbone_overrides`` (command-line
             ``--key=value`` strings, parsed by the type of each key's default).
         command: The command line that regenerates the report (default: this process's).
-        notes: Paragraphs added to the report under its introduction.
+        notes: Paragraphs added to the report under its introduction; a callable note is
+            computed from the aggregated results (``CellResult`` per cell).
     """
     import torch
 

@@ -70,7 +70,8 @@ def epoch_inputs(
     ``images`` is the in-memory training tensor, or ``None`` to read ``dataset`` through a
     ``DataLoader`` whose batch sampler yields this rank's share (``part``) of the same batches.
     """
-    batches = epoch_batches(len(dataset), batch_size, seed, epoch)[offset:]
+    n = len(images) if images is not None else len(dataset)  # images may be a subset
+    batches = epoch_batches(n, batch_size, seed, epoch)[offset:]
     if images is not None:
         for batch_idx in batches:
             yield batch_idx, images[batch_idx[part]]

@@ -82,7 +82,9 @@ results = {
     "train_time_s": float(curve[-1]["elapsed_s"]) if curve else None,
     "test": {k: test[k] for k in ("accuracy", "bpd", "nll_nats", "ece", "brier", "class_nll")},
     "target": {"accuracy": TARGET_ACCURACY, "wall_time_s": BUDGET_S, "met": met},
-    "validation_curve": [{"minutes": m, "accuracy_pct": a} for m, a in zip(minutes, accuracy, strict=True)],
+    "validation_curve": [
+        {"minutes": m, "accuracy_pct": a} for m, a in zip(minutes, accuracy, strict=True)
+    ],
     "config": cfg,
 }
 (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -5,7 +5,13 @@ from .diagnostics import calibrate_run, explain_run, sample_run
 from .grid import Cell, expand_grid, parse_grid, run_cells
 from .ood import HYBRID_COMPONENTS, format_ood_table, ood_run
 from .runs import evaluate_run
-from .study import evaluate_cell, reproduction_checks, write_study_report
+from .study import (
+    evaluate_cell,
+    git_commit,
+    package_versions,
+    reproduction_checks,
+    write_study_report,
+)
 from .sweep import run_sweep, sweep_baselines
 
 __all__ = [
@@ -17,7 +23,9 @@ __all__ = [
     "expand_grid",
     "explain_run",
     "format_ood_table",
+    "git_commit",
     "ood_run",
+    "package_versions",
     "parse_grid",
     "reproduction_checks",
     "run_cells",

@@ -756,7 +756,8 @@ def _inline(md: str) -> str:
     return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
+    """Versions of Python and the packages a report's numbers depend on (provenance)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
@@ -898,7 +899,7 @@ def write_study_report(
     provenance = {
         "command": command,
         "commit": commit or git_commit(),
-        "versions": _versions(),
+        "versions": package_versions(),
         "wall_time_s": wall_time_s,
         "threads": threads,
         "workers": workers,

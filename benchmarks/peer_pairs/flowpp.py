@@ -1,0 +1,186 @@
+"""Flow++: our ``flowpp-cpu`` against chrischute/flowplusplus (a PyTorch port of Ho et al. 2019).
+
+Both sides are density models of 8-bit levels: uniform dequantization ``(x + u) / 256``, the
+logit preprocessing of the Flow++ code, ``logit(0.05 + 0.9 y)`` (ours ``logit_alpha=0.05``, the
+peer's ``bounds = 0.9``), and ``log_prob = log N(z; 0, I) + log|det| - D log 256`` in nats (the
+peer's ``NLLLoss``). The peer reads ``levels / 255`` in [0, 1], as ``train.py`` feeds it, and
+dequantizes ``x·255 + u`` itself. Sampling: ours ``FlowModel.sample`` (levels), the peer's as
+``train.py`` (``sigmoid`` of the inverse). Both invert the logistic-mixture CDF by bisection
+(≤ 100 steps); the peer stops at ``max |Δx| ≤ 1e-10``, i.e. brackets 2e-10 wide, so ours runs
+with ``inverse_tol=2e-10`` (default 1e-6). Layout on both sides: 2 checkerboard couplings,
+squeeze, 2 channel + 2 checkerboard couplings (peer ``scales=((0, 2), (2, 2))``), each step
+ActNorm → 1×1 conv → mixture-of-logistics coupling (4 logistics), conditioners of 2 blocks of
+gated conv + 4-head gated attention, no dropout. Our conditioners' output convolutions start at
+zero: identity couplings, whose bisection bracket is a single point (sampling would take no
+steps), so the builder gives them PyTorch's default initialisation, as the peer's have; then
+ActNorms (and our weight-norm convolutions) are data-initialised on 16 inputs (2 when tiny).
+
+The peer is a checkout (``--peer-path flowplusplus=DIR``); its top-level packages ``models`` and
+``util`` are imported with the checkout first on ``sys.path`` and removed from ``sys.modules``
+afterwards. On torch 2.14 it needs one change, in ``models/flowplusplus/nn.py``
+(``GatedAttn.forward``): ``q *= key_depth_per_head ** -0.5`` becomes
+``q = q * key_depth_per_head ** -0.5`` (``q`` is a view of a ``split`` output; autograd refuses
+in-place changes to such views).
+
+Parameter counts. At the same nominal settings (3×32×32, width 32, 2 blocks, 4 logistics,
+attention, the paper's 4 + 2 + 3 couplings, uniform dequantization) ours has 945,660, the peer
+665,424. Per submodule, ours / peer: learned positional encodings 172,032 / 0 (ours one
+``[width, H, W]`` per conditioner, as in the official TF code; the peer adds fixed sinusoids);
+output convs 242,760 / 146,160 and input convs 19,872 / 10,944: after the squeeze the peer
+factors out half the channels (``x.chunk(2)``), so its 5 half-resolution couplings model 6 of the
+12 channels and predict ``2 + 3K`` values for half as many, while ours (like the official code)
+keeps all 12; our checkerboard conditioners also read the mask (one more input channel);
+attention q/k/v 58,752 / 57,024 (bias on ours); 1×1 convs 1,584 / 648, ActNorm 168 / 144, scale
+60 / rescale 72; identical: gated convs 408,960, attention gates 39,168, LayerNorms 2,304.
+At the paper's CIFAR-10 settings (width 96, 10 blocks, 32 logistics) the official code
+(``run_cifar.py``) has 31,443,440 = 27,976,464 flow + 3,466,976 dequantization flow: the paper's
+31.4 M counts the dequantizer. Ours 31,951,943 = 28,231,404 (``flowpp-cifar10``) + 3,720,539
+(``dequantization="variational"``, ``FLOWPP_CIFAR10_DEQUANTIZATION``); the peer 28,784,792 =
+25,630,704 + 3,154,088 (``num_dequant_blocks=2``). Ours vs the official flow, +254,940:
+positional encodings over the full H × W instead of the column-split H × W/2 (+233,472),
+weight-norm gains (+69,120; the official convs are plain, data-initialised), mask channel
+(+6,912), LU 1×1 (+504), scale (+60), per-channel instead of per-pixel ActNorm (-55,128);
+output convs identical. The peer vs the official flow, -2,345,760: factor-out (output convs
+-2,030,952, input convs -19,872), no learned positions (-282,624), per-channel ActNorm
+(-55,152), 1×1 (-432), weight-norm gains less the q/k/v bias (+43,200), rescale (+72).
+
+Equal parameters. No arguments make the two identical: the peer always factors out after the
+squeeze, ours never; ours masks its checkerboard, the peer splits it. The pair keeps the layout,
+blocks, heads and logistics and widens the peer (widths step by 4 for 4 heads): 1×28×28 ours
+width 32 (477,140) vs the peer 36 (466,880), +2.2%; 3×32×32 ours 36 (746,988) vs the peer 44
+(780,576), -4.3% (32 vs 40 would be -5.3%). Remaining differences in work: our checkerboard
+conditioners run on ``[x·mask, mask]`` over the full H × W, twice the convolution sites and four
+times the attention scores of the peer's, which gathers the kept sites into ``[C, H, W/2]``
+(index lists rebuilt in Python on every call); the peer's half-resolution couplings transform
+half as many dimensions; each of our bisection steps evaluates ``log F`` and ``log(1 - F)`` at
+every site of a checkerboard coupling, the peer's ``F`` at the moved half; the peer's ActNorm and
+1×1 conv act on the concatenated halves (2C channels; at a checkerboard its 1×1 conv mixes
+horizontal neighbours); its coupling is ``(logit F + b)·e^a``, ours ``logit F · e^a + b``; its
+conv and attention layers are wider.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import load_mnist
+from torch import Tensor
+
+from hybridflow.models import FlowModel, create_backbone
+from hybridflow.nets import FlowppConditioner
+
+from . import Case, PeerMissing, Side, peer_checkout, standard_normal_log_prob
+
+__all__ = ["cases"]
+
+LEVELS, ALPHA, SEED = 256, 0.05, 0
+PEER_STOP = 2e-10  # the peer's bisection stops at max |Δx| ≤ 1e-10: brackets 2e-10 wide
+INIT_BATCH = 16  # data-init batch
+HINT = "git clone https://github.com/chrischute/flowplusplus"
+SETTINGS = {(1, 28, 28): (32, 36), (3, 32, 32): (36, 44)}  # shape: (our width, peer width)
+
+
+@lru_cache(maxsize=8)
+def _levels(shape: tuple[int, int, int], batch: int) -> Tensor:
+    if shape == (1, 28, 28):
+        return load_mnist(batch, seed=SEED)[0]
+    g = torch.Generator().manual_seed(SEED + batch)
+    return torch.randint(0, LEVELS, (batch, *shape), generator=g).float()
+
+
+def _ours(shape: tuple[int, int, int], width: int, init_batch: int) -> Side:
+    backbone = create_backbone("flowpp-cpu", shape, hidden_channels=width, inverse_tol=PEER_STOP)
+    for net in backbone.modules():  # leave the identity start: the peer's init (see above)
+        if isinstance(net, FlowppConditioner):
+            net.conv_out.reset_parameters()
+    model = FlowModel(backbone, shape, num_levels=LEVELS, preprocessing="logit", logit_alpha=ALPHA)
+    model.data_init(_levels(shape, init_batch))
+    return Side(f"hybridflow flowpp-cpu (width {width})", model, model.log_prob, model.sample)
+
+
+@lru_cache(maxsize=2)
+def _peer_class(root: Path) -> type:
+    """``FlowPlusPlus`` of the checkout, its generic ``models``/``util`` kept out of the way."""
+    if not (root / "models" / "flowplusplus" / "flowplusplus.py").is_file():
+        raise PeerMissing(f"flowplusplus: {root} is not a chrischute/flowplusplus checkout")
+
+    def owned() -> list[str]:
+        return [k for k in sys.modules if k.split(".")[0] in ("models", "util")]
+
+    saved = {k: sys.modules.pop(k) for k in owned()}
+    sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module("models.flowplusplus.flowplusplus").FlowPlusPlus
+    finally:
+        sys.path.remove(str(root))
+        for k in owned():
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def _peer(shape: tuple[int, int, int], width: int, init_batch: int) -> Side:
+    cls = _peer_class(peer_checkout("flowplusplus", hint=HINT))
+    np.random.seed(SEED)  # its 1×1 convs draw their noise with numpy
+    with warnings.catch_warnings():  # torch.nn.utils.weight_norm is deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        model = cls(
+            scales=((0, 2), (2, 2)),
+            in_shape=shape,
+            mid_channels=width,
+            num_blocks=2,
+            num_dequant_blocks=0,  # uniform dequantization
+            num_components=4,
+            use_attn=True,
+            drop_prob=0.0,
+        ).float()  # the peer hard-codes float32 (its 1×1 convs, bounds and inverse)
+    dim = math.prod(shape)
+
+    def log_prob(x: Tensor) -> Tensor:
+        z, sldj = model(x.float() / (LEVELS - 1), reverse=False)
+        return standard_normal_log_prob(z) + sldj - dim * math.log(LEVELS)
+
+    @torch.no_grad()
+    def sample(n: int) -> Tensor:
+        x, _ = model(torch.randn(n, *shape, dtype=torch.float32), reverse=True)
+        return torch.sigmoid(x)
+
+    model.train()
+    with torch.no_grad():
+        log_prob(_levels(shape, init_batch))  # ActNorm init on the first training call
+    return Side(f"chrischute/flowplusplus FlowPlusPlus (width {width})", model, log_prob, sample)
+
+
+def cases(tiny: bool) -> list[Case]:
+    init_batch = 2 if tiny else INIT_BATCH
+    out = []
+    for shape, (ours, peer) in SETTINGS.items():
+        out.append(
+            Case(
+                pair="flowpp-cpu/flowplusplus",
+                setting="x".join(map(str, shape)),
+                make_input=lambda b, s=shape: _levels(s, b).clone(),
+                build_ours=lambda s=shape, w=ours: _ours(s, w, init_batch),
+                build_peer=lambda s=shape, w=peer: _peer(s, w, init_batch),
+                batches=(1, 16),
+                sample_batches=(1, 16),
+                memory_batch=16,
+                targets={"train": 0.7, "sample": 0.5},
+                note=(
+                    f"width {ours} (ours) vs {peer} (peer) for equal parameters; peer factors "
+                    "out half the channels after the squeeze and splits its checkerboard "
+                    "(conditioners on H×W/2), ours masks it (full H×W, +1 input); learned vs "
+                    "sinusoidal positions; ours inverse_tol=2e-10 to match the peer's stop and "
+                    "default-initialised output convs (not the identity start), as the peer's; "
+                    "peer patched: models/flowplusplus/nn.py GatedAttn.forward "
+                    "'q *= key_depth_per_head ** -0.5' -> 'q = q * key_depth_per_head ** -0.5'"
+                ),
+            )
+        )
+    return out

@@ -1,0 +1,416 @@
+"""Our flows against the libraries a user would pick instead, side by side in one process.
+
+For every pair in ``benchmarks/peer_pairs/`` (our model and a peer's at equal architecture and
+parameter count) this times, at each batch size of the pair: evaluation ``log_prob`` without
+gradients, a training step (loss, backward, Adam step) and sampling. Both models of a pair are
+timed in turns in the same process (the order alternates every round), so machine load hits them
+alike; the result is the median over ``--rounds`` rounds after ``--warmup`` untimed ones, and the
+ratio ours / peer (< 1: ours is faster). Peak memory of a training step is measured for each
+model in a fresh subprocess (peak RSS, ``VmHWM``). For every mode that misses its target
+the json holds a ``torch.profiler`` table of both models (top operators by self CPU time).
+
+Peers: ``pip install -e .[bench]`` installs zuko, nflows and normflows; the Residual Flows
+reference and chrischute/flowplusplus are not on the registry and are given as checkouts with
+``--peer-path residual-flows=DIR --peer-path flowplusplus=DIR`` (or ``HYBRIDFLOW_PEER_<NAME>``).
+A missing peer skips its pairs with a message.
+
+    python benchmarks/peers.py --peer-path residual-flows=../peers/residual-flows \\
+        --peer-path flowplusplus=../peers/flowplusplus      # every pair → results/peers.json
+    python benchmarks/peers.py --only maf-affine --merge   # some pairs, merged into the json
+    python benchmarks/peers.py --table                     # the README table from the json
+    python benchmarks/peers.py --tiny --out /tmp/p.json    # CI: one round at batch 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+# The script's own folder is on sys.path when it runs as `python benchmarks/...`.
+from _common import RESULTS, environment, load_average
+from peer_pairs import Case, PeerMissing, Side, all_cases, count_parameters, set_peer_paths
+
+MODES = ("eval", "train", "sample")
+PARAM_TOLERANCE = 0.05  # equal parameter count within 5%
+RESULT_PREFIX = "RESULT "
+TINY_BATCH = 2
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        return head + ("+changes" if dirty else "") if head else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def build(case: Case) -> tuple[Side, Side]:
+    """Both sides of ``case``, each built from the same seed."""
+    torch.manual_seed(0)
+    ours = case.build_ours()
+    torch.manual_seed(0)
+    peer = case.build_peer()
+    return ours, peer
+
+
+def make_step(side: Side, x: torch.Tensor) -> Callable[[], None]:
+    """One training step of ``side`` on ``x`` (its own Adam optimizer, small learning rate)."""
+    opt = torch.optim.Adam(side.module.parameters(), lr=1e-5)
+
+    def step() -> None:
+        side.module.train()
+        opt.zero_grad(set_to_none=True)
+        side.loss(x).backward()
+        opt.step()
+
+    return step
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def mode_calls(case: Case, side: Side, x: torch.Tensor, batch: int, tiny: bool) -> dict:
+    """The callables timed for ``side`` at ``batch``: eval, train and (where timed) sample."""
+
+    def evaluate() -> None:
+        side.module.eval()
+        with torch.no_grad():
+            side.log_prob(x)
+
+    calls = {"eval": evaluate, "train": make_step(side, x)}
+    sample_batches = (TINY_BATCH,) if tiny and case.sample_batches else case.sample_batches
+    if side.sample is not None and batch in sample_batches:
+
+        def sample() -> None:
+            side.module.eval()
+            with torch.no_grad():
+                side.sample(batch)
+
+        calls["sample"] = sample
+    return calls
+
+
+def time_pair(
+    case: Case, sides: dict[str, Side], batch: int, rounds: int, warmup: int, tiny: bool
+) -> dict:
+    """Median seconds per mode of both sides at ``batch``, timed in turns."""
+    x = case.make_input(batch)
+    calls = {name: mode_calls(case, side, x, batch, tiny) for name, side in sides.items()}
+    modes = [m for m in MODES if all(m in c for c in calls.values())]
+    times: dict[str, dict[str, list[float]]] = {n: {m: [] for m in modes} for n in sides}
+    order = list(sides)
+    for r in range(warmup + rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            for mode in modes:
+                t = timed(calls[name][mode])
+                if r >= warmup:
+                    times[name][mode].append(t)
+    out: dict = {}
+    for mode in modes:
+        ours, peer = (statistics.median(times[n][mode]) for n in ("ours", "peer"))
+        out[mode] = {"ours_s": ours, "peer_s": peer, "ratio": ours / peer}
+    return out
+
+
+def profile_table(fn: Callable[[], None], rows: int = 12) -> list[dict]:
+    """Top operators of one call of ``fn`` by self CPU time (after one untimed call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [
+        {
+            "op": e.key,
+            "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3),
+            "share": round(e.self_cpu_time_total / total, 3),
+            "calls": e.count,
+        }
+        for e in events[:rows]
+    ]
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident set size (``VmHWM``), GiB.
+
+    Not ``getrusage``: a child started by ``subprocess`` reports its parent's ``ru_maxrss`` until
+    it exceeds it, so a child of a big harness process would report the harness's peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    """Build one side of one case, run three training steps, print the peak RSS."""
+    torch.set_num_threads(args.threads)
+    (case,) = [c for c in all_cases(tiny=False) if c.key == args.case]
+    torch.manual_seed(0)
+    side = case.build_ours() if args.side == "ours" else case.build_peer()
+    x = case.make_input(args.batch)
+    built = peak_rss_gib()
+    step = make_step(side, x)
+    for _ in range(3):
+        step()
+    print(RESULT_PREFIX + json.dumps({"peak_rss_gib": peak_rss_gib(), "built_rss_gib": built}))
+
+
+def measure_memory(case: Case, args: argparse.Namespace) -> dict:
+    """Peak RSS of a training step of each side, each in its own subprocess."""
+    out: dict = {"batch": case.memory_batch}
+    for side in ("ours", "peer"):
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--memory-child",
+            *("--case", case.key, "--side", side, "--batch", str(case.memory_batch)),
+            *("--threads", str(args.threads)),
+            *(
+                arg
+                for name, path in args.peer_paths.items()
+                for arg in ("--peer-path", f"{name}={path}")
+            ),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+        if proc.returncode or not lines:
+            return {**out, "error": (proc.stderr or proc.stdout)[-2000:]}
+        out[side] = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    out["ratio"] = out["ours"]["peak_rss_gib"] / out["peer"]["peak_rss_gib"]
+    out["ratio_above_build"] = (out["ours"]["peak_rss_gib"] - out["ours"]["built_rss_gib"]) / max(
+        out["peer"]["peak_rss_gib"] - out["peer"]["built_rss_gib"], 1e-9
+    )
+    return out
+
+
+def run_case(case: Case, args: argparse.Namespace) -> dict:
+    entry: dict = {"pair": case.pair, "setting": case.setting, "note": case.note}
+    try:
+        ours, peer = build(case)
+    except PeerMissing as missing:
+        print(f"skip {case.key}: {missing}", file=sys.stderr)
+        return {**entry, "skipped": str(missing)}
+    except Exception:  # a broken peer must not lose the other pairs' results
+        print(f"error building {case.key}", file=sys.stderr)
+        return {**entry, "error": traceback.format_exc(limit=6)}
+    sides = {"ours": ours, "peer": peer}
+    params = {n: count_parameters(s.module) for n, s in sides.items()}
+    entry.update(
+        ours=ours.label,
+        peer=peer.label,
+        parameters=params,
+        parameter_ratio=params["ours"] / params["peer"],
+        targets=case.targets,
+        batches={},
+    )
+    batches = (TINY_BATCH,) if args.tiny else case.batches
+    rounds, warmup = (1, 0) if args.tiny else (args.rounds, args.warmup)
+    for batch in batches:
+        started = time.perf_counter()
+        try:
+            result = time_pair(case, sides, batch, rounds, warmup, args.tiny)
+        except Exception:  # a crash of one pair must not lose the others' results
+            entry["batches"][str(batch)] = {"error": traceback.format_exc(limit=4)}
+            print(f"error {case.key} batch {batch}", file=sys.stderr)
+            continue
+        entry["batches"][str(batch)] = result
+        shown = "  ".join(f"{m} {v['ratio']:.2f}x" for m, v in result.items())
+        print(
+            f"{case.key:<40} batch {batch:<5} {shown}  ({time.perf_counter() - started:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    if case.memory_batch and not args.tiny and not args.no_memory:
+        entry["memory"] = measure_memory(case, args)
+    entry["misses"] = misses(entry)
+    if entry["misses"] and not args.tiny and not args.no_profile:
+        entry["profiles"] = profiles(case, sides, entry["misses"])
+    return entry
+
+
+def misses(entry: dict) -> list[str]:
+    """``"mode@batch"`` for every timed mode above its target (and ``"memory"``)."""
+    out = []
+    for mode, target in entry.get("targets", {}).items():
+        if mode == "memory":
+            ratio = entry.get("memory", {}).get("ratio")
+            if ratio is not None and ratio > target:
+                out.append("memory")
+            continue
+        for batch, result in entry["batches"].items():
+            if mode in result and result[mode]["ratio"] > target:
+                out.append(f"{mode}@{batch}")
+    return out
+
+
+def profiles(case: Case, sides: dict[str, Side], missed: list[str]) -> dict:
+    """One profile per missed mode (at its largest missed batch) of both sides."""
+    largest: dict[str, int] = {}
+    for item in missed:
+        if "@" in item:
+            mode, batch = item.split("@")
+            largest[mode] = max(largest.get(mode, 0), int(batch))
+    out: dict = {}
+    for mode, batch in largest.items():
+        x = case.make_input(batch)
+        out[f"{mode}@{batch}"] = {
+            name: profile_table(mode_calls(case, side, x, batch, False)[mode])
+            for name, side in sides.items()
+        }
+    return out
+
+
+def peer_versions() -> dict:
+    out = {}
+    for name in ("zuko", "nflows", "normflows"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def table(result: dict) -> str:
+    """Markdown table of the ratios (ours / peer time; < 1: ours is faster)."""
+
+    def cell(value: float | None, target: float | None) -> str:
+        if value is None:
+            return ""
+        mark = "" if target is None else (" ✓" if value <= target else " ✗")
+        return f"{value:.2f}{mark}"
+
+    lines = [
+        "| pair | setting | parameters ours / peer | batch | eval | train | sample | peak memory |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in result["cases"]:
+        if "skipped" in entry:
+            lines.append(
+                f"| {entry['pair']} | {entry['setting']} | skipped: {entry['skipped']} | | | | | |"
+            )
+            continue
+        p, t = entry["parameters"], entry.get("targets", {})
+        memory = entry.get("memory", {}).get("ratio")
+        for i, (batch, res) in enumerate(entry["batches"].items()):
+            head = (
+                f"| {entry['pair']} | {entry['setting']} | {p['ours']:,} / {p['peer']:,}"
+                if i == 0
+                else "| | |"
+            )
+            if "error" in res:
+                lines.append(f"{head} | {batch} | error | | | |")
+                continue
+            cells = [cell(res.get(m, {}).get("ratio"), t.get(m)) for m in MODES]
+            mem = cell(memory, t.get("memory")) if i == 0 else ""
+            lines.append(f"{head} | {batch} | {' | '.join(cells)} | {mem} |")
+    return "\n".join(lines)
+
+
+def parse_peer_paths(items: list[str]) -> dict[str, str]:
+    paths = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--peer-path expects NAME=DIR, got {item!r}")
+        paths[name] = path
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds per batch size")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", help="pairs whose name contains this text")
+    parser.add_argument("--peer-path", action="append", default=[], metavar="NAME=DIR")
+    parser.add_argument("--out", type=Path, default=RESULTS / "peers.json")
+    parser.add_argument("--merge", action="store_true", help="replace these pairs in --out only")
+    parser.add_argument("--tiny", action="store_true", help="one round at batch 2 (CI)")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=("ours", "peer"), help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.peer_paths = parse_peer_paths(args.peer_path)
+    set_peer_paths(args.peer_paths)
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
+        return
+    if args.memory_child:
+        memory_child(args)
+        return
+
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    load_start = load_average()
+    entries = [run_case(case, args) for case in all_cases(args.tiny, args.only)]
+    result = {
+        "what": "ours / peer median time per mode (< 1: ours faster), float32, same process",
+        "command": " ".join(["python", "benchmarks/peers.py", *sys.argv[1:]]),
+        "commit": git_commit(),
+        "cpu": cpu_name(),
+        "peer_versions": peer_versions(),
+        "peer_paths": args.peer_paths,
+        "rounds": 1 if args.tiny else args.rounds,
+        "warmup": 0 if args.tiny else args.warmup,
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
+        "wall_s": round(time.time() - started, 1),
+        "environment": environment(args.threads),
+        "cases": entries,
+    }
+    if args.merge and args.out.exists():
+        old = json.loads(args.out.read_text())
+        keys = {(e["pair"], e["setting"]) for e in entries}
+        kept = [e for e in old["cases"] if (e["pair"], e["setting"]) not in keys]
+        result["cases"] = kept + entries
+        result["merged_runs"] = [*old.get("merged_runs", [old.get("command")]), result["command"]]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

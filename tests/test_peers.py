@@ -1,0 +1,69 @@
+"""The peer benchmark harness (``benchmarks/peers.py``) cannot rot.
+
+Its tiny mode runs in a subprocess (one round at batch 2, the first setting of every pair; pairs
+whose peer is not installed are skipped with a message), and every pair's builders are checked
+to give both models the same parameter count within 5%, the condition the ratios rely on.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+__all__: list[str] = []
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from peer_pairs import PeerMissing, all_cases, count_parameters  # noqa: E402
+
+CASES = all_cases(tiny=False)
+
+
+def test_every_family_has_cases() -> None:
+    pairs = {case.pair.split("/")[0] for case in CASES}
+    assert {"maf-affine", "maf-dsf", "realnvp", "coupling+1x1", "resflow-cpu"} <= pairs
+    assert any(p.startswith("flowpp") for p in pairs)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.key for c in CASES])
+def test_pair_matches_parameter_count(case) -> None:
+    ours = case.build_ours()
+    try:
+        peer = case.build_peer()
+    except PeerMissing as missing:
+        pytest.skip(str(missing))
+    ratio = count_parameters(ours.module) / count_parameters(peer.module)
+    assert abs(ratio - 1) <= 0.05, f"{case.key}: parameters ours / peer = {ratio:.3f}"
+    x = case.make_input(2)
+    for side in (ours, peer):
+        log_prob = side.log_prob(x)
+        assert log_prob.shape == (2,) and bool(log_prob.isfinite().all()), side.label
+
+
+def test_tiny_mode_runs_and_writes_the_table(tmp_path: Path) -> None:
+    out = tmp_path / "peers.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "peers.py"), "--tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["rounds"] == 1 and result["cases"]
+    for entry in result["cases"]:
+        assert "error" not in entry, entry
+        if "skipped" in entry:
+            continue
+        for batch, modes in entry["batches"].items():
+            assert batch == "2" and "error" not in modes, entry["pair"]
+            assert {"eval", "train"} <= set(modes)
+            assert all(m["ours_s"] > 0 and m["peer_s"] > 0 for m in modes.values())
+    assert proc.stdout.startswith("| pair | setting |")

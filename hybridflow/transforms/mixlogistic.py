@@ -136,18 +136,27 @@ def mixture_inverse_cdf(
     Raises:
         ValueError: non-finite targets, a bracket that overflows, or NaN from the mixture.
     """
-    with torch.no_grad():
-        scales = log_scales.clamp(min=LOG_SCALE_MIN).exp()
-        ends = means + scales * u_logit.unsqueeze(-1)
-        bracket = ends.min(dim=-1).values, ends.max(dim=-1).values
     params = (logit_weights, means, log_scales)
+    with torch.no_grad():
+        # Everything that does not depend on x is computed once, not at every bisection step
+        # (the same operations as _prepare, so the search sees bitwise the same values).
+        _, log_w, log_s = _prepare(u_logit.detach(), *(p.detach() for p in params))
+        means_, inv_scales = means.detach(), torch.exp(-log_s)
+        ends = means_ + log_s.exp() * u_logit.detach().unsqueeze(-1)
+        bracket = ends.min(dim=-1).values, ends.max(dim=-1).values
+
+    def search(x: Tensor) -> Tensor:  # logit F(x), as _logit_cdf computes it
+        t = (x.unsqueeze(-1) - means_) * inv_scales
+        log_cdf = torch.logsumexp(log_w - F.softplus(-t), dim=-1)
+        return log_cdf - torch.logsumexp(log_w - F.softplus(t), dim=-1)
+
     return monotone_bisection(
         lambda x: _logit_cdf_and_log_slope(x, *params),
         u_logit,
         tol,
         max_iter,
         bracket=bracket,
-        search_fn=lambda x: _logit_cdf(x, *params),
+        search_fn=search,
     )
 
 

@@ -242,6 +242,24 @@ def test_permutation_round_trip():
     assert not torch.equal(r, Permutation.random(7, seed=6).permutation)
 
 
+def test_reversal_fast_path_matches_the_gather_and_follows_loaded_state():
+    # A reversal is applied as a flip: the same values and gradients as the gather it replaces.
+    for perm in (Permutation.reversed(6), Permutation.random(6, seed=1)):
+        x = torch.randn(3, 6, 2, requires_grad=True)
+        z, _ = perm(x)
+        assert torch.equal(z, x[:, perm.permutation]) and torch.equal(perm.inverse(z), x)
+        (z * torch.arange(6.0).view(1, 6, 1)).sum().backward()
+        assert torch.equal(x.grad[0, :, 0], perm.inverse_permutation.float())
+    # Loading another permutation's buffers switches the path with them.
+    loaded = Permutation.random(6, seed=1)
+    loaded.load_state_dict(Permutation.reversed(6).state_dict())
+    x = torch.randn(2, 6)
+    assert torch.equal(loaded(x)[0], x.flip(1))
+    back = Permutation.reversed(6)
+    back.load_state_dict(Permutation.random(6, seed=1).state_dict())
+    assert torch.equal(back(x)[0], x[:, Permutation.random(6, seed=1).permutation])
+
+
 def test_permutation_errors():
     for bad in ([0, 0, 1], [1, 2, 3], [], [[0, 1]], [0.0, 1.0]):
         with pytest.raises(ValueError):

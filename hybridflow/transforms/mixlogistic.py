@@ -79,15 +79,14 @@ def mixture_log_cdf(
         precision when ``F`` is within rounding of 0 or 1.
     """
     t, log_w, _ = _prepare(x, logit_weights, means, log_scales)
+    return _log_cdf_and_sf(t, log_w)
+
+
+def _log_cdf_and_sf(t: Tensor, log_w: Tensor) -> tuple[Tensor, Tensor]:
+    """``(log F, log(1 - F))`` from standardised points ``t`` and normalised log-weights."""
     log_cdf = torch.logsumexp(log_w - F.softplus(-t), dim=-1)
     log_sf = torch.logsumexp(log_w - F.softplus(t), dim=-1)
     return log_cdf, log_sf
-
-
-def _logit_cdf(x: Tensor, logit_weights: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
-    """``logit F(x)`` of the mixture, from its log-CDF and log-survival."""
-    log_cdf, log_sf = mixture_log_cdf(x, logit_weights, means, log_scales)
-    return log_cdf - log_sf
 
 
 def _logit_cdf_and_log_slope(
@@ -145,10 +144,9 @@ def mixture_inverse_cdf(
         ends = means_ + log_s.exp() * u_logit.detach().unsqueeze(-1)
         bracket = ends.min(dim=-1).values, ends.max(dim=-1).values
 
-    def search(x: Tensor) -> Tensor:  # logit F(x), as _logit_cdf computes it
-        t = (x.unsqueeze(-1) - means_) * inv_scales
-        log_cdf = torch.logsumexp(log_w - F.softplus(-t), dim=-1)
-        return log_cdf - torch.logsumexp(log_w - F.softplus(t), dim=-1)
+    def search(x: Tensor) -> Tensor:  # logit F(x), standardised as _prepare does
+        log_cdf, log_sf = _log_cdf_and_sf((x.unsqueeze(-1) - means_) * inv_scales, log_w)
+        return log_cdf - log_sf
 
     return monotone_bisection(
         lambda x: _logit_cdf_and_log_slope(x, *params),

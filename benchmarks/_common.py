@@ -70,15 +70,40 @@ def max_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
 
 
-def current_rss_gib() -> float | None:
-    """Resident set size right now, GiB (Linux only; ``None`` elsewhere)."""
+def _status_gib(key: str) -> float | None:
+    """A memory field of ``/proc/self/status`` (kB there), GiB; ``None`` off Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2**20  # kB
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) / 2**20
     except OSError:
         pass
     return None
+
+
+def current_rss_gib() -> float | None:
+    """Resident set size right now, GiB (Linux only; ``None`` elsewhere)."""
+    return _status_gib("VmRSS")
+
+
+def peak_rss_of_this_process_gib() -> float | None:
+    """Peak resident set size of this process alone (``VmHWM``), GiB (Linux only).
+
+    Unlike :func:`max_rss_gib`, not inherited: a child started by ``subprocess`` reports its
+    parent's ``ru_maxrss`` until it exceeds it.
+    """
+    return _status_gib("VmHWM")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def timed(fn: Callable[[], object]) -> float:

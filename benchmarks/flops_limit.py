@@ -32,23 +32,16 @@ from _common import RESULTS, environment, load_average
 from matplotlib.figure import Figure
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
-from train_throughput import BACKBONES, HEAD, LAMBDA, NUM_CLASSES, NUM_LEVELS, Runner, git_commit
+from train_throughput import BACKBONES, LAMBDA, NUM_CLASSES, NUM_LEVELS, Runner, build
 
-from hybridflow.models import FlowModel, HybridModel, create_backbone
+from hybridflow.models import HybridModel
+from hybridflow.reports import git_commit
 
 LIMIT_SHAPE, LIMIT_BATCH = (1, 28, 28), 64
 SCALING_BATCHES = (8, 32, 128)
 SCALING_SHAPES = ((1, 8, 8), (1, 28, 28), (3, 32, 32))
 SCALING_BATCH = 32
 MATMUL_N = 2048
-
-
-def build(backbone: str, shape: tuple[int, int, int], seed: int = 0) -> HybridModel:
-    torch.manual_seed(seed)
-    flow = FlowModel(
-        create_backbone(backbone, shape, **BACKBONES[backbone]), shape, num_levels=NUM_LEVELS
-    )
-    return HybridModel(flow, NUM_CLASSES, **HEAD)
 
 
 def batch(shape: tuple[int, ...], n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +102,7 @@ def median_step(runner: Runner, x: torch.Tensor, y: torch.Tensor, rounds: int) -
 
 def limit(backbone: str, rounds: int, peaks: dict[str, float]) -> dict[str, Any]:
     x, y = batch(LIMIT_SHAPE, LIMIT_BATCH)
-    base = build(backbone, LIMIT_SHAPE)
+    base = build(backbone, input_shape=LIMIT_SHAPE)
     base.data_init(x)
     flops = step_flops(copy.deepcopy(base), x, y)
     out: dict[str, Any] = {"gflop_per_step": flops / 1e9}
@@ -131,7 +124,7 @@ def scaling(backbone: str, rounds: int) -> dict[str, Any]:
     for kind, key, shape, n in points:
         x, y = batch(shape, n)
         try:
-            model = build(backbone, shape)
+            model = build(backbone, input_shape=shape)
         except ValueError as err:  # a layout that does not fit this image size
             out[kind][key] = {"error": str(err)}
             continue

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,40 +37,16 @@ from pathlib import Path
 import torch
 
 # The script's own folder is on sys.path when it runs as `python benchmarks/...`.
-from _common import RESULTS, environment, load_average
+from _common import RESULTS, cpu_model, environment, load_average, timed
+from _common import peak_rss_of_this_process_gib as peak_rss_gib
 from peer_pairs import Case, PeerMissing, Side, all_cases, count_parameters, set_peer_paths
+
+from hybridflow.reports import git_commit
 
 MODES = ("eval", "train", "sample")
 PARAM_TOLERANCE = 0.05  # equal parameter count within 5%
 RESULT_PREFIX = "RESULT "
 TINY_BATCH = 2
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        return head + ("+changes" if dirty else "") if head else "unknown"
-    except OSError:
-        return "unknown"
 
 
 def build(case: Case) -> tuple[Side, Side]:
@@ -94,12 +69,6 @@ def make_step(side: Side, x: torch.Tensor) -> Callable[[], None]:
         opt.step()
 
     return step
-
-
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def mode_calls(case: Case, side: Side, x: torch.Tensor, batch: int, tiny: bool) -> dict:
@@ -165,18 +134,6 @@ def profile_table(fn: Callable[[], None], rows: int = 12) -> list[dict]:
     ]
 
 
-def peak_rss_gib() -> float:
-    """This process's peak resident set size (``VmHWM``), GiB.
-
-    Not ``getrusage``: a child started by ``subprocess`` reports its parent's ``ru_maxrss`` until
-    it exceeds it, so a child of a big harness process would report the harness's peak.
-    """
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20  # kB
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
-
-
 def memory_child(args: argparse.Namespace) -> None:
     """Build one side of one case, run three training steps, print the peak RSS."""
     torch.set_num_threads(args.threads)
@@ -185,6 +142,8 @@ def memory_child(args: argparse.Namespace) -> None:
     side = case.build_ours() if args.side == "ours" else case.build_peer()
     x = case.make_input(args.batch)
     built = peak_rss_gib()
+    if built is None:
+        raise SystemExit("peak memory needs /proc/self/status (Linux); run with --no-memory")
     step = make_step(side, x)
     for _ in range(3):
         step()
@@ -389,7 +348,7 @@ def main() -> None:
         "what": "ours / peer median time per mode (< 1: ours faster), float32, same process",
         "command": " ".join(["python", "benchmarks/peers.py", *sys.argv[1:]]),
         "commit": git_commit(),
-        "cpu": cpu_name(),
+        "cpu": cpu_model(),
         "peer_versions": peer_versions(),
         "peer_paths": args.peer_paths,
         "rounds": 1 if args.tiny else args.rounds,
@@ -402,9 +361,11 @@ def main() -> None:
     }
     if args.merge and args.out.exists():
         old = json.loads(args.out.read_text())
-        keys = {(e["pair"], e["setting"]) for e in entries}
-        kept = [e for e in old["cases"] if (e["pair"], e["setting"]) not in keys]
-        result["cases"] = kept + entries
+        merged = {(e["pair"], e["setting"]): e for e in old["cases"] + entries}  # new ones win
+        order = {(c.pair, c.setting): i for i, c in enumerate(all_cases(tiny=False))}
+        result["cases"] = sorted(
+            merged.values(), key=lambda e: order.get((e["pair"], e["setting"]), len(order))
+        )  # the pairs' own order, as in a full run
         result["merged_runs"] = [*old.get("merged_runs", [old.get("command")]), result["command"]]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -39,9 +39,7 @@ import json
 import logging
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,11 +53,12 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="induct
 import torch
 
 # The script's own folder is on sys.path when it runs as `python benchmarks/...`.
-from _common import RESULTS, environment, load_average
+from _common import RESULTS, cpu_model, environment, load_average
 from torch.profiler import ProfilerActivity, profile
 
 from hybridflow.models import FlowModel, HybridModel, create_backbone
 from hybridflow.models.precision import autocast_context, prepare_model
+from hybridflow.reports import git_commit
 
 # ---- settings ------------------------------------------------------------------------------
 INPUT_SHAPE = (1, 28, 28)
@@ -129,12 +128,12 @@ def backbone_spec(name: str) -> tuple[str, dict[str, Any]]:
     return VARIANTS[name] if name in VARIANTS else (name, BACKBONES[name])
 
 
-def build(backbone: str, seed: int = 0) -> HybridModel:
+def build(backbone: str, seed: int = 0, input_shape: tuple[int, ...] = INPUT_SHAPE) -> HybridModel:
     torch.manual_seed(seed)
     registered, kwargs = backbone_spec(backbone)
     flow = FlowModel(
-        create_backbone(registered, INPUT_SHAPE, **kwargs),
-        INPUT_SHAPE,
+        create_backbone(registered, input_shape, **kwargs),
+        input_shape,
         num_levels=NUM_LEVELS,
     )
     return HybridModel(flow, NUM_CLASSES, **HEAD)
@@ -366,26 +365,6 @@ def markdown_table(result: dict) -> str:
         diff = entry["bpd_bf16_vs_float32"]["mean_difference"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {diff:+.1e} |")
     return "\n".join(lines)
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

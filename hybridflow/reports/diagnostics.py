@@ -49,12 +49,14 @@ def calibrate_run(
     data_root: str | None = None,
     batch_size: int = 512,
     device: str | torch.device = "cpu",
+    figures: bool = True,
 ) -> dict[str, Any]:
     """Fit temperature scaling on the validation split; calibration metrics before and after.
 
     Guo et al. 2017, "On Calibration of Modern Neural Networks": one temperature ``T`` fitted by
     NLL on held-out data, applied to ``split``. Writes ``calibration/calibration_<split>.json``,
-    ``.csv`` (one row per before/after) and ``reliability_<split>.png``.
+    ``.csv`` (one row per before/after) and, with ``figures``, ``reliability_<split>.png`` (a
+    study leaves it out: it draws its own diagrams for all cells at once).
     """
     if split != "test":
         # The temperature is fitted on val; reporting on val (or on data containing it) would
@@ -98,6 +100,8 @@ def calibrate_run(
         {"scaling": "temperature", "temperature": temperature, **after},
     ]
     write_csv(rows, out_dir / f"calibration_{split}.csv")
+    if not figures:
+        return result
     plot_reliability_diagram(
         {
             "before": (test["logits"], test["labels"]),

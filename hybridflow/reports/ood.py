@@ -352,6 +352,7 @@ def _write_ood_outputs(
     result: Mapping[str, Any],
     in_scores: Mapping[str, np.ndarray],
     out_scores: Mapping[str, Mapping[str, np.ndarray]],
+    figures: bool,
 ) -> None:
     """``ood_<split>.{json,csv,md}``, ``scores_<split>.npz`` and the histogram figure."""
     rows = [
@@ -367,7 +368,8 @@ def _write_ood_outputs(
     write_csv(rows, out_dir / f"ood_{split}.csv")
     (out_dir / f"ood_{split}.md").write_text(format_ood_table(result))
     np.savez_compressed(out_dir / f"scores_{split}.npz", **arrays)
-    _plot_histograms(in_scores, out_scores, out_dir / f"scores_{split}.png")
+    if figures:
+        _plot_histograms(in_scores, out_scores, out_dir / f"scores_{split}.png")
 
 
 def ood_run(
@@ -387,12 +389,14 @@ def ood_run(
     device: str | torch.device = "cpu",
     out_dir: str | Path | None = None,
     seed: int = 0,
+    figures: bool = True,
 ) -> dict[str, Any]:
     """Score in-distribution ``split`` data and each OOD dataset with every OOD score.
 
     Writes to ``out_dir`` (default ``RUN_DIR/ood``): ``ood_<split>.json`` (all metrics),
     ``ood_<split>.csv`` (one row per OOD dataset × score), ``ood_<split>.md`` (tables),
-    ``scores_<split>.npz`` (per-example scores) and ``scores_<split>.png`` (histograms).
+    ``scores_<split>.npz`` (per-example scores) and, with ``figures``, ``scores_<split>.png``
+    (histograms; a study leaves it out and draws its own from the ``.npz`` files).
 
     Args:
         run_dir: A finished run folder (``model.pt``).
@@ -463,5 +467,5 @@ def ood_run(
             scorer, in_scores, in_batch, run(dataset)
         )
     result["score_descriptions"]["typicality_batch"] = OOD_SCORE_DESCRIPTIONS["typicality_batch"]
-    _write_ood_outputs(out_dir, split, result, in_scores, out_scores)
+    _write_ood_outputs(out_dir, split, result, in_scores, out_scores, figures)
     return result

@@ -59,7 +59,9 @@ def evaluate_cell(
     Bits/dim on test are the mean of ``dequant_samples`` single-draw bounds, plus the
     importance-weighted bound over ``iw_samples`` draws when positive; the likelihood-based
     OOD scores use the mean of ``ood_dequant_samples`` draws for test and OOD inputs alike. A
-    result on disk with the same settings and model is reused.
+    result on disk with the same settings and model is reused. The per-run reliability and OOD
+    histogram figures are not drawn (a third of a digits cell's evaluation): the study report
+    draws its own, for every cell at once.
     """
     import torch
 
@@ -101,10 +103,14 @@ def evaluate_cell(
         iw = evaluate_predictions(predict(model, test_set, iw_samples=iw_samples))
         result["iw"] = {"samples": iw_samples, "bpd": iw["bpd"], "nll_nats": iw["nll_nats"]}
     if model.num_classes >= 2:
-        result["calibration"] = calibrate_run(run_dir)
+        result["calibration"] = calibrate_run(run_dir, figures=False)
     if ood:
         result["ood"] = ood_run(
-            run_dir, ood, dequant_samples=ood_dequant_samples, typicality_batch=typicality_batch
+            run_dir,
+            ood,
+            dequant_samples=ood_dequant_samples,
+            typicality_batch=typicality_batch,
+            figures=False,
         )
     if len(model.flow.input_shape) == 3 and n_samples:
         result["samples"] = sample_run(run_dir, temperatures=(1.0, 0.7), n=n_samples)

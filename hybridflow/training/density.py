@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
 from .loop import (
     NonFiniteGuard,
     RunningMeans,
     backward_and_clip,
+    create_ema,
     create_optimizer_and_scheduler,
     finalize_ema,
 )
@@ -123,7 +123,7 @@ def fit_density(
         warmup_lr_init=lr / 100,
         opt_args=opt_args,
     )
-    ema = ModelEmaV3(model, decay=ema_decay, use_warmup=True)
+    ema = create_ema(model, decay=ema_decay, use_warmup=True)
     gen = torch.Generator().manual_seed(seed)
     fit = DensityFit(model=ema.module)
     guard = NonFiniteGuard(max_nan_skips, "lower lr")

@@ -87,6 +87,8 @@ from .loop import (
     NonFiniteGuard,
     RunningMeans,
     TrainingDivergedError,
+    clip_gradients,
+    create_ema,
     create_optimizer_and_scheduler,
     finalize_ema,
 )
@@ -377,7 +379,7 @@ def setup(cfg: Mapping[str, Any], dist: Distributed | None = None) -> TrainState
         _restore(state, saved)
     # Memory format before the EMA copy (which copies it) and before DDP (which buckets views).
     loss_module = prepare_model(LossModule(model), channels_last=cfg["channels_last"])
-    state.ema = ModelEmaV3(model, decay=cfg["ema_decay"], use_warmup=cfg["ema_warmup"])
+    state.ema = create_ema(model, decay=cfg["ema_decay"], use_warmup=cfg["ema_warmup"])
     if saved is not None:
         state.ema.module.load_state_dict(saved["ema"])
     _wrap_for_training(state, loss_module)
@@ -566,7 +568,7 @@ def _forward_backward(
             # and its NaN gradient makes every rank skip the step together.
             (loss / accum if accum > 1 else loss).backward()
         parts.append(_batch_stats(terms, y[micro], state.data.labelled))
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg["grad_clip"])
+    grad_norm = clip_gradients(state.model, cfg["grad_clip"])
     return _combine(parts), grad_norm
 
 

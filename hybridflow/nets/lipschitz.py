@@ -127,6 +127,16 @@ def _keep_if_degenerate(new: Tensor, old: Tensor) -> Tensor:
     return torch.where(ok, new, old)
 
 
+def _unit_or_keep(y: Tensor, old: Tensor) -> Tensor:
+    """``y / ||y||_2``, or ``old`` where that is degenerate: :func:`_dual` (order ``None``) then
+    :func:`_keep_if_degenerate`, with the same result from the norm alone (finite and positive
+    exactly when the unit vector is finite and nonzero), in 5 ops instead of 10. The 2-norm
+    iteration runs every training step of every spectrally normalized layer."""
+    norm = torch.linalg.vector_norm(y)
+    ok = torch.isfinite(norm) & (norm > 0)
+    return torch.where(ok, y / norm.clamp_min(torch.finfo(y.dtype).tiny), old)
+
+
 def _check_iterations(name: str, value: int | None) -> None:
     if value is None:
         return
@@ -286,9 +296,12 @@ class _NormalizedLayer(nn.Module):
         steps = max_iterations if iterations is None else iterations
         previous = float(self._sigma(weight, u, v)) if iterations is None else 0.0
         for _ in range(steps):
-            v = _keep_if_degenerate(_dual(self._rmatvec(u, weight), p_dual), v)
-            y = self._matvec(v, weight)
-            u = _keep_if_degenerate(_dual(y, q), u)
+            if p is None:
+                v = _unit_or_keep(self._rmatvec(u, weight), v)
+                u = _unit_or_keep(self._matvec(v, weight), u)
+            else:
+                v = _keep_if_degenerate(_dual(self._rmatvec(u, weight), p_dual), v)
+                u = _keep_if_degenerate(_dual(self._matvec(v, weight), q), u)
             if iterations is None:
                 sigma = float(self._sigma(weight, u, v))
                 if abs(sigma - previous) <= atol + rtol * abs(sigma):

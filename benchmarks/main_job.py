@@ -5,8 +5,9 @@ seeds) trained and evaluated by 2 one-thread worker processes, then one report. 
 
 * ``--mode=steps`` (default): the training step of each backbone, at the study's settings
   (read from ``reports/digits/config.json``), with the optimizer update, gradient clipping and
-  EMA as they were (per-tensor loops, an EMA walk over the whole ``state_dict``) and as they are
-  (multi-tensor ``foreach`` kernels, EMA of the parameters only), timed in turns on one thread;
+  EMA as they were (per-tensor loops, an EMA walk over the whole ``state_dict``), as they are
+  (multi-tensor ``foreach`` kernels, EMA of the parameters only) and with the opt-in fused
+  AdamW (``--opt_args.fused=true``), timed in turns on one thread;
   then one cell's evaluation with and without the per-run figures the study never shows.
   Medians over rounds; the ratios are what the changes save on this machine.
 * ``--mode=end-to-end --revs A B``: the whole recipe at git revisions ``A`` and ``B`` (each in a
@@ -43,6 +44,9 @@ OUT = RESULTS / "main_job.json"
 # Quality numbers compared between two runs of the study: per cell (backbone × λ) the mean over
 # seeds of each, against the seeds' combined spread.
 QUALITY = ["accuracy", "bpd", "ece", "class_nll_ts"]
+# The training step as it was (per-tensor optimizer loop and clipping, EMA over the whole
+# state_dict), as it is (foreach, EMA of the parameters), and with the opt-in fused AdamW.
+VARIANTS = ("per_tensor", "current", "fused")
 
 
 def study_cell_config(backbone: str, lam: str = "1/D", seed: int = 0) -> dict:
@@ -62,15 +66,16 @@ def study_cell_config(backbone: str, lam: str = "1/D", seed: int = 0) -> dict:
 class _StepRunner:
     """A training state at the study's settings, stepped by the trainer's own pieces."""
 
-    def __init__(self, backbone: str, run_root: Path, per_tensor: bool) -> None:
+    def __init__(self, backbone: str, run_root: Path, variant: str) -> None:
         import hybridflow.training.trainer as trainer
         from hybridflow.training.loop import DeferredInterrupts
 
         self.trainer = trainer
+        per_tensor = variant == "per_tensor"
         cfg = study_cell_config(backbone)
-        cfg |= {"out_dir": str(run_root), "name": f"{backbone}-{per_tensor}", "progress": False}
-        if per_tensor:
-            cfg["opt_args"] = {"foreach": False}
+        cfg |= {"out_dir": str(run_root), "name": f"{backbone}-{variant}", "progress": False}
+        if variant != "current":
+            cfg["opt_args"] = {"foreach": False} if per_tensor else {"fused": True}
         self.state = trainer.setup(cfg)
         self.state.ema.exclude_buffers = not per_tensor  # before: averaged the whole state_dict
         self.per_tensor = per_tensor
@@ -107,10 +112,7 @@ def time_steps(backbones: list[str], rounds: int, steps: int) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for backbone in backbones:
-            runners = {
-                "per_tensor": _StepRunner(backbone, Path(tmp), per_tensor=True),
-                "current": _StepRunner(backbone, Path(tmp), per_tensor=False),
-            }
+            runners = {v: _StepRunner(backbone, Path(tmp), v) for v in VARIANTS}
             for runner in runners.values():
                 runner.steps(3)  # warm-up
             times: dict[str, list[float]] = {k: [] for k in runners}
@@ -119,11 +121,9 @@ def time_steps(backbones: list[str], rounds: int, steps: int) -> dict:
                 for key in order:
                     times[key].append(runners[key].steps(steps) / steps)
             med = {k: statistics.median(v) for k, v in times.items()}
-            out[backbone] = {
-                "step_ms_per_tensor": round(1e3 * med["per_tensor"], 2),
-                "step_ms_current": round(1e3 * med["current"], 2),
-                "ratio_current_over_per_tensor": round(med["current"] / med["per_tensor"], 3),
-            }
+            out[backbone] = {f"step_ms_{v}": round(1e3 * med[v], 2) for v in VARIANTS}
+            for v in VARIANTS[1:]:
+                out[backbone][f"ratio_{v}_over_per_tensor"] = round(med[v] / med["per_tensor"], 3)
             print(backbone, out[backbone], flush=True)
     return out
 

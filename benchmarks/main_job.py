@@ -3,13 +3,13 @@
 The main job is ``python recipes/digits_sweep.py``: 18 cells (3 digits backbones × 3 λ × 2
 seeds) trained and evaluated by 2 one-thread worker processes, then one report. Three modes:
 
-* ``--mode=steps`` (default): the training step of each backbone, at the study's settings
-  (read from ``reports/digits/config.json``), with the optimizer update, gradient clipping and
-  EMA as they were (per-tensor loops, an EMA walk over the whole ``state_dict``), as they are
-  (multi-tensor ``foreach`` kernels, EMA of the parameters only) and with the opt-in fused
-  AdamW (``--opt_args.fused=true``), timed in turns on one thread;
-  then one cell's evaluation with and without the per-run figures the study never shows.
-  Medians over rounds; the ratios are what the changes save on this machine.
+* ``--mode=steps`` (default): on each backbone's model at the study's settings (read from
+  ``reports/digits/config.json``), what a training step does after its backward pass, as it
+  was (per-tensor optimizer loop and clipping, an EMA walk over the whole ``state_dict``), as it
+  is (``foreach`` kernels, EMA of the parameters) and with the opt-in fused AdamW, timed in turns
+  on one thread, with the median full step for scale; then one cell's evaluation with and
+  without the per-run figures the study never shows. (Whole steps timed in turns differ by
+  ±15% on this shared machine, more than these changes save, so the pieces are timed alone.)
 * ``--mode=end-to-end --revs A B``: the whole recipe at git revisions ``A`` and ``B`` (each in a
   temporary worktree, timed in turns, ``--rounds`` times each), with every quality number of
   ``B``'s report compared to ``A``'s against the seeds' spread.
@@ -17,7 +17,7 @@ seeds) trained and evaluated by 2 one-thread worker processes, then one report. 
 
 Results go to ``benchmarks/results/main_job.json`` (merged by mode).
 
-    python benchmarks/main_job.py                                   # ~4 min
+    python benchmarks/main_job.py                                   # ~3 min
     python benchmarks/main_job.py --mode=end-to-end --revs 91e2689 HEAD --rounds=1  # ~20 min
 """
 
@@ -44,9 +44,6 @@ OUT = RESULTS / "main_job.json"
 # Quality numbers compared between two runs of the study: per cell (backbone × λ) the mean over
 # seeds of each, against the seeds' combined spread.
 QUALITY = ["accuracy", "bpd", "ece", "class_nll_ts"]
-# The training step as it was (per-tensor optimizer loop and clipping, EMA over the whole
-# state_dict), as it is (foreach, EMA of the parameters), and with the opt-in fused AdamW.
-VARIANTS = ("per_tensor", "current", "fused")
 
 
 def study_cell_config(backbone: str, lam: str = "1/D", seed: int = 0) -> dict:
@@ -63,76 +60,96 @@ def study_cell_config(backbone: str, lam: str = "1/D", seed: int = 0) -> dict:
 # --------------------------------------------------------------------------- steps mode
 
 
-class _StepRunner:
-    """A training state at the study's settings, stepped by the trainer's own pieces."""
+def _step_ms(backbone: str, run_root: Path, steps: int) -> float:
+    """Median time of the study's training step for ``backbone`` (trainer's own pieces)."""
+    import hybridflow.training.trainer as trainer
+    from hybridflow.training.loop import DeferredInterrupts
 
-    def __init__(self, backbone: str, run_root: Path, variant: str) -> None:
-        import hybridflow.training.trainer as trainer
-        from hybridflow.training.loop import DeferredInterrupts
-
-        self.trainer = trainer
-        per_tensor = variant == "per_tensor"
-        cfg = study_cell_config(backbone)
-        cfg |= {"out_dir": str(run_root), "name": f"{backbone}-{variant}", "progress": False}
-        if variant != "current":
-            cfg["opt_args"] = {"foreach": False} if per_tensor else {"fused": True}
-        self.state = trainer.setup(cfg)
-        self.state.ema.exclude_buffers = not per_tensor  # before: averaged the whole state_dict
-        self.per_tensor = per_tensor
-        self.interrupts = DeferredInterrupts()
-        self.step_index = 0
-
-    def steps(self, n: int) -> float:
-        """Run ``n`` training steps; their wall seconds."""
-        trainer, state = self.trainer, self.state
-        clip = trainer.clip_gradients
-        if self.per_tensor:
-            trainer.clip_gradients = lambda model, max_norm: torch.nn.utils.clip_grad_norm_(
-                model.parameters(), max_norm, foreach=False
-            )
-        try:
-            start = time.perf_counter()
-            for _ in range(n):
-                epoch, into = divmod(self.step_index, state.steps_per_epoch)
-                if into == 0 or not hasattr(self, "batches"):
-                    self.batches = iter(trainer._epoch_inputs(state, epoch, into))
-                batch_idx, images = next(self.batches)
-                x, y, noise = trainer._training_batch(state, batch_idx, images)
-                stats, grad_norm = trainer._forward_backward(state, x, y, noise)
-                stats, finite, _, _ = trainer._agree(state, stats, grad_norm, self.interrupts)
-                trainer._apply_step(state, stats, finite, epoch)
-                self.step_index += 1
-            return time.perf_counter() - start
-        finally:
-            trainer.clip_gradients = clip
+    cfg = study_cell_config(backbone) | {"out_dir": str(run_root), "progress": False}
+    state = trainer.setup(cfg)
+    interrupts, times = DeferredInterrupts(), []
+    batches = iter(trainer._epoch_inputs(state, 0, 0))
+    for i in range(min(steps, state.steps_per_epoch)):
+        start = time.perf_counter()
+        x, y, noise = trainer._training_batch(state, *next(batches))
+        stats, grad_norm = trainer._forward_backward(state, x, y, noise)
+        stats, finite, _, _ = trainer._agree(state, stats, grad_norm, interrupts)
+        trainer._apply_step(state, stats, finite, 0)
+        if i >= 3:  # warm-up
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
 
 
-def time_steps(backbones: list[str], rounds: int, steps: int) -> dict:
-    """Median step time of each backbone, before and after the trainer changes (in turns)."""
+def time_update(backbones: list[str], rounds: int, calls: int = 20) -> dict:
+    """What a step does after its backward pass, each way, timed in turns on the study's models.
+
+    Optimizer update (AdamW: per-tensor loop, ``foreach``, ``fused``), gradient clipping
+    (per-tensor, ``foreach``) and the EMA update (whole ``state_dict``, parameters only), on each
+    backbone's hybrid model with random gradients; with the median full step for scale.
+    """
+    from timm.utils import ModelEmaV3
+
+    from hybridflow.data import load_dataset
+    from hybridflow.training.trainer import build_model_for, data_info
+
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for backbone in backbones:
-            runners = {v: _StepRunner(backbone, Path(tmp), v) for v in VARIANTS}
-            for runner in runners.values():
-                runner.steps(3)  # warm-up
-            times: dict[str, list[float]] = {k: [] for k in runners}
-            for r in range(rounds):
-                order = list(runners) if r % 2 == 0 else list(reversed(runners))
-                for key in order:
-                    times[key].append(runners[key].steps(steps) / steps)
-            med = {k: statistics.median(v) for k, v in times.items()}
-            out[backbone] = {f"step_ms_{v}": round(1e3 * med[v], 2) for v in VARIANTS}
-            for v in VARIANTS[1:]:
-                out[backbone][f"ratio_{v}_over_per_tensor"] = round(med[v] / med["per_tensor"], 3)
-            print(backbone, out[backbone], flush=True)
+            cfg = study_cell_config(backbone)
+            info = data_info(load_dataset("digits", "train", seed=0, val_fraction=0.1))
+            model = build_model_for(cfg, info)
+            params = list(model.parameters())
+            for p in params:
+                p.grad = torch.randn_like(p)
+            adamw = {
+                name: torch.optim.AdamW(params, lr=1e-3, weight_decay=5e-4, **kw)
+                for name, kw in (
+                    ("per_tensor", {"foreach": False}),
+                    ("foreach", {"foreach": True}),
+                    ("fused", {"fused": True}),
+                )
+            }
+            emas = {
+                "state_dict": ModelEmaV3(model, decay=0.998),
+                "parameters": ModelEmaV3(model, decay=0.998, exclude_buffers=True),
+            }
+            pieces = {f"adamw_{k}": opt.step for k, opt in adamw.items()}
+            for foreach in (False, True):
+                name = f"clip_{'foreach' if foreach else 'per_tensor'}"
+                pieces[name] = lambda f=foreach, ps=params: torch.nn.utils.clip_grad_norm_(
+                    ps, 50.0, foreach=f
+                )
+            for name, ema in emas.items():
+                pieces[f"ema_{name}"] = lambda e=ema, m=model: e.update(m, step=100)
+            times: dict[str, list[float]] = {k: [] for k in pieces}
+            for r in range(rounds + 1):
+                for name in list(pieces) if r % 2 == 0 else list(reversed(pieces)):
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        pieces[name]()
+                    if r:  # round 0 warms up
+                        times[name].append((time.perf_counter() - start) / calls)
+            entry = {f"{k}_ms": round(1e3 * statistics.median(v), 3) for k, v in times.items()}
+            before = entry["adamw_per_tensor_ms"] + entry["clip_per_tensor_ms"]
+            before += entry["ema_state_dict_ms"]
+            after = entry["adamw_foreach_ms"] + entry["clip_foreach_ms"]
+            after += entry["ema_parameters_ms"]
+            entry |= {
+                "tensors": len(params),
+                "parameters": sum(p.numel() for p in params),
+                "update_ms_before": round(before, 3),
+                "update_ms_now": round(after, 3),
+                "step_ms_now": round(_step_ms(backbone, Path(tmp), 24), 1),
+            }
+            out[backbone] = entry
+            print(backbone, entry, flush=True)
     return out
 
 
 def time_evaluation(rounds: int) -> dict:
-    """One cell's study evaluation with and without the per-run figures (in turns)."""
-    from hybridflow.reports import study
-    from hybridflow.reports.diagnostics import calibrate_run
-    from hybridflow.reports.ood import ood_run
+    """One cell's study evaluation as it is, and as it was: drawing the per-run reliability and
+    OOD histogram figures (in turns)."""
+    from hybridflow.reports import diagnostics, ood, study
     from hybridflow.training import train
 
     saved = json.loads((STUDY / "config.json").read_text())
@@ -143,27 +160,35 @@ def time_evaluation(rounds: int) -> dict:
         "n_samples": 64,
         "ood_dequant_samples": 1,
     }
+    plain = {"calibrate": diagnostics.calibrate_run, "ood": ood.ood_run}
+
+    def evaluate(run_dir: Path, figures: bool) -> float:
+        (run_dir / study.EVAL_FILE).unlink(missing_ok=True)
+        if figures:  # evaluate_cell imports these when called: its figures=False is overridden
+            drawn = {"figures": True}
+            diagnostics.calibrate_run = lambda *a, **k: plain["calibrate"](*a, **k | drawn)
+            ood.ood_run = lambda *a, **k: plain["ood"](*a, **k | drawn)
+        try:
+            start = time.perf_counter()
+            study.evaluate_cell(run_dir, **kw)
+            return time.perf_counter() - start
+        finally:
+            diagnostics.calibrate_run, ood.ood_run = plain["calibrate"], plain["ood"]
+
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for backbone in ("coupling", "resflow-digits"):
             cfg = study_cell_config(backbone) | {"out_dir": tmp, "max_steps": 20, "progress": False}
             run_dir = train(cfg)
-            times: dict[str, list[float]] = {"with_figures": [], "without_figures": []}
+            times: dict[bool, list[float]] = {True: [], False: []}
             for r in range(rounds):
                 for figures in (True, False) if r % 2 == 0 else (False, True):
-                    (run_dir / study.EVAL_FILE).unlink(missing_ok=True)
-                    start = time.perf_counter()
-                    study.evaluate_cell(run_dir, **kw)
-                    if figures:  # what evaluate_cell drew before: both per-run figures
-                        calibrate_run(run_dir)
-                        ood_run(run_dir, kw["ood"], typicality_batch=10)
-                    key = "with_figures" if figures else "without_figures"
-                    times[key].append(time.perf_counter() - start)
-            med = {k: statistics.median(v) for k, v in times.items()}
+                    times[figures].append(evaluate(run_dir, figures))
+            with_figures, without = (statistics.median(times[f]) for f in (True, False))
             out[backbone] = {
-                "eval_s_with_figures": round(med["with_figures"], 2),
-                "eval_s_without_figures": round(med["without_figures"], 2),
-                "ratio": round(med["without_figures"] / med["with_figures"], 3),
+                "eval_s_with_figures": round(with_figures, 2),
+                "eval_s_without_figures": round(without, 2),
+                "ratio": round(without / with_figures, 3),
             }
             print(backbone, "evaluation", out[backbone], flush=True)
     return out
@@ -285,8 +310,7 @@ def end_to_end(revs: list[str], rounds: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=["steps", "end-to-end", "compare"], default="steps")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=10, help="training steps per round")
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--revs", nargs="+", default=["HEAD"])
     parser.add_argument("--csv", nargs=2, type=Path)
     parser.add_argument("--no-save", action="store_true")
@@ -294,9 +318,7 @@ def main() -> None:
     torch.set_num_threads(1)  # as each of the study's two worker processes
     result: dict = {"machine": cpu_model(), **environment(1)}
     if args.mode == "steps":
-        result["steps"] = time_steps(
-            ["coupling", "coupling+1x1", "resflow-digits"], args.rounds, args.steps
-        )
+        result["update"] = time_update(["coupling", "coupling+1x1", "resflow-digits"], args.rounds)
         result["evaluation"] = time_evaluation(max(3, args.rounds // 2))
     elif args.mode == "end-to-end":
         result |= end_to_end(args.revs, args.rounds)

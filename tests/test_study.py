@@ -94,6 +94,9 @@ def test_tiny_sweep_with_two_workers_writes_self_contained_report(tmp_path: Path
     assert not re.search(r"<script|<link|@import|https?://|src=\"(?!data:)|url\(", page)
     assert "↑" in md and "**" in md  # directions and best values marked
     assert "Regenerate:" in md and "Commit:" in md and "torch " in md
+    # The study draws its figures once, for all cells: no per-run figures in the cells' folders.
+    runs = tmp_path / "runs" / "tiny"
+    assert list(runs.glob("*/ood/scores_test.npz")) and not list(runs.glob("*/**/*_test.png"))
 
 
 def test_resume_skips_finished_cells_and_resumes_interrupted_ones(tmp_path: Path) -> None:

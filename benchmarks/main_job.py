@@ -27,6 +27,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -277,8 +278,7 @@ def end_to_end(revs: list[str], rounds: int) -> dict:
                 for rev in revs if r % 2 == 0 else list(reversed(revs)):
                     sha, tree = trees[rev]
                     shutil.rmtree(tree / "runs", ignore_errors=True)
-                    env = {"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "HOME": str(tmp)}
-                    env |= {k: v for k, v in __import__("os").environ.items() if k not in env}
+                    env = {**os.environ, "PYTHONPATH": str(tree)}  # that revision's package
                     load = load_average()
                     start = time.perf_counter()
                     subprocess.run(

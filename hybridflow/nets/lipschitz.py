@@ -127,11 +127,15 @@ def _keep_if_degenerate(new: Tensor, old: Tensor) -> Tensor:
     return torch.where(ok, new, old)
 
 
-def _unit_or_keep(y: Tensor, old: Tensor) -> Tensor:
-    """``y / ||y||_2``, or ``old`` where that is degenerate: :func:`_dual` (order ``None``) then
-    :func:`_keep_if_degenerate`, with the same result from the norm alone (finite and positive
-    exactly when the unit vector is finite and nonzero), in 5 ops instead of 10. The 2-norm
-    iteration runs every training step of every spectrally normalized layer."""
+def _unit_or_keep(y: Tensor, old: Tensor, order: Tensor | None = None) -> Tensor:
+    """``_keep_if_degenerate(_dual(y, order), old)``: the next power-iteration vector.
+
+    For the 2-norm (``order=None``, every spectrally normalized layer at every training step)
+    the same result comes from the norm alone, which is finite and positive exactly when the
+    unit vector is finite and nonzero: 5 ops instead of 10.
+    """
+    if order is not None:
+        return _keep_if_degenerate(_dual(y, order), old)
     norm = torch.linalg.vector_norm(y)
     ok = torch.isfinite(norm) & (norm > 0)
     return torch.where(ok, y / norm.clamp_min(torch.finfo(y.dtype).tiny), old)
@@ -296,12 +300,8 @@ class _NormalizedLayer(nn.Module):
         steps = max_iterations if iterations is None else iterations
         previous = float(self._sigma(weight, u, v)) if iterations is None else 0.0
         for _ in range(steps):
-            if p is None:
-                v = _unit_or_keep(self._rmatvec(u, weight), v)
-                u = _unit_or_keep(self._matvec(v, weight), u)
-            else:
-                v = _keep_if_degenerate(_dual(self._rmatvec(u, weight), p_dual), v)
-                u = _keep_if_degenerate(_dual(self._matvec(v, weight), q), u)
+            v = _unit_or_keep(self._rmatvec(u, weight), v, p_dual)
+            u = _unit_or_keep(self._matvec(v, weight), u, q)
             if iterations is None:
                 sigma = float(self._sigma(weight, u, v))
                 if abs(sigma - previous) <= atol + rtol * abs(sigma):

@@ -26,6 +26,7 @@ __all__ = [
     "PeerMissing",
     "Side",
     "all_cases",
+    "all_parity_cases",
     "count_parameters",
     "import_peer",
     "peer_checkout",
@@ -135,23 +136,33 @@ def import_peer(module: str, extra: str = "bench") -> object:
         ) from None
 
 
+def _family_modules() -> list[object]:
+    """The family modules written so far, imported with ``benchmarks/`` on ``sys.path``."""
+    here = str(Path(__file__).resolve().parent.parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    modules = []
+    for name in MODULES:
+        try:
+            modules.append(importlib.import_module(f"peer_pairs.{name}"))
+        except ModuleNotFoundError as error:
+            if error.name != f"peer_pairs.{name}":
+                raise
+    return modules
+
+
+def all_parity_cases() -> list:
+    """Every pair trained side by side by ``recipes/parity.py`` (``parity_cases()`` of each
+    family module), in order."""
+    return [c for m in _family_modules() if hasattr(m, "parity_cases") for c in m.parity_cases()]
+
+
 def all_cases(tiny: bool, only: str | None = None) -> list[Case]:
     """Every case of every module, in order; ``only`` keeps the pairs whose name contains it.
 
     ``tiny`` keeps the first setting of each pair (the harness's CI mode).
     """
-    here = str(Path(__file__).resolve().parent.parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    cases: list[Case] = []
-    for name in MODULES:
-        try:
-            module = importlib.import_module(f"peer_pairs.{name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"peer_pairs.{name}":
-                raise
-            continue  # a family not written yet
-        cases += module.cases(tiny)
+    cases = [c for m in _family_modules() for c in m.cases(tiny)]
     cases = [c for c in cases if only is None or only in c.pair]
     if tiny:  # CI: the first setting of every pair keeps the harness from rotting, in seconds
         firsts: dict[str, Case] = {}

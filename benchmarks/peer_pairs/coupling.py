@@ -34,12 +34,14 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from hybridflow.models import create_backbone
+from hybridflow.models import FlowModel, create_backbone
 from hybridflow.models.coupling import conditioner_factory
+from hybridflow.transforms import LogitTransform, UniformDequantization
 
 from . import Case, Side, import_peer, standard_normal_log_prob
+from .parity import ParityCase, ParityData, ParitySide, TrainSettings, image_data
 
-__all__ = ["cases"]
+__all__ = ["cases", "parity_cases"]
 
 SHAPE = (1, 28, 28)
 REALNVP = {"num_scales": 2, "hidden_channels": 32, "num_res_blocks": 1}
@@ -105,18 +107,17 @@ class _NormflowsMultiscale(nn.Module):
         return h
 
 
-def _peer_side(label: str, scales: list, latent_shapes: list) -> Side:
+def _peer_side(label: str, flow: _NormflowsMultiscale) -> Side:
     nf = import_peer("normflows")
-    flow = _NormflowsMultiscale(scales, latent_shapes)
     with torch.no_grad():
         flow.log_prob(_image_input(INIT_BATCH))  # normflows' ActNorm inits on its first call
     return Side(f"normflows {nf.__version__} {label}", flow, flow.log_prob, flow.sample)
 
 
-def _peer_realnvp() -> Side:
+def _peer_realnvp(seed: int = 0) -> tuple[str, _NormflowsMultiscale]:
     nf = import_peer("normflows")
     net = conditioner_factory(True, REALNVP["hidden_channels"], REALNVP["num_res_blocks"])
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
 
     def coupling(c: int, mask: str, i: int) -> list[nn.Module]:
         # Ours keeps (h + w) even sites / the first half at parity 0: normflows' "_inv" / plain.
@@ -130,13 +131,13 @@ def _peer_realnvp() -> Side:
     first = [m for i in range(3) for m in coupling(1, "checkerboard", i)]
     first += [nf.flows.Squeeze()] + [m for i in range(3) for m in coupling(4, "channel", i)]
     last = [m for i in range(4) for m in coupling(2, "checkerboard", i)]
-    return _peer_side("RealNVP layout", [first, last], [(2, 14, 14), (2, 14, 14)])
+    return "RealNVP layout", _NormflowsMultiscale([first, last], [(2, 14, 14), (2, 14, 14)])
 
 
-def _peer_glow() -> Side:
+def _peer_glow(seed: int = 0) -> tuple[str, _NormflowsMultiscale]:
     nf = import_peer("normflows")
     net = conditioner_factory(True, GLOW["hidden_channels"], GLOW["num_res_blocks"])
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
 
     def step(c: int) -> list[nn.Module]:
         return [
@@ -152,7 +153,7 @@ def _peer_glow() -> Side:
         layers: list[nn.Module] = [nf.flows.Squeeze()]
         layers += [m for _ in range(4) for m in step(4)] + [nf.flows.Squeeze()]
         layers += [m for _ in range(4) for m in step(16)] + [nf.flows.ActNorm((16, 1, 1))]
-    return _peer_side("Glow steps (ActNorm, LU 1x1, coupling)", [layers], [(16, 7, 7)])
+    return "Glow steps (ActNorm, LU 1x1, coupling)", _NormflowsMultiscale([layers], [(16, 7, 7)])
 
 
 def cases(tiny: bool) -> list[Case]:
@@ -169,7 +170,7 @@ def cases(tiny: bool) -> list[Case]:
         Case(
             pair="realnvp/normflows",
             build_ours=lambda: _our_side("realnvp", REALNVP),
-            build_peer=_peer_realnvp,
+            build_peer=lambda: _peer_side(*_peer_realnvp()),
             note="same ConvResNet conditioners; normflows' checkerboard conditioners see a "
             "gathered H×W/2 grid (half the conv work of ours, C vs C+1 inputs); "
             "scale_map='exp' vs our scale·tanh log-scale",
@@ -178,9 +179,138 @@ def cases(tiny: bool) -> list[Case]:
         Case(
             pair="coupling+1x1/normflows",
             build_ours=lambda: _our_side("coupling+1x1", GLOW),
-            build_peer=_peer_glow,
+            build_peer=lambda: _peer_side(*_peer_glow()),
             note="same ConvResNet conditioners and LU 1x1 convs; scale_map='exp' vs our "
             "scale·tanh log-scale",
             **common,
+        ),
+    ]
+
+
+# --------------------------------------------------------------------------- parity (training)
+
+LOGIT_ALPHA = 0.05  # RealNVP's preprocessing (Dinh et al. 2017, §4.1), on both sides
+PARITY_SETTINGS = TrainSettings(
+    steps=1500,
+    batch=64,
+    lr=1e-3,
+    warmup_steps=100,
+    grad_clip=1.0,
+    evals=12,
+    eval_batch=500,
+    val_size=1000,
+)
+
+
+class LevelsDensity(nn.Module):
+    """A flow on continuous inputs made a density of integer levels, as our ``FlowModel`` is:
+    uniform dequantization ``(x + u) / K``, then ``logit(α + (1 - 2α) y)``, both Jacobians kept.
+
+    normflows' layers come with no image preprocessing, so the peer side gets this one (our
+    transforms, the same α): the two sides' bits/dim then count the same Jacobians.
+    """
+
+    def __init__(self, flow: _NormflowsMultiscale, num_levels: int, alpha: float) -> None:
+        super().__init__()
+        self.flow = flow
+        self.dequantize = UniformDequantization(num_levels)
+        self.preprocess = LogitTransform(alpha)
+
+    def log_prob(self, x: Tensor, u: Tensor) -> Tensor:
+        y, logdet = self.dequantize(x, noise=u)
+        h, ld = self.preprocess(y)
+        return self.flow.log_prob(h) + logdet + ld
+
+
+def _init_batch(data: ParityData) -> tuple[Tensor, Tensor]:
+    """The ActNorm data-init batch both sides see: the first 256 training images, fixed noise."""
+    x = data.train_x[:256]
+    return x, torch.rand(x.shape, generator=torch.Generator().manual_seed(256))
+
+
+def _parity_ours(name: str, kw: dict):
+    def build(data: ParityData, seed: int, smoke: bool) -> ParitySide:
+        torch.manual_seed(seed)
+        shape = tuple(data.train_x.shape[1:])
+        model = FlowModel(
+            create_backbone(name, shape, **kw),
+            shape,
+            num_levels=data.num_levels,
+            preprocessing="logit",
+            logit_alpha=LOGIT_ALPHA,
+        )
+        x, u = _init_batch(data)
+        with torch.no_grad():
+            model.train().log_prob(x, u)  # ActNorm data-init
+        return ParitySide(
+            f"hybridflow {name}",
+            model,
+            loss=lambda x, y, u: -model.log_prob(x, u).mean() / model.dim,
+            score=lambda m, x, u: (m.log_prob(x, u), None),
+        )
+
+    return build
+
+
+def _parity_peer(make):
+    def build(data: ParityData, seed: int, smoke: bool) -> ParitySide:
+        nf = import_peer("normflows")
+        label, flow = make(seed)
+        model = LevelsDensity(flow, data.num_levels, LOGIT_ALPHA)
+        x, u = _init_batch(data)
+        with torch.no_grad():
+            model.train().log_prob(x, u)  # normflows' ActNorm data-inits on its first call
+        return ParitySide(
+            f"normflows {nf.__version__} {label}",
+            model,
+            loss=lambda x, y, u: -model.log_prob(x, u).mean() / data.dim,
+            score=lambda m, x, u: (m.log_prob(x, u), None),
+        )
+
+    return build
+
+
+def parity_cases() -> list[ParityCase]:
+    """RealNVP and Glow-style coupling + 1×1 against normflows on Fashion-MNIST (density)."""
+    common = (
+        "the same ConvResNet conditioners (ours, handed to normflows' AffineCouplingBlock), "
+        "so the conditioners' initialisation is the same; parameters within 1%",
+        "log-scale: ours scale·tanh(raw) (a learned per-channel scale, RealNVP §4.1), normflows "
+        "scale_map='exp' (raw, unbounded)",
+        f"preprocessing: normflows has none for images, so both sides use hybridflow's uniform "
+        f"dequantization and logit(α = {LOGIT_ALPHA}) with their Jacobians",
+        "ActNorm: both data-initialised on the same 256 training images and noise",
+    )
+    load = lambda smoke: image_data("fashion-mnist", smoke)  # noqa: E731
+    return [
+        ParityCase(
+            "realnvp/normflows",
+            "fashion-mnist",
+            "density",
+            load,
+            _parity_ours("realnvp", REALNVP),
+            _parity_peer(_peer_realnvp),
+            PARITY_SETTINGS,
+            3,
+            (
+                *common,
+                "checkerboard: ours masks (conditioner sees [x·mask, mask] at full "
+                "resolution), normflows gathers the kept half (H×W/2 grid) and alternates the "
+                "pattern across channels",
+            ),
+        ),
+        ParityCase(
+            "coupling+1x1/normflows",
+            "fashion-mnist",
+            "density",
+            load,
+            _parity_ours("coupling+1x1", GLOW),
+            _parity_peer(_peer_glow),
+            PARITY_SETTINGS,
+            3,
+            (
+                *common,
+                "LU-parametrised 1×1 convolutions on both sides (initialisations of each library)",
+            ),
         ),
     ]

@@ -46,9 +46,12 @@ from _common import INPUT_SHAPE, NUM_CLASSES, build_hybrid, load_mnist
 from torch import Tensor
 from torch.nn import functional as F
 
-from . import Case, PeerMissing, Side, peer_checkout
+from hybridflow.training.loop import finalize_ema
 
-__all__ = ["cases"]
+from . import Case, PeerMissing, Side, peer_checkout
+from .parity import ParityCase, ParityData, ParitySide, TrainSettings, image_data
+
+__all__ = ["cases", "parity_cases"]
 
 SEED, HEAD_WIDTH, LEVELS, ALPHA = 0, 256, 256, 1e-3
 DIM = math.prod(INPUT_SHAPE)
@@ -108,11 +111,11 @@ def _import_reference() -> tuple[object, object]:
     raise PeerMissing(f"residual-flows: neither resflows nor lib importable from {root}")
 
 
-def _peer(init_batch: int) -> Side:
+def _reference_model(init_batch: int, classification: bool = True) -> torch.nn.Module:
+    """The reference ``ResidualFlow`` as ``train_img.py`` builds it (see the module docstring);
+    ``classification=False`` is its ``--task density`` model (no head)."""
     layers, resflow = _import_reference()
-    torch.manual_seed(SEED)
-    np.random.seed(SEED)  # the reference draws its roulette terms with numpy
-    model = resflow.ResidualFlow(
+    return resflow.ResidualFlow(
         (init_batch, *INPUT_SHAPE),
         n_blocks=[2, 2, 2],
         intermediate_dim=64,
@@ -133,31 +136,47 @@ def _peer(init_batch: int) -> Side:
         neumann_grad=True,
         grad_in_forward=True,
         first_resblock=True,
-        classification=True,
+        classification=classification,
         classification_hdim=HEAD_WIDTH,
         n_classes=NUM_CLASSES,
     )
+
+
+def _update_lipschitz(model: torch.nn.Module, n_iterations: int | None = None) -> None:
+    """``train_img.py``'s ``update_lipschitz``: power iterations of every normalised layer."""
+    layers, _ = _import_reference()
     base = layers.base
     kinds = (base.InducedNormConv2d, base.InducedNormLinear)
     kinds += (base.SpectralNormConv2d, base.SpectralNormLinear)
-    normed = [m for m in model.modules() if isinstance(m, kinds)]
-
-    def update_lipschitz(n_iterations: int | None = None) -> None:  # train_img.py's
-        with torch.no_grad():
-            for m in normed:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, kinds):
                 m.compute_weight(update=True, n_iterations=n_iterations)
 
+
+def _reference_forward(
+    model: torch.nn.Module, x: Tensor, u: Tensor, classify: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Log-likelihood of levels in nats (and logits), as ``train_img.compute_loss``, with the
+    dequantization noise ``u`` given (``add_noise`` draws it)."""
+    out = model((x + u) / LEVELS, 0, classify=classify)
+    (z, delta_logp), logits = out if classify else (out, None)
+    logpz = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum(1)
+    return logpz - delta_logp.view(-1) - DIM * math.log(LEVELS), logits
+
+
+def _peer(init_batch: int) -> Side:
+    torch.manual_seed(SEED)
+    np.random.seed(SEED)  # the reference draws its roulette terms with numpy
+    model = _reference_model(init_batch)
+
     def forward(x: Tensor, classify: bool) -> tuple[Tensor, Tensor | None]:
-        """Log-likelihood of levels in nats (and logits), as ``train_img.compute_loss``."""
-        out = model((x + torch.rand_like(x)) / LEVELS, 0, classify=classify)
-        (z, delta_logp), logits = out if classify else (out, None)
-        logpz = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum(1)
-        return logpz - delta_logp.view(-1) - DIM * math.log(LEVELS), logits
+        return _reference_forward(model, x, torch.rand_like(x), classify)
 
     model.train()
     with torch.no_grad():
         forward(_make_input(init_batch), classify=True)  # ActNorm init, lazy conv u/v
-    update_lipschitz(5)  # ours runs 5 power iterations at construction
+    _update_lipschitz(model, 5)  # ours runs 5 power iterations at construction
 
     @torch.no_grad()
     def log_prob(x: Tensor) -> Tensor:
@@ -172,7 +191,7 @@ def _peer(init_batch: int) -> Side:
 
     def train_loss(x: Tensor) -> Tensor:
         model.train()
-        update_lipschitz()
+        _update_lipschitz(model)
         log_px, logits = forward(x, classify=True)
         return F.cross_entropy(logits, _labels(x)) - log_px.mean() / DIM
 
@@ -198,4 +217,124 @@ def cases(tiny: bool) -> list[Case]:
                 "in its step"
             ),
         )
+    ]
+
+
+# --------------------------------------------------------------------------- parity (training)
+
+PARITY_SETTINGS = TrainSettings(
+    steps=1500,
+    batch=64,
+    lr=1e-3,
+    warmup_steps=100,
+    grad_clip=1.0,
+    evals=10,
+    eval_batch=250,
+    val_size=500,
+    test_size=2000,
+)
+EMA_POWER_ITERATIONS = 200  # the reference's layers stop earlier when they converge
+
+
+def _init_batch(data: ParityData) -> tuple[Tensor, Tensor, Tensor]:
+    """ActNorm data-init batch of both sides: the first 64 training images, fixed noise."""
+    x = data.train_x[:64]
+    return x, data.train_y[:64], torch.rand(x.shape, generator=torch.Generator().manual_seed(64))
+
+
+def _objective(log_prob: Tensor, logits: Tensor | None, y: Tensor) -> Tensor:
+    """The loss both sides train: ``NLL / D`` (density) or ``CE + NLL / D`` (λ = 1/D), nats."""
+    loss = -log_prob.mean() / DIM
+    return loss if logits is None else loss + F.cross_entropy(logits, y)
+
+
+def _parity_ours(hybrid: bool):
+    def build(data: ParityData, seed: int, smoke: bool) -> ParitySide:
+        model = build_hybrid(OURS, seed=seed, head_width=HEAD_WIDTH)
+        x0, _, u0 = _init_batch(data)
+        with torch.no_grad():
+            model.train()(x0, dequant_noise=u0)  # ActNorm data-init (flow and head)
+        if not hybrid:
+            model = model.flow
+
+        def score(m: torch.nn.Module, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor | None]:
+            if not hybrid:
+                return m.log_prob(x, u), None
+            out = m(x, dequant_noise=u)
+            return out.log_prob, out.logits
+
+        def loss(x: Tensor, y: Tensor, u: Tensor) -> Tensor:
+            return _objective(*score(model, x, u), y)
+
+        label = "hybridflow resflow-cpu" + (" + ResidualFlowsHead" if hybrid else "")
+        return ParitySide(label, model, loss, score, finalize=finalize_ema)
+
+    return build
+
+
+def _parity_peer(hybrid: bool):
+    def build(data: ParityData, seed: int, smoke: bool) -> ParitySide:
+        model = _reference_model(2 if smoke else 64, classification=hybrid)
+        x0, _, u0 = _init_batch(data)
+        model.train()
+        with torch.no_grad():
+            _reference_forward(model, x0, u0, classify=hybrid)  # ActNorm init, lazy conv u/v
+        _update_lipschitz(model, 5)  # ours runs 5 power iterations at construction
+
+        def score(m: torch.nn.Module, x: Tensor, u: Tensor) -> tuple[Tensor, Tensor | None]:
+            return _reference_forward(m, x, u, classify=hybrid)
+
+        def loss(x: Tensor, y: Tensor, u: Tensor) -> Tensor:
+            _update_lipschitz(model)  # train_img.py: one iteration per layer after each step
+            return _objective(*score(model, x, u), y)
+
+        def finalize(m: torch.nn.Module) -> None:
+            _update_lipschitz(m, EMA_POWER_ITERATIONS)
+
+        label = "residual-flows ResidualFlow (rtqichen)" + (" + its head" if hybrid else "")
+        return ParitySide(label, model, loss, score, finalize)
+
+    return build
+
+
+def parity_cases() -> list[ParityCase]:
+    """``resflow-cpu`` against the Residual Flows reference on Fashion-MNIST: density and the
+    λ = 1/D hybrid with the reference's classification head."""
+    differences = (
+        "architecture as in the module docstring: 3 scales × 2 residual blocks, width 64, "
+        "kernels 3-1-3, LipSwish, c = 0.98, FC end blocks, ActNorm, logit α = 1e-3",
+        "ActNorm: the reference after each block (per feature), ours before each block (per "
+        "channel); both data-initialised on the same 64 training images and noise",
+        "the reference's first block has no pre-activation; it learns a β per Swish",
+        "estimator: Poisson roulette with 2 exact terms and Neumann gradients on both sides; "
+        "evaluation with 20 exact terms + roulette on both",
+        "power iterations: one per layer and step on both sides (the reference's "
+        "update_lipschitz before its loss); the EMA copies are refreshed before scoring "
+        f"(ours to convergence, the reference's {EMA_POWER_ITERATIONS} iterations)",
+        "initialisation: each code's own (spectrally normalised convolutions, the head)",
+    )
+    load = lambda smoke: image_data("fashion-mnist", smoke)  # noqa: E731
+    return [
+        ParityCase(
+            "resflow-cpu/residual-flows",
+            "fashion-mnist density",
+            "density",
+            load,
+            _parity_ours(False),
+            _parity_peer(False),
+            PARITY_SETTINGS,
+            2,
+            differences,
+        ),
+        ParityCase(
+            "resflow-cpu/residual-flows",
+            "fashion-mnist hybrid λ=1/D",
+            "hybrid",
+            load,
+            _parity_ours(True),
+            _parity_peer(True),
+            PARITY_SETTINGS,
+            2,
+            differences,
+        ),
     ]

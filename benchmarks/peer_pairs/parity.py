@@ -1,0 +1,465 @@
+"""Side-by-side training of a pair (ours, the peer's) on identical inputs, for the parity recipe.
+
+One loop trains both models of a pair in lockstep: at every step both see the same batch, the
+same dequantization noise ``u`` and the same optimizer (Adam), learning-rate schedule (linear
+warmup + cosine, timm), gradient-norm clipping and EMA, all built by the library's own training
+pieces (:mod:`hybridflow.training.loop`) for both sides alike. Which side steps first alternates
+every step, so a noisy machine slows both equally; each side's training seconds are measured
+around its own step only. At evenly spaced checkpoints both EMA models are scored on the same
+validation examples with the same fixed noise; at the end on the test split. Each side is
+scored by its own ``log_prob`` with every Jacobian it has (dequantization, logit), in nats of
+the data's own alphabet, so ``bits/dim = -log_prob / (D ln 2)`` compares like with like.
+
+A run folder holds ``state.pt`` (rewritten atomically at every checkpoint: both models,
+optimizers, schedules, EMAs, RNG states and the history) and, once finished, ``result.json``;
+an interrupted run resumes from its last checkpoint and a finished one is not run again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from hybridflow.training.batches import epoch_batches
+from hybridflow.training.checkpoint import load_checkpoint, save_checkpoint
+from hybridflow.training.loop import (
+    backward_and_clip,
+    create_ema,
+    create_optimizer_and_scheduler,
+)
+
+__all__ = [
+    "SIDES",
+    "ParityCase",
+    "ParityData",
+    "ParitySide",
+    "TrainSettings",
+    "image_data",
+    "run_seed",
+    "vector_data",
+]
+
+SIDES = ("ours", "peer")
+VAL_NOISE_SEED, TEST_NOISE_SEED = 1_000_003, 2_000_003
+
+
+@dataclass
+class ParitySide:
+    """One model of a pair, ready to train side by side.
+
+    Attributes:
+        label: What it is, e.g. ``"normflows 1.7.3 Glow steps"``.
+        module: The trained parameters (its EMA copy is what gets scored).
+        loss: ``(x, y, u) -> scalar`` training loss of a batch for ``module``; ``u`` is the
+            dequantization noise in ``[0, 1)`` (``None`` for continuous data).
+        score: ``(module, x, u) -> (log_prob [B] in nats, logits [B, K] or None)`` for any copy
+            of ``module`` (the EMA copy), in eval mode, without gradients.
+        finalize: Makes an EMA copy ready to score (e.g. power iterations to convergence for
+            spectrally normalised layers); ``None`` when nothing is needed.
+    """
+
+    label: str
+    module: nn.Module
+    loss: Callable[[Tensor, Tensor, Tensor | None], Tensor]
+    score: Callable[[nn.Module, Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
+    finalize: Callable[[nn.Module], None] | None = None
+
+
+@dataclass
+class ParityData:
+    """The splits of a pair's data set (levels as float for images, points for vectors).
+
+    Attributes:
+        num_levels: Pixel alphabet (256) or ``None`` for continuous data.
+        true_log_prob: The data's exact log-density (nats) where known (2-D toys).
+        source: Where the data came from, for the report.
+    """
+
+    train_x: Tensor
+    train_y: Tensor
+    val_x: Tensor
+    val_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    num_levels: int | None
+    source: str
+    true_log_prob: Callable[[Tensor], Tensor] | None = None
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.train_x.shape[1:])
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The optimisation both sides share (Adam with the Residual Flows reference's betas)."""
+
+    steps: int = 1500
+    batch: int = 64
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 100
+    min_lr: float = 1e-5
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    evals: int = 12
+    eval_batch: int = 256
+    val_size: int = 1000
+    test_size: int | None = None  # None: the whole test split
+
+    def smoke(self) -> TrainSettings:
+        """A few steps on a few examples: the code path, not the numbers."""
+        return replace(
+            self,
+            steps=4,
+            batch=min(self.batch, 8),
+            warmup_steps=2,
+            evals=2,
+            val_size=8,
+            test_size=8,
+            eval_batch=8,
+        )
+
+
+@dataclass
+class ParityCase:
+    """One pair on one data set.
+
+    Attributes:
+        pair: ``"<ours>/<peer>"``, e.g. ``"realnvp/normflows"``.
+        setting: The data set (and task variant), e.g. ``"fashion-mnist"``.
+        task: ``"density"`` or ``"hybrid"`` (λ = 1/D: ``CE + NLL / D``; accuracy reported).
+        load_data: Builds the splits (``smoke``: a few examples, random where files are absent).
+        build_ours, build_peer: ``(data, seed, smoke) -> ParitySide``.
+        settings: Shared optimisation; ``seeds`` runs of it.
+        differences: Every remaining difference between the two sides, for the report.
+    """
+
+    pair: str
+    setting: str
+    task: str
+    load_data: Callable[[bool], ParityData]
+    build_ours: Callable[[ParityData, int, bool], ParitySide]
+    build_peer: Callable[[ParityData, int, bool], ParitySide]
+    settings: TrainSettings = field(default_factory=TrainSettings)
+    seeds: int = 3
+    differences: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.pair} {self.setting}"
+
+    @property
+    def folder_name(self) -> str:
+        """``key`` as a file name: ``realnvp--normflows__fashion-mnist``."""
+        name = f"{self.pair}__{self.setting}".replace("/", "--").replace("λ=1/D", "lam1overD")
+        return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name)
+
+
+def _noise(shape: torch.Size, seed: int) -> Tensor:
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _batch(n: int, batch: int, seed: int, step: int, cache: dict[int, list[Tensor]]) -> Tensor:
+    per_epoch = n // batch
+    epoch, i = divmod(step, per_epoch)
+    if epoch not in cache:
+        cache.clear()
+        cache[epoch] = epoch_batches(n, batch, seed, epoch)
+    return cache[epoch][i]
+
+
+@torch.no_grad()
+def _evaluate(
+    side: ParitySide,
+    module: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    u: Tensor | None,
+    batch: int,
+    dim: int,
+) -> dict[str, float]:
+    """Mean bits/dim (and accuracy, CE where the side classifies) of the EMA ``module``."""
+    if side.finalize is not None:
+        side.finalize(module)
+    module.eval()
+    log_probs, hits, ces, have_logits = [], [], [], False
+    for i in range(0, len(x), batch):
+        ui = None if u is None else u[i : i + batch]
+        lp, logits = side.score(module, x[i : i + batch], ui)
+        log_probs.append(lp.double())
+        if logits is not None:
+            have_logits = True
+            yi = y[i : i + batch]
+            hits.append((logits.argmax(1) == yi).double())
+            ces.append(nn.functional.cross_entropy(logits.double(), yi, reduction="none"))
+    lp = torch.cat(log_probs)
+    out = {"bpd": float(-lp.mean() / (dim * math.log(2))), "log_prob": float(lp.mean())}
+    out["finite"] = float(torch.isfinite(lp).double().mean())
+    if have_logits:
+        out["accuracy"] = float(torch.cat(hits).mean())
+        out["ce"] = float(torch.cat(ces).mean())
+    return out
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+        "name": name,
+    }
+
+
+def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+    np.random.set_state(
+        (
+            state["name"],
+            state["keys"].numpy().astype(np.uint32),
+            state["pos"],
+            state["has_gauss"],
+            state["cached"],
+        )
+    )
+
+
+def run_seed(
+    case: ParityCase,
+    seed: int,
+    folder: Path,
+    *,
+    smoke: bool = False,
+    log: Callable[[str], None] = print,
+    data: ParityData | None = None,
+) -> dict[str, Any]:
+    """Train both sides of ``case`` from ``seed`` in ``folder`` (resuming); the result dict."""
+    folder.mkdir(parents=True, exist_ok=True)
+    result_path, state_path = folder / "result.json", folder / "state.pt"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    s = case.settings.smoke() if smoke else case.settings
+    data = data if data is not None else case.load_data(smoke)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    sides = {"ours": case.build_ours(data, seed, smoke)}
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # the reference codes draw some of their randomness with numpy
+    sides["peer"] = case.build_peer(data, seed, smoke)
+    opts, scheds, emas = {}, {}, {}
+    for name, side in sides.items():
+        opts[name], scheds[name] = create_optimizer_and_scheduler(
+            side.module,
+            opt="adam",
+            lr=s.lr,
+            weight_decay=0.0,
+            total_steps=s.steps,
+            warmup_steps=s.warmup_steps,
+            min_lr=s.min_lr,
+            warmup_lr_init=s.lr / 100,
+            opt_args={"betas": s.betas},
+        )
+        emas[name] = create_ema(side.module, decay=s.ema_decay, use_warmup=True)
+    params = {
+        n: sum(p.numel() for p in side.module.parameters() if p.requires_grad)
+        for n, side in sides.items()
+    }
+    val_x, val_y = data.val_x[: s.val_size], data.val_y[: s.val_size]
+    n_test = len(data.test_x) if s.test_size is None else min(s.test_size, len(data.test_x))
+    test_x, test_y = data.test_x[:n_test], data.test_y[:n_test]
+    discrete = data.num_levels is not None
+    val_u = _noise(val_x.shape, VAL_NOISE_SEED) if discrete else None
+    test_u = _noise(test_x.shape, TEST_NOISE_SEED) if discrete else None
+    state: dict[str, Any] = {
+        "step": 0,
+        "train_s": dict.fromkeys(SIDES, 0.0),
+        "skipped": dict.fromkeys(SIDES, 0),
+        "loss_sum": dict.fromkeys(SIDES, 0.0),
+        "loss_n": 0,
+        "history": [],
+    }
+    if state_path.exists():
+        ckpt = load_checkpoint(state_path)
+        for name, side in sides.items():
+            side.module.load_state_dict(ckpt["model"][name])
+            emas[name].module.load_state_dict(ckpt["ema"][name])
+            opts[name].load_state_dict(ckpt["optimizer"][name])
+            scheds[name].load_state_dict(ckpt["scheduler"][name])
+        state = ckpt["config"]["state"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        _set_numpy_rng_state(ckpt["rng"]["numpy"])
+        log(f"  resumed at step {state['step']}")
+
+    def checkpoint() -> None:
+        """Score both EMA models on the validation examples; save everything (atomically)."""
+        row: dict[str, Any] = {"step": state["step"]}
+        for name, side in sides.items():
+            row[name] = _evaluate(
+                side, emas[name].module, val_x, val_y, val_u, s.eval_batch, data.dim
+            )
+            row[name]["train_s"] = state["train_s"][name]
+            row[name]["train_loss"] = state["loss_sum"][name] / max(state["loss_n"], 1)
+            state["loss_sum"][name] = 0.0
+            side.module.train()
+        state["loss_n"] = 0
+        state["history"].append(row)
+        log(
+            f"  step {state['step']}/{s.steps}: "
+            + ", ".join(
+                f"{n} val {row[n]['bpd']:.4f} bits/dim"
+                + (f" acc {row[n]['accuracy']:.4f}" if "accuracy" in row[n] else "")
+                + f" ({row[n]['train_s']:.0f} s)"
+                for n in SIDES
+            )
+        )
+        save_checkpoint(
+            {
+                "model": {n: side.module.state_dict() for n, side in sides.items()},
+                "ema": {n: e.module.state_dict() for n, e in emas.items()},
+                "optimizer": {n: o.state_dict() for n, o in opts.items()},
+                "scheduler": {n: sc.state_dict() for n, sc in scheds.items()},
+                "config": {"state": state, "case": case.key, "seed": seed},
+                "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state()},
+            },
+            state_path,
+        )
+
+    if not state["history"]:
+        checkpoint()  # the untrained models: where both curves start
+    eval_steps = {round(s.steps * k / s.evals) for k in range(1, s.evals + 1)}
+    cache: dict[int, list[Tensor]] = {}
+    for side in sides.values():
+        side.module.train()
+    while state["step"] < s.steps:
+        step = state["step"]
+        idx = _batch(len(data.train_x), s.batch, seed, step, cache)
+        x, y = data.train_x[idx], data.train_y[idx]
+        u = _noise(x.shape, seed * 7_919_993 + step) if discrete else None
+        for name in SIDES if step % 2 == 0 else SIDES[::-1]:
+            side, start = sides[name], time.perf_counter()
+            loss = side.loss(x, y, u)
+            if backward_and_clip(loss, side.module, opts[name], s.grad_clip):
+                opts[name].step()
+                emas[name].update(side.module, step=step)
+                state["loss_sum"][name] += float(loss.detach())
+            else:
+                state["skipped"][name] += 1
+            scheds[name].step_update(step + 1)
+            state["train_s"][name] += time.perf_counter() - start
+        state["loss_n"] += 1
+        state["step"] = step + 1
+        if state["step"] in eval_steps:
+            checkpoint()
+    test = {
+        name: _evaluate(side, emas[name].module, test_x, test_y, test_u, s.eval_batch, data.dim)
+        for name, side in sides.items()
+    }
+    if data.true_log_prob is not None:
+        true_lp = data.true_log_prob(test_x.double())
+        test["true"] = {
+            "bpd": float(-true_lp.mean() / (data.dim * math.log(2))),
+            "log_prob": float(true_lp.mean()),
+        }
+    result = {
+        "case": case.key,
+        "pair": case.pair,
+        "setting": case.setting,
+        "task": case.task,
+        "seed": seed,
+        "labels": {n: side.label for n, side in sides.items()},
+        "parameters": params,
+        "settings": asdict(s),
+        "smoke": smoke,
+        "data": {
+            "source": data.source,
+            "dim": data.dim,
+            "num_levels": data.num_levels,
+            "train": len(data.train_x),
+            "val": len(val_x),
+            "test": len(test_x),
+        },
+        "history": state["history"],
+        "test": test,
+        "train_s": state["train_s"],
+        "skipped": state["skipped"],
+        "s_per_step": {n: state["train_s"][n] / s.steps for n in SIDES},
+    }
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(result_path)
+    state_path.unlink(missing_ok=True)
+    return result
+
+
+def image_data(name: str = "fashion-mnist", smoke: bool = False) -> ParityData:
+    """Train/val/test levels of an image set of :func:`hybridflow.data.load_dataset`.
+
+    ``smoke`` takes a few examples, and random levels where the files are absent (CI without
+    the Debian package), so the code path still runs.
+    """
+    from hybridflow.data import load_dataset
+
+    try:
+        splits = {p: load_dataset(name, p) for p in ("train", "val", "test")}
+    except Exception as error:  # whatever is missing, a smoke run goes on
+        if not smoke:
+            raise
+        g = torch.Generator().manual_seed(0)
+        fake = {
+            p: (
+                torch.randint(0, 256, (64, 1, 28, 28), generator=g).float(),
+                torch.randint(0, 10, (64,), generator=g),
+            )
+            for p in ("train", "val", "test")
+        }
+        return ParityData(
+            *fake["train"],
+            *fake["val"],
+            *fake["test"],
+            num_levels=256,
+            source=f"random levels ({type(error).__name__}: {name} absent)",
+        )
+    n = 64 if smoke else None
+    arrays = [
+        t
+        for p in ("train", "val", "test")
+        for t in (splits[p].images[:n].float(), splits[p].labels[:n])
+    ]
+    return ParityData(
+        *arrays,
+        num_levels=splits["train"].num_levels,
+        source=f"{name} via hybridflow.data.load_dataset (val = 10% of train)",
+    )
+
+
+def vector_data(name: str, smoke: bool = False) -> ParityData:
+    """Splits of a 2-D toy (``toy:NAME``, exact log-density attached) or a table (``sk:NAME``)."""
+    from hybridflow.data.tabular import load_tabular
+    from hybridflow.data.toy import make_toy_dataset, toy_log_density
+
+    if name.startswith("toy:"):
+        splits = {p: make_toy_dataset(name, p) for p in ("train", "val", "test")}
+        true = lambda pts: toy_log_density(name, pts)  # noqa: E731
+        source = f"{name} (hybridflow.data.toy: 20,000 / 2,000 / 10,000 points)"
+    else:
+        splits = {p: load_tabular(name, p) for p in ("train", "val", "test")}
+        true = None
+        source = f"{name} (scikit-learn's bundled table, standardised; 70/10/20 split)"
+    n = 64 if smoke else None
+    arrays = [
+        t
+        for p in ("train", "val", "test")
+        for t in (splits[p].points[:n].float(), splits[p].labels[:n])
+    ]
+    return ParityData(*arrays, num_levels=None, source=source, true_log_prob=true)

@@ -171,10 +171,12 @@ def test_flow_round_trip_and_logdet(cls, order, context_features):
 
 @pytest.mark.parametrize("cls", FLOWS)
 def test_flow_starts_at_identity_and_ignores_unused_context(cls):
-    flow = cls(3)
+    flow = cls(3, identity_init=True)
     x = torch.randn(4, 3)
     z, logdet = flow(x, torch.randn(4, 9))  # unconditional: context is ignored
     assert torch.equal(z, x) and torch.equal(logdet, torch.zeros(4))
+    z, logdet = cls(3)(x)  # the default: PyTorch's initialisation of the MADE output layer
+    assert not torch.equal(z, x) and logdet.abs().min() > 0
 
 
 @pytest.mark.parametrize("cls", FLOWS)

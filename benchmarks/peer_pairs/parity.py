@@ -11,7 +11,8 @@ scored by its own ``log_prob`` with every Jacobian it has (dequantization, logit
 the data's own alphabet, so ``bits/dim = -log_prob / (D ln 2)`` compares like with like.
 
 A run folder holds ``state.pt`` (rewritten atomically at every checkpoint: both models,
-optimizers, schedules, EMAs, RNG states and the history) and, once finished, ``result.json``;
+optimizers, schedules, EMAs, RNG states and the history) and, once finished, ``result.json``
+and ``scored.pt`` (the EMA weights the test split was scored with);
 an interrupted run resumes from its last checkpoint and a finished one is not run again.
 """
 
@@ -211,8 +212,12 @@ def _evaluate(
             hits.append((logits.argmax(1) == yi).double())
             ces.append(nn.functional.cross_entropy(logits.double(), yi, reduction="none"))
     lp = torch.cat(log_probs)
-    out = {"bpd": float(-lp.mean() / (dim * math.log(2))), "log_prob": float(lp.mean())}
-    out["finite"] = float(torch.isfinite(lp).double().mean())
+    finite = torch.isfinite(lp)
+    # A side can give a few examples a non-finite log-likelihood (an unbounded scale map): the
+    # means are over the finite ones, and the share of finite ones is reported beside them.
+    mean = lp[finite].mean() if bool(finite.any()) else lp.new_tensor(math.nan)
+    out = {"bpd": float(-mean / (dim * math.log(2))), "log_prob": float(mean)}
+    out["finite"] = float(finite.double().mean())
     if have_logits:
         out["accuracy"] = float(torch.cat(hits).mean())
         out["ce"] = float(torch.cat(ces).mean())
@@ -414,6 +419,14 @@ def run_seed(
             n: state["best"][n]["step"] if s.select == "best" else s.steps for n in SIDES
         },
     }
+    # The scored weights stay for later rescoring (more test examples, other bounds).
+    save_checkpoint(
+        {
+            "model": {n: e.module.state_dict() for n, e in emas.items()},
+            "config": {"case": case.key, "seed": seed, "select": s.select},
+        },
+        folder / "scored.pt",
+    )
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(result_path)

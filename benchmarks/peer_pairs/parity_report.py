@@ -138,6 +138,9 @@ def summarise(case: ParityCase, results: list[dict]) -> dict[str, Any]:
     out["parameters"] = results[0]["parameters"]
     out["labels"] = results[0]["labels"]
     out["skipped_steps"] = {s: sum(r["skipped"][s] for r in results) for s in SIDES}
+    out["test_nonfinite"] = {
+        s: statistics.fmean(1 - r["test"][s].get("finite", 1.0) for r in results) for s in SIDES
+    }
     return out
 
 
@@ -416,6 +419,13 @@ def write_parity_report(
                     f"{'yes' if sm['flatter_peer'] else 'no'}); equal time = "
                     f"{sm['equal_time_s']:.0f} training seconds; non-finite steps skipped: "
                     f"ours {sm['skipped_steps']['ours']}, peer {sm['skipped_steps']['peer']}."
+                    + "".join(
+                        f" {'Ours' if side == 'ours' else 'The peer'} gave "
+                        f"{100 * share:.2g}% of the test examples a non-finite log-likelihood "
+                        "(left out of its mean)."
+                        for side, share in sm["test_nonfinite"].items()
+                        if share > 0
+                    )
                 )
         if panels:
             file = items[0][0].folder_name.split("__")[0] + ".png"

@@ -10,7 +10,9 @@ batches, dequantization noise, optimizer, schedule, clipping and EMA
 
     python recipes/parity.py --peer-path residual-flows=../peers/residual-flows \\
         --peer-path flowplusplus=../peers/flowplusplus        # every pair, ~6 h on 2 cores
-    python recipes/parity.py --only maf --threads 1            # one family
+    python recipes/parity.py --only maf --threads 1            # one family (run one such
+                                                               # command per core: a run
+                                                               # another process holds is left)
     python recipes/parity.py --report-only                     # the report from finished runs
     python recipes/parity.py --smoke                           # every pair, a few steps (CI)
 
@@ -30,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from peer_pairs import PeerMissing, all_parity_cases, set_peer_paths  # noqa: E402
-from peer_pairs.parity import run_seed  # noqa: E402
+from peer_pairs.parity import RunClaimed, claim, run_seed  # noqa: E402
 from peer_pairs.parity_report import write_parity_report  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -60,8 +62,11 @@ for case in cases if not args.report_only else []:
             continue
         print(f"{case.key} seed {seed} ({time.time() - start:.0f} s)", flush=True)
         try:
-            data = data or case.load_data(args.smoke)
-            run_seed(case, seed, folder, smoke=args.smoke, data=data)
+            with claim(folder):
+                data = data or case.load_data(args.smoke)
+                run_seed(case, seed, folder, smoke=args.smoke, data=data)
+        except RunClaimed as claimed:
+            print(f"  left to the other process: {claimed}", flush=True)
         except PeerMissing as missing:
             skipped[case.key] = str(missing)
             print(f"  skipped: {missing}", flush=True)

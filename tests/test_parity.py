@@ -27,7 +27,9 @@ from peer_pairs.parity import (  # noqa: E402
     ParityCase,
     ParityData,
     ParitySide,
+    RunClaimed,
     TrainSettings,
+    claim,
     run_seed,
 )
 from peer_pairs.parity_report import summarise, verdict  # noqa: E402
@@ -138,6 +140,17 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path: Path) -> None:
     assert resumed["test"] == reference["test"]
     assert resumed["history"][-1]["ours"]["bpd"] == reference["history"][-1]["ours"]["bpd"]
     assert run_seed(plain, 1, tmp_path / "cut")["test"] == reference["test"]  # not run again
+
+
+def test_a_run_is_trained_by_one_process_at_a_time(tmp_path: Path) -> None:
+    with claim(tmp_path / "run"), pytest.raises(RunClaimed), claim(tmp_path / "run"):
+        pass
+    assert not (tmp_path / "run" / "running.pid").exists()  # released
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "run" / "running.pid").write_text(str(dead.pid))  # a killed run's file
+    with claim(tmp_path / "run"):
+        assert (tmp_path / "run" / "running.pid").read_text() != str(dead.pid)
 
 
 def test_verdict_rule() -> None:

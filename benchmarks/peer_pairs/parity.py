@@ -18,12 +18,14 @@ an interrupted run resumes from its last checkpoint and a finished one is not ru
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,9 @@ __all__ = [
     "ParityCase",
     "ParityData",
     "ParitySide",
+    "RunClaimed",
     "TrainSettings",
+    "claim",
     "image_data",
     "run_seed",
     "vector_data",
@@ -245,6 +249,38 @@ def _set_numpy_rng_state(state: dict[str, Any]) -> None:
             state["cached"],
         )
     )
+
+
+class RunClaimed(RuntimeError):  # noqa: N818 (named for the state it reports)
+    """Another live process is training this run folder."""
+
+
+@contextlib.contextmanager
+def claim(folder: Path) -> Iterator[None]:
+    """Hold ``folder/running.pid`` while training, so that two invocations of the recipe (e.g.
+    one per core with different ``--only``) never train the same run; a stale file left by a
+    killed process is taken over."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / "running.pid"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text() or 0), 0)
+            except (ProcessLookupError, ValueError):
+                lock.unlink(missing_ok=True)  # its process is gone
+                continue
+            except PermissionError:
+                pass  # alive, another user's
+            raise RunClaimed(f"{folder} is being trained by process {lock.read_text()}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def run_seed(

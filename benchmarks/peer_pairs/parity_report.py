@@ -81,10 +81,15 @@ def _tolerance(pooled: float) -> float:
     return max(2 * pooled, BPD_FLOOR) if math.isfinite(pooled) else BPD_FLOOR
 
 
-def _at_time(history: list[dict], side: str, seconds: float, key: str) -> float:
-    """Validation ``key`` of ``side`` at ``seconds`` of its training, linearly interpolated."""
+def _at_time(
+    history: list[dict], side: str, seconds: float, key: str, best_so_far: bool = False
+) -> float:
+    """Validation ``key`` of ``side`` at ``seconds`` of its training, linearly interpolated;
+    ``best_so_far``: the lowest value reached by then (what early stopping would keep)."""
     times = [0.0 if row["step"] == 0 else row[side]["train_s"] for row in history]
-    values = [row[side][key] for row in history]
+    values = np.array([row[side][key] for row in history])
+    if best_so_far:
+        values = np.minimum.accumulate(values)
     return float(np.interp(seconds, times, values))
 
 
@@ -122,7 +127,8 @@ def summarise(case: ParityCase, results: list[dict]) -> dict[str, Any]:
     for r in results:
         seconds = min(r["train_s"][s] for s in SIDES)
         for s in SIDES:
-            equal[s].append(_at_time(r["history"], s, seconds, "bpd"))
+            best = case.settings.select == "best"
+            equal[s].append(_at_time(r["history"], s, seconds, "bpd", best_so_far=best))
     for s in SIDES:
         out[f"equal_time_bpd_{s}"] = _mean_std(equal[s])
     pooled_t = _pooled(equal["ours"], equal["peer"])
@@ -322,7 +328,8 @@ def write_parity_report(
     doc.table(steps_table)
     doc.para(
         "At equal wall time: validation bits/dim of each side at the training seconds the "
-        "faster side needed for all its steps (each seed's own time; curves interpolated). "
+        "faster side needed for all its steps (each seed's own time; curves interpolated; the "
+        "best value reached by then for the vector pairs, which select by validation). "
         "Seconds per step are each side's own, measured in turns in one process."
     )
     doc.table(time_table)

@@ -192,15 +192,7 @@ PARITY_SETS = (
     "sk:digits64",
 )
 PARITY_SETTINGS = TrainSettings(
-    steps=1500,
-    batch=128,
-    lr=1e-3,
-    warmup_steps=100,
-    grad_clip=5.0,
-    evals=12,
-    eval_batch=4096,
-    val_size=2000,
-    select="best",
+    batch=128, grad_clip=5.0, evals=12, eval_batch=4096, val_size=2000, select="best"
 )
 
 

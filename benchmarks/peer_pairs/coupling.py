@@ -190,16 +190,7 @@ def cases(tiny: bool) -> list[Case]:
 # --------------------------------------------------------------------------- parity (training)
 
 LOGIT_ALPHA = 0.05  # RealNVP's preprocessing (Dinh et al. 2017, §4.1), on both sides
-PARITY_SETTINGS = TrainSettings(
-    steps=1500,
-    batch=64,
-    lr=1e-3,
-    warmup_steps=100,
-    grad_clip=1.0,
-    evals=12,
-    eval_batch=500,
-    val_size=1000,
-)
+PARITY_SETTINGS = TrainSettings(evals=12, eval_batch=500, val_size=1000)
 
 
 class LevelsDensity(nn.Module):

@@ -204,15 +204,7 @@ def cases(tiny: bool) -> list[Case]:
 # --------------------------------------------------------------------------- parity (training)
 
 PARITY_SETTINGS = TrainSettings(
-    steps=1500,
-    batch=16,
-    lr=5e-4,
-    warmup_steps=100,
-    grad_clip=1.0,
-    evals=10,
-    eval_batch=100,
-    val_size=500,
-    test_size=2000,
+    batch=16, lr=5e-4, evals=10, eval_batch=100, val_size=500, test_size=2000
 )
 
 

@@ -222,17 +222,7 @@ def cases(tiny: bool) -> list[Case]:
 
 # --------------------------------------------------------------------------- parity (training)
 
-PARITY_SETTINGS = TrainSettings(
-    steps=1500,
-    batch=64,
-    lr=1e-3,
-    warmup_steps=100,
-    grad_clip=1.0,
-    evals=10,
-    eval_batch=250,
-    val_size=500,
-    test_size=2000,
-)
+PARITY_SETTINGS = TrainSettings(evals=10, eval_batch=250, val_size=500, test_size=2000)
 EMA_POWER_ITERATIONS = 200  # the reference's layers stop earlier when they converge
 
 

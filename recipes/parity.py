@@ -6,7 +6,8 @@ batches, dequantization noise, optimizer, schedule, clipping and EMA
 (``benchmarks/peer_pairs/parity.py``), for several seeds; both are scored by their own
 ``log_prob`` (whole bits/dim) at ≥ 10 checkpoints and on the test split. Writes
 ``reports/parity/`` (report.md, report.html, results.json, figures). Runs live in
-``runs/parity/<pair>/seed<k>/`` and resume where they stopped; finished ones are not rerun.
+``runs/parity/<pair>/seed<k>/`` and resume where they stopped; finished ones are not rerun, and
+those recorded in the committed results.json are restored into a fresh checkout's runs folder.
 
     python recipes/parity.py --peer-path residual-flows=../peers/residual-flows \\
         --peer-path flowplusplus=../peers/flowplusplus        # every pair, ~6 h on 2 cores
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from peer_pairs import PeerMissing, all_parity_cases, set_peer_paths  # noqa: E402
 from peer_pairs.parity import RunClaimed, claim, run_seed  # noqa: E402
-from peer_pairs.parity_report import write_parity_report  # noqa: E402
+from peer_pairs.parity_report import restore_results, write_parity_report  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--only", help="run the pairs whose 'pair setting' contains this text")
@@ -52,6 +53,9 @@ cases = [c for c in all_parity_cases() if args.only is None or args.only in c.ke
 if not cases:
     sys.exit(f"no pair matches --only {args.only!r}")
 runs = args.runs / "smoke" if args.smoke else args.runs
+out = args.out or (runs / "report" if args.smoke else ROOT / "reports" / "parity")
+if not args.smoke and (restored := restore_results(out / "results.json", runs, cases)):
+    print(f"{restored} finished runs restored from {out / 'results.json'}")
 start, skipped = time.time(), {}
 for case in cases if not args.report_only else []:
     seeds = range(1 if args.smoke else (args.seeds or case.seeds))
@@ -71,7 +75,6 @@ for case in cases if not args.report_only else []:
             skipped[case.key] = str(missing)
             print(f"  skipped: {missing}", flush=True)
             break
-out = args.out or (runs / "report" if args.smoke else ROOT / "reports" / "parity")
 report = write_parity_report(
     cases,
     runs,

@@ -10,6 +10,7 @@ peer is absent are skipped with a message).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,12 @@ from peer_pairs.parity import (  # noqa: E402
     claim,
     run_seed,
 )
-from peer_pairs.parity_report import summarise, verdict  # noqa: E402
+from peer_pairs.parity_report import (  # noqa: E402
+    restore_results,
+    summarise,
+    verdict,
+    write_parity_report,
+)
 
 from hybridflow.models import FlowModel, create_backbone  # noqa: E402
 
@@ -151,6 +157,20 @@ def test_a_run_is_trained_by_one_process_at_a_time(tmp_path: Path) -> None:
     (tmp_path / "run" / "running.pid").write_text(str(dead.pid))  # a killed run's file
     with claim(tmp_path / "run"):
         assert (tmp_path / "run" / "running.pid").read_text() != str(dead.pid)
+
+
+def test_committed_report_restores_finished_runs(tmp_path: Path) -> None:
+    """A fresh checkout (empty runs/) gets the finished runs back from the report's json."""
+    case = _case(_coupling_side, _coupling_side)
+    runs, out = tmp_path / "runs", tmp_path / "report"
+    result = run_seed(case, 0, runs / case.folder_name / "seed0", log=lambda _: None)
+    write_parity_report([case], runs, out, command="test")
+    assert "a/b" in (out / "report.md").read_text()
+    shutil.rmtree(runs)
+    assert restore_results(out / "results.json", runs, [case]) == 1
+    restored = run_seed(case, 0, runs / case.folder_name / "seed0")  # read back, no training
+    assert restored == json.loads(json.dumps(result))
+    assert restore_results(out / "results.json", runs, [case]) == 0
 
 
 def test_verdict_rule() -> None:

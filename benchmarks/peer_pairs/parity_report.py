@@ -30,7 +30,7 @@ from hybridflow.training.checkpoint import CheckpointError, load_checkpoint
 
 from .parity import SIDES, ParityCase
 
-__all__ = ["BPD_FLOOR", "summarise", "verdict", "write_parity_report"]
+__all__ = ["BPD_FLOOR", "restore_results", "summarise", "verdict", "write_parity_report"]
 
 BPD_FLOOR = 0.005  # bits/dim: the smallest difference the targets count
 SELECTED = {"best": "of the best validation checkpoint", "final": "after the last step"}
@@ -53,6 +53,24 @@ def _runs(case: ParityCase, runs: Path) -> tuple[list[dict], list[dict]]:
                 {"seed": int(seed_dir.name[4:]), "history": state["history"], "step": state["step"]}
             )
     return done, partial
+
+
+def restore_results(report_json: Path, runs: Path, cases: Sequence[ParityCase]) -> int:
+    """Write back the ``result.json`` of every finished run a committed report holds, so that a
+    fresh checkout (whose ignored ``runs/`` folder is empty) trains only what is missing.
+    Returns how many were restored."""
+    if not report_json.exists():
+        return 0
+    folders = {case.key: case.folder_name for case in cases}
+    restored = 0
+    for key, results in json.loads(report_json.read_text()).get("runs", {}).items():
+        for result in results if key in folders else []:
+            path = runs / folders[key] / f"seed{result['seed']}" / "result.json"
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(result, indent=1))
+                restored += 1
+    return restored
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:

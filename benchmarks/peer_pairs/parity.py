@@ -51,6 +51,7 @@ __all__ = [
     "TrainSettings",
     "claim",
     "image_data",
+    "rescore",
     "run_seed",
     "vector_data",
 ]
@@ -222,6 +223,11 @@ def _evaluate(
     mean = lp[finite].mean() if bool(finite.any()) else lp.new_tensor(math.nan)
     out = {"bpd": float(-mean / (dim * math.log(2))), "log_prob": float(mean)}
     out["finite"] = float(finite.double().mean())
+    # A mean can be carried by a few examples: the median, and the share of examples a model
+    # codes worse than 8 bits/dim (a uniform model of 256 levels), show whether it is.
+    bpd = -lp / (dim * math.log(2))
+    out["median_bpd"] = float(bpd.nan_to_num(math.inf).median())
+    out["above_8_bpd"] = float((bpd.nan_to_num(math.inf) > 8).double().mean())
     if have_logits:
         out["accuracy"] = float(torch.cat(hits).mean())
         out["ce"] = float(torch.cat(ces).mean())
@@ -281,6 +287,28 @@ def claim(folder: Path) -> Iterator[None]:
         yield
     finally:
         lock.unlink(missing_ok=True)
+
+
+def rescore(case: ParityCase, seed: int, folder: Path, data: ParityData | None = None) -> dict:
+    """Score a finished run's kept weights (``scored.pt``) on its test split again with the
+    current :func:`_evaluate` and update its ``result.json`` (e.g. after a metric was added)."""
+    result = json.loads((folder / "result.json").read_text())
+    s = TrainSettings(**{**result["settings"], "betas": tuple(result["settings"]["betas"])})
+    data = data if data is not None else case.load_data(False)
+    n = result["data"]["test"]
+    test_x, test_y = data.test_x[:n], data.test_y[:n]
+    test_u = _noise(test_x.shape, TEST_NOISE_SEED) if data.num_levels is not None else None
+    weights = load_checkpoint(folder / "scored.pt")["model"]
+    for name, build in (("ours", case.build_ours), ("peer", case.build_peer)):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        side = build(data, seed, False)
+        side.module.load_state_dict(weights[name])
+        result["test"][name] = _evaluate(
+            side, side.module, test_x, test_y, test_u, s.eval_batch, data.dim
+        )
+    (folder / "result.json").write_text(json.dumps(result, indent=1))
+    return result
 
 
 def run_seed(

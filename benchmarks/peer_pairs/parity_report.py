@@ -126,6 +126,8 @@ def summarise(case: ParityCase, results: list[dict]) -> dict[str, Any]:
     test = {s: [r["test"][s]["bpd"] for r in results] for s in SIDES}
     for s in SIDES:
         out[f"test_bpd_{s}"] = _mean_std(test[s])
+        medians = [r["test"][s]["median_bpd"] for r in results if "median_bpd" in r["test"][s]]
+        out[f"test_median_{s}"] = statistics.fmean(medians) if medians else math.nan
     pooled = _pooled(test["ours"], test["peer"])
     diff = out["test_bpd_ours"][0] - out["test_bpd_peer"][0]
     out.update(test_diff=diff, test_pooled_std=pooled, test_tolerance=_tolerance(pooled))
@@ -276,7 +278,8 @@ def write_parity_report(
         "At equal steps: test bits/dim of the EMA weights after the last step (image pairs) or "
         "at each side's best validation checkpoint (vector pairs: early stopping, as the MAF "
         "and NAF papers select), mean ± std over seeds; ours − peer; the tolerance "
-        "max(2 × pooled std, 0.005)."
+        "max(2 × pooled std, 0.005). The median over test examples (mean over seeds) shows whether "
+        "a mean is carried by a few examples."
     )
     steps_table = Table(
         [
@@ -289,6 +292,7 @@ def write_parity_report(
             "ours − peer",
             "tolerance",
             "verdict",
+            "median ours / peer",
         ],
         [],
     )
@@ -314,7 +318,7 @@ def write_parity_report(
                 if partial
                 else "not run"
             )
-            steps_table.rows.append([case.pair, case.setting, "0", why, *[""] * 5])
+            steps_table.rows.append([case.pair, case.setting, "0", why, *[""] * 6])
             continue
         p = sm["parameters"]
         steps_table.rows.append(
@@ -328,6 +332,9 @@ def write_parity_report(
                 f"{sm['test_diff']:+.3f}",
                 f"{sm['test_tolerance']:.3f}",
                 sm["verdict_steps"],
+                "n/a"  # runs scored before the median was recorded
+                if math.isnan(sm["test_median_ours"])
+                else f"{sm['test_median_ours']:.3f} / {sm['test_median_peer']:.3f}",
             ]
         )
         time_table.rows.append(

@@ -175,7 +175,7 @@ class ParityCase:
     @property
     def folder_name(self) -> str:
         """``key`` as a file name: ``realnvp--normflows__fashion-mnist``."""
-        name = f"{self.pair}__{self.setting}".replace("/", "--").replace("λ=1/D", "lam1overD")
+        name = f"{self.pair}__{self.setting}".replace("λ=1/D", "lam1overD").replace("/", "--")
         return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name)
 
 

@@ -197,6 +197,12 @@ CASES: list[Case] = [
     ),
     Case("actnorm-image", lambda: T.ActNorm(3), _images(3, 2, 2), T.ActNorm),
     Case("actnorm-vector", lambda: T.ActNorm(5), lambda n: torch.randn(n, 5), T.ActNorm),
+    Case(
+        "actnorm-per-feature",
+        lambda: T.ActNorm(3, feature_shape=(3, 2, 2)),
+        _images(3, 2, 2),
+        T.ActNorm,
+    ),
     Case("squeeze", lambda: T.Squeeze(2), _images(2, 4, 2), T.Squeeze),
     Case(
         "coupling-checkerboard",

@@ -10,13 +10,16 @@ peer is absent are skipped with a message).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
 __all__: list[str] = []
 
@@ -258,3 +261,67 @@ def test_a_different_peer_gives_different_numbers(tmp_path: Path) -> None:
     case = _case(_coupling_side, lambda d, s, sm: _coupling_side(d, s + 1, sm))
     result = run_seed(case, 0, tmp_path / "r", log=lambda _: None)
     assert result["test"]["ours"] != result["test"]["peer"]
+
+
+def test_importance_weighted_bound(tmp_path: Path) -> None:
+    """With ``iw_samples`` the test split gets the IW bound: at S = 1 it is the one-sample bound
+    at the first IW noise; at S > 1 never below the one-sample bound averaged over its draws;
+    identical sides give identical bounds."""
+    from peer_pairs.parity import IW_NOISE_SEED, _evaluate_iw, _noise
+
+    settings = replace(SETTINGS, iw_samples=4, iw_size=10)
+    case = replace(_case(_coupling_side, _coupling_side), settings=settings)
+    result = run_seed(case, 1, tmp_path / "run", log=lambda _: None)
+    ours, peer = result["test"]["ours"]["iw"], result["test"]["peer"]["iw"]
+    assert ours == peer and ours["samples"] == 4 and ours["examples"] == 10
+    assert ours["bpd"] < ours["single_bpd"]
+
+    data = _levels_data()
+    side = _coupling_side(data, 0, False)
+    x = data.test_x[:10]
+    one = _evaluate_iw(side, side.module, x, 1, 4, data.dim)
+    with torch.no_grad():
+        lp = side.module.eval().log_prob(x, _noise(x.shape, IW_NOISE_SEED)).double()
+    expected = float(-lp.mean() / (data.dim * math.log(2)))
+    assert one["bpd"] == pytest.approx(expected, rel=1e-12)
+    assert one["single_bpd"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_variational_pair_draws_the_same_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both sides of the variational Flow++ pair push the same ε through their dequantizers,
+    fixed by the loop's u (resumable), fresh for a new u."""
+    import hybridflow.transforms.dequantization as dq
+
+    case = next(c for c in CASES if c.key == "flowpp-cpu/flowplusplus fashion-mnist variational")
+    data = case.load_data(True)
+    try:
+        ours, peer = case.build_ours(data, 0, True), case.build_peer(data, 0, True)
+    except PeerMissing as missing:
+        pytest.skip(str(missing))
+    drawn: dict[str, list[Tensor]] = {"ours": [], "peer": []}
+    draw, randn_like = dq._draw, torch.randn_like
+
+    def record_ours(kind, like, generator):
+        out = draw(kind, like, generator)
+        drawn["ours"].append(out)
+        return out
+
+    def record_peer(t, *args, **kwargs):
+        out = randn_like(t, *args, **kwargs)
+        drawn["peer"].append(out)
+        return out
+
+    monkeypatch.setattr(dq, "_draw", record_ours)
+    monkeypatch.setattr(torch, "randn_like", record_peer)
+    x = data.train_x[:4]
+    u1, u2 = torch.rand(x.shape), torch.rand(x.shape)
+    with torch.no_grad():
+        for u in (u1, u1, u2):
+            ours.score(ours.module.eval(), x, u)
+            peer.score(peer.module.eval(), x, u)
+    for side in ("ours", "peer"):
+        assert len(drawn[side]) == 3
+    for a, b in zip(drawn["ours"], drawn["peer"], strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(drawn["ours"][0], drawn["ours"][1])
+    assert not torch.equal(drawn["ours"][0], drawn["ours"][2])

@@ -161,3 +161,37 @@ def test_trained_ema_model_has_spectral_norms_within_coefficient(tmp_path: Path)
         assert isinstance(layer, SpectralNormConv2d | SpectralNormLinear)
         assert _exact_operator_norm(layer) <= layer.coeff + 1e-3
     assert math.isfinite(float(model.flow.log_prob(_batch(2)[0]).sum().detach()))
+
+
+def test_per_feature_actnorm_after_the_fully_connected_blocks() -> None:
+    """``fc_actnorm="feature"``: the ActNorms that follow a fully connected block keep one scale
+    per feature (the reference code's ``ActNorm1d``), the others one per channel; data-init
+    whitens every feature of the closing one; the model stays invertible."""
+    from hybridflow.transforms import ActNorm
+
+    torch.manual_seed(0)
+    kw = dict(num_scales=2, blocks_per_scale=1, hidden_channels=8, fc_blocks=2, fc_hidden=16)
+    per_channel = create_backbone("resflow", (1, 4, 4), **kw)
+    per_feature = create_backbone("resflow", (1, 4, 4), fc_actnorm="feature", **kw)
+    shapes = [tuple(m.bias.shape) for m in per_feature.modules() if isinstance(m, ActNorm)]
+    # before: conv blocks, the first fc block (after a conv block); after an fc block: 2
+    assert shapes == [(1,), (4,), (4,), (4, 2, 2), (4, 2, 2)]
+    n_params = [sum(p.numel() for p in m.parameters()) for m in (per_channel, per_feature)]
+    assert n_params[1] - n_params[0] == 2 * 2 * (16 - 4)
+    x = torch.rand(256, 1, 4, 4) * 0.8 + 0.1
+    x[:, :, 0] *= 0.1  # position-dependent spread: what a per-feature scale can fix
+    per_feature.train()
+    with torch.no_grad():
+        per_feature(x)
+    closing = [m for m in per_feature.modules() if isinstance(m, ActNorm)][-1]
+    assert bool(closing.initialized) and closing.log_scale.std() > 0  # one value per feature
+    per_feature.eval()
+    with torch.no_grad():
+        z, _ = per_feature(x[:4])
+        assert torch.allclose(per_feature.inverse(z), x[:4], atol=1e-4)
+    with pytest.raises(ValueError, match="fc_actnorm"):
+        create_backbone("resflow", (1, 4, 4), fc_actnorm="pixel", **kw)
+    with pytest.raises(ValueError, match="feature_shape"):
+        ActNorm(2, feature_shape=(3, 2, 2))
+    with pytest.raises(ValueError, match=r"expects \[N, 3, 2, 2\]"):
+        ActNorm(3, feature_shape=(3, 2, 2))(torch.zeros(2, 3, 4, 4))

@@ -105,6 +105,7 @@ def resflow(
     learnable_ord: bool = False,
     preact: bool = True,
     actnorm: bool = True,
+    fc_actnorm: str = "channel",
     squeeze_first: bool = False,
     factor_out: bool = False,
     fc_blocks: int = 4,
@@ -144,6 +145,10 @@ def resflow(
         learnable_ord: Learn the inner norm orders (induced norms only).
         preact: Activation before the first layer of every branch.
         actnorm: ActNorm before every residual block.
+        fc_actnorm: The ActNorms that follow a fully connected end block: ``"channel"`` (one
+            scale per channel) or ``"feature"`` (one per feature, as the reference code's
+            ``ActNorm1d`` after its fully connected blocks; a per-pixel affine, which a model
+            of images with position-dependent statistics, such as Fashion-MNIST, gains from).
         squeeze_first: Squeeze before the first scale.
         factor_out: Factor out half the channels after every scale but the last.
         fc_blocks: Fully connected residual blocks at the end of the last scale.
@@ -179,13 +184,21 @@ def resflow(
         learnable_ord=learnable_ord,
     )
 
-    def fc_block(shape: tuple[int, ...]) -> list[nn.Module]:
+    if fc_actnorm not in ("channel", "feature"):
+        raise ValueError(f"fc_actnorm must be 'channel' or 'feature', got {fc_actnorm!r}")
+
+    def norm(shape: tuple[int, ...], after_fc: bool) -> nn.Module:
+        if after_fc and fc_actnorm == "feature":
+            return ActNorm(shape[0], feature_shape=shape)
+        return ActNorm(shape[0])
+
+    def fc_block(shape: tuple[int, ...], after_fc: bool) -> list[nn.Module]:
         mlp = LipschitzMLP(math.prod(shape), fc_hidden, num_hidden_layers=fc_layers, **lip_kw)
-        layers: list[nn.Module] = [ActNorm(shape[0])] if actnorm else []
+        layers: list[nn.Module] = [norm(shape, after_fc)] if actnorm else []
         return [*layers, ResidualBlock(FlattenNet(mlp), **block_kw)]
 
     if len(input_shape) == 1:  # vectors: one scale of fully connected blocks
-        layers = [m for _ in range(max(fc_blocks, 1)) for m in fc_block(tuple(input_shape))]
+        layers = [m for i in range(max(fc_blocks, 1)) for m in fc_block(tuple(input_shape), i > 0)]
         flow = MultiscaleFlow(
             [InvertibleSequential(layers)], input_shape, [input_shape], factor_out=False
         )
@@ -203,10 +216,10 @@ def resflow(
             net = LipschitzConvNet(c, hidden_channels, (h, w), tuple(kernel_sizes), **lip_kw)
             layers.append(ResidualBlock(net, **block_kw))
         if last:
-            for _ in range(fc_blocks):
-                layers += fc_block(shape)
+            for i in range(fc_blocks):
+                layers += fc_block(shape, i > 0)
             if actnorm:
-                layers.append(ActNorm(c))
+                layers.append(norm(shape, fc_blocks > 0))
         return layers
 
     counts = _blocks_per_scale(blocks_per_scale, num_scales)

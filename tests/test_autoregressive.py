@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -170,18 +172,19 @@ def test_flow_round_trip_and_logdet(cls, order, context_features):
 
 
 @pytest.mark.parametrize("cls", FLOWS)
-def test_flow_starts_at_identity_and_ignores_unused_context(cls):
-    flow = cls(3, identity_init=True)
+@pytest.mark.parametrize("affine", ["tanh", "softplus"])
+def test_flow_starts_at_identity_and_ignores_unused_context(cls, affine):
+    flow = cls(3, identity_init=True, affine=affine)
     x = torch.randn(4, 3)
     z, logdet = flow(x, torch.randn(4, 9))  # unconditional: context is ignored
-    assert torch.equal(z, x) and torch.equal(logdet, torch.zeros(4))
+    assert torch.allclose(z, x, atol=1e-6) and torch.allclose(logdet, torch.zeros(4), atol=1e-6)
     z, logdet = cls(3)(x)  # the default: PyTorch's initialisation of the MADE output layer
     assert not torch.equal(z, x) and logdet.abs().min() > 0
 
 
 @pytest.mark.parametrize("cls", FLOWS)
 def test_flow_log_scale_is_bounded(cls):
-    flow = cls(3, (8,))
+    flow = cls(3, (8,), affine="tanh")
     with torch.no_grad():
         flow.made.output.bias.fill_(1e4)  # huge raw log-scales
     z, logdet = flow(torch.randn(4, 3))
@@ -310,3 +313,39 @@ def test_maf_learns_toy_density():
     with torch.no_grad():
         after = mean_log_prob().item()
     assert after > before + 0.7, (before, after)
+
+
+def test_softplus_affine_is_nflows_scale_and_shift():
+    """``affine="softplus"``: ``z = s·x + t`` with ``s = softplus(raw) + 1e-3`` and ``(t, raw)``
+    the MADE's two outputs per dimension (nflows' form), log-det ``Σ log s``; unknown forms are
+    refused."""
+    torch.manual_seed(0)
+    flow = MaskedAutoregressiveFlow(4, (8, 8), affine="softplus").double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    out = flow.made(x)
+    s = nn.functional.softplus(out[..., 1]) + 1e-3
+    z, logdet = flow(x)
+    assert torch.allclose(z, s * x + out[..., 0], atol=1e-12)
+    assert torch.allclose(logdet, s.log().sum(1), atol=1e-12)
+    with pytest.raises(ValueError, match="affine must be one of softplus, tanh"):
+        MaskedAutoregressiveFlow(4, affine="exp")
+    with pytest.raises(ValueError, match="affine"):
+        create_backbone("maf", (4,), affine="sigmoid")
+
+
+@pytest.mark.parametrize("cls", FLOWS)
+def test_softplus_scale_never_falls_below_its_floor(cls):
+    flow = cls(3, (8,), affine="softplus")
+    with torch.no_grad():
+        flow.made.output.bias.fill_(-1e4)  # raw scales far below zero: s = 1e-3
+    z, logdet = flow(torch.randn(4, 3))
+    assert torch.isfinite(z).all()
+    assert torch.allclose(logdet, torch.full((4,), 3 * math.log(1e-3)), rtol=1e-5)
+
+
+def test_default_affine_forms():
+    assert MaskedAutoregressiveFlow(3).affine == "softplus"
+    assert InverseAutoregressiveFlow(3).affine == "tanh"
+    for name, form in (("maf", "softplus"), ("iaf", "tanh")):
+        layers = [m for m in create_backbone(name, (3,)).modules() if hasattr(m, "affine")]
+        assert layers and {m.affine for m in layers} == {form}

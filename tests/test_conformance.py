@@ -149,6 +149,18 @@ CASES: list[Case] = [
         _vectors(5),
         T.InverseAutoregressiveFlow,
     ),
+    Case(
+        "maf-softplus",
+        lambda: T.MaskedAutoregressiveFlow(5, (16, 16), order="random", seed=1, affine="softplus"),
+        _vectors(5),
+        T.MaskedAutoregressiveFlow,
+    ),
+    Case(
+        "iaf-softplus",
+        lambda: T.InverseAutoregressiveFlow(5, (16, 16), order="reversed", affine="softplus"),
+        _vectors(5),
+        T.InverseAutoregressiveFlow,
+    ),
     Case("permutation", lambda: T.Permutation.random(6, seed=3), _vectors(6), T.Permutation),
     Case(
         "naf-dsf",

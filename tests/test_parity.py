@@ -325,3 +325,22 @@ def test_variational_pair_draws_the_same_noise(monkeypatch: pytest.MonkeyPatch) 
         assert torch.equal(a, b)
     assert torch.equal(drawn["ours"][0], drawn["ours"][1])
     assert not torch.equal(drawn["ours"][0], drawn["ours"][2])
+
+
+def test_runs_of_an_older_revision_are_retrained_not_restored(tmp_path: Path) -> None:
+    """A pair whose side changed (revision bumped) trains again: its old result is kept aside,
+    neither reported nor restored from a committed report."""
+    old = _case(_coupling_side, _coupling_side)
+    new = replace(old, revision=1, build_peer=lambda d, s, sm: _coupling_side(d, s + 1, sm))
+    runs = tmp_path / "runs"
+    first = run_seed(old, 0, runs / old.folder_name / "seed0", log=lambda _: None)
+    report = tmp_path / "results.json"
+    report.write_text(json.dumps({"runs": {old.key: [first]}}))
+    assert restore_results(report, tmp_path / "fresh", [new]) == 0
+    assert restore_results(report, tmp_path / "fresh", [old]) == 1
+    second = run_seed(new, 0, runs / new.folder_name / "seed0", log=lambda _: None)
+    assert second["revision"] == 1 and second["test"]["peer"] != first["test"]["peer"]
+    assert (runs / new.folder_name / "seed0" / "result.revision0.json").exists()
+    write_parity_report([new], runs, tmp_path / "report", command="test")
+    summaries = json.loads((tmp_path / "report" / "results.json").read_text())["summaries"]
+    assert summaries[new.key]["test_bpd_peer"][0] == second["test"]["peer"]["bpd"]

@@ -3,8 +3,9 @@
 * ``maf-affine/zuko`` and ``maf-affine/nflows``: five affine MADE layers (Papamakarios et al.
   2017) with two hidden layers of width 64 and a reversal between layers, standard normal base,
   on both sides. Parameter counts differ by 0.1–0.5% (our MADE keeps a bias per output that the
-  peers fold differently). nflows' transform squashes its scale through ``sigmoid(s + 2) + 1e-3``,
-  zuko and ours use an exponential of a clamped/soft-clipped log-scale: a few elementwise ops.
+  peers fold differently). nflows 0.14's transform is ``z = s·x + t`` with
+  ``s = softplus(raw) + 1e-3`` (its ``sigmoid(s + 2) + 1e-3`` is commented out in the source), as
+  is ours by default (``affine="softplus"``); zuko exponentiates a soft-clipped log-scale.
 * ``maf-dsf/zuko-naf``: the nearest equivalent zuko ships to a deep-sigmoidal NAF (Huang et al.
   2018) is ``zuko.flows.NAF`` (Wehenkel & Louppe 2019's unconstrained monotonic network: a
   per-feature monotonic MLP fed the MADE's signal, with a soft clip between layers), not a DSF:
@@ -249,8 +250,11 @@ def parity_cases() -> list[ParityCase]:
     maf = (
         f"{FLOWS} affine MADE layers, hidden (64, 64), reversals, standard normal base on both "
         "sides; parameters within 0.5%",
-        "log-scale: ours tanh-bounded (soft clamp), zuko a soft clip, nflows sigmoid(s + 2) "
-        "+ 1e-3 as the scale",
+        "affine form: ours and nflows z = s·x + t with s = softplus(raw) + 1e-3 (our default "
+        "since revision 1; nflows 0.14's form, not the sigmoid(s + 2) + 1e-3 left commented "
+        "out in its source), zuko z = (x - mu)·exp(-alpha) with a soft-clipped log-scale; "
+        "revision 0 (ours z = (x - mu)·exp(-alpha), alpha = c·tanh(raw)) overfitted the small "
+        "tables sooner than nflows: see hybridflow/transforms/autoregressive.py",
         "initialisation: PyTorch's defaults on every side (ours since this report: its zeroed "
         "MADE output layer, an identity start, learned the grid 0.10 bits/dim worse)",
     )
@@ -264,12 +268,15 @@ def parity_cases() -> list[ParityCase]:
     out = []
     for name in PARITY_SETS:
         load = lambda smoke, name=name: vector_data(name, smoke)  # noqa: E731
-        for pair, ours, peer, notes in (
-            ("maf-affine/zuko", _parity_ours_maf, _parity_peer("zuko"), maf),
-            ("maf-affine/nflows", _parity_ours_maf, _parity_peer("nflows"), maf),
-            ("maf-dsf/zuko-naf", _parity_ours_dsf, _parity_peer("naf"), naf),
+        # Revision 1 of the MAF pairs: our MAF's default affine form became "softplus".
+        for pair, ours, peer, notes, revision in (
+            ("maf-affine/zuko", _parity_ours_maf, _parity_peer("zuko"), maf, 1),
+            ("maf-affine/nflows", _parity_ours_maf, _parity_peer("nflows"), maf, 1),
+            ("maf-dsf/zuko-naf", _parity_ours_dsf, _parity_peer("naf"), naf, 0),
         ):
             out.append(
-                ParityCase(pair, name, "density", load, ours, peer, PARITY_SETTINGS, 3, notes)
+                ParityCase(
+                    pair, name, "density", load, ours, peer, PARITY_SETTINGS, 3, notes, revision
+                )
             )
     return out

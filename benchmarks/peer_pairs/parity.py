@@ -53,6 +53,7 @@ __all__ = [
     "image_data",
     "rescore",
     "run_seed",
+    "stale_revision",
     "vector_data",
 ]
 
@@ -162,6 +163,8 @@ class ParityCase:
         build_ours, build_peer: ``(data, seed, smoke) -> ParitySide``.
         settings: Shared optimisation; ``seeds`` runs of it.
         differences: Every remaining difference between the two sides, for the report.
+        revision: Bumped when a side changes (a library default, the pair's configuration):
+            runs of an older revision are neither resumed, restored nor reported.
     """
 
     pair: str
@@ -173,6 +176,7 @@ class ParityCase:
     settings: TrainSettings = field(default_factory=TrainSettings)
     seeds: int = 3
     differences: tuple[str, ...] = ()
+    revision: int = 0
 
     @property
     def key(self) -> str:
@@ -336,6 +340,11 @@ def claim(folder: Path) -> Iterator[None]:
         lock.unlink(missing_ok=True)
 
 
+def stale_revision(state_path: Path, revision: int) -> bool:
+    """Whether an in-progress ``state.pt`` was trained by another revision of its case."""
+    return load_checkpoint(state_path)["config"].get("revision", 0) != revision
+
+
 def rescore(case: ParityCase, seed: int, folder: Path, data: ParityData | None = None) -> dict:
     """Score a finished run's kept weights (``scored.pt``) on its test split again with the
     current :func:`_evaluate` and update its ``result.json`` (e.g. after a metric was added)."""
@@ -375,7 +384,15 @@ def run_seed(
     folder.mkdir(parents=True, exist_ok=True)
     result_path, state_path = folder / "result.json", folder / "state.pt"
     if result_path.exists():
-        return json.loads(result_path.read_text())
+        result = json.loads(result_path.read_text())
+        if result.get("revision", 0) == case.revision:
+            return result
+        stale = f"result.revision{result.get('revision', 0)}.json"
+        log(f"  {result_path} is of revision {result.get('revision', 0)}: kept as {stale}")
+        result_path.replace(folder / stale)
+    if state_path.exists() and stale_revision(state_path, case.revision):
+        log(f"  {state_path} is of an older revision: training from the start")
+        state_path.replace(folder / "state.stale.pt")
     s = case.settings.smoke() if smoke else case.settings
     data = data if data is not None else case.load_data(smoke)
     torch.manual_seed(seed)
@@ -462,7 +479,12 @@ def run_seed(
                 "ema": {n: e.module.state_dict() for n, e in emas.items()},
                 "optimizer": {n: o.state_dict() for n, o in opts.items()},
                 "scheduler": {n: sc.state_dict() for n, sc in scheds.items()},
-                "config": {"state": state, "case": case.key, "seed": seed},
+                "config": {
+                    "state": state,
+                    "case": case.key,
+                    "seed": seed,
+                    "revision": case.revision,
+                },
                 "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state()},
                 "best_weights": best_weights,
             },
@@ -517,6 +539,7 @@ def run_seed(
         "pair": case.pair,
         "setting": case.setting,
         "task": case.task,
+        "revision": case.revision,
         "seed": seed,
         "labels": {n: side.label for n, side in sides.items()},
         "parameters": params,

@@ -43,12 +43,18 @@ def _runs(case: ParityCase, runs: Path) -> tuple[list[dict], list[dict]]:
     folder = runs / case.folder_name
     for seed_dir in sorted(folder.glob("seed*")) if folder.is_dir() else []:
         if (seed_dir / "result.json").exists():
-            done.append(json.loads((seed_dir / "result.json").read_text()))
-        elif (seed_dir / "state.pt").exists():
+            result = json.loads((seed_dir / "result.json").read_text())
+            if result.get("revision", 0) == case.revision:
+                done.append(result)
+                continue
+        if (seed_dir / "state.pt").exists():
             try:
-                state = load_checkpoint(seed_dir / "state.pt")["config"]["state"]
+                config = load_checkpoint(seed_dir / "state.pt")["config"]
             except CheckpointError:
                 continue
+            if config.get("revision", 0) != case.revision:
+                continue
+            state = config["state"]
             partial.append(
                 {"seed": int(seed_dir.name[4:]), "history": state["history"], "step": state["step"]}
             )
@@ -61,11 +67,13 @@ def restore_results(report_json: Path, runs: Path, cases: Sequence[ParityCase]) 
     Returns how many were restored."""
     if not report_json.exists():
         return 0
-    folders = {case.key: case.folder_name for case in cases}
+    by_key = {case.key: case for case in cases}
     restored = 0
     for key, results in json.loads(report_json.read_text()).get("runs", {}).items():
-        for result in results if key in folders else []:
-            path = runs / folders[key] / f"seed{result['seed']}" / "result.json"
+        for result in results if key in by_key else []:
+            if result.get("revision", 0) != by_key[key].revision:
+                continue  # a run of the pair's older models
+            path = runs / by_key[key].folder_name / f"seed{result['seed']}" / "result.json"
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(result, indent=1))

@@ -29,6 +29,7 @@ def _autoregressive_flow(
     context_features: int,
     seed: int,
     identity_init: bool,
+    affine: str,
 ) -> MultiscaleFlow:
     if len(input_shape) != 1 or input_shape[0] < 1:
         raise ValueError(
@@ -44,6 +45,7 @@ def _autoregressive_flow(
         hidden_features=tuple(hidden_features),
         context_features=context_features,
         identity_init=identity_init,
+        affine=affine,
     )
     layers = list(stack)
     if actnorm:
@@ -62,6 +64,7 @@ def maf(
     context_features: int = 0,
     seed: int = 0,
     identity_init: bool = False,
+    affine: str = "softplus",
 ) -> MultiscaleFlow:
     """Masked autoregressive flow (Papamakarios et al. 2017) for vectors ``(D,)``.
 
@@ -76,6 +79,9 @@ def maf(
         seed: Seed of random permutations.
         identity_init: Start every layer as the identity (zeroed MADE output layers); the
             default initialisation learns faster (``reports/parity/``).
+        affine: ``"softplus"`` (``z = s·x + t``, ``s = softplus(raw) + 1e-3``, as nflows; the
+            default for MAF) or ``"tanh"`` (``z = (x - mu)·exp(-alpha)``, soft-bounded
+            log-scales; the default for IAF); see :mod:`hybridflow.transforms.autoregressive`.
     """
     return _autoregressive_flow(
         "maf",
@@ -87,6 +93,7 @@ def maf(
         context_features,
         seed,
         identity_init,
+        affine,
     )
 
 
@@ -100,6 +107,7 @@ def iaf(
     context_features: int = 0,
     seed: int = 0,
     identity_init: bool = False,
+    affine: str = "tanh",
 ) -> MultiscaleFlow:
     """Inverse autoregressive flow (Kingma et al. 2016) for vectors ``(D,)``.
 
@@ -117,4 +125,5 @@ def iaf(
         context_features,
         seed,
         identity_init,
+        affine,
     )

@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from peer_pairs import PeerMissing, all_parity_cases, set_peer_paths  # noqa: E402
-from peer_pairs.parity import RunClaimed, claim, run_seed  # noqa: E402
+from peer_pairs.parity import RunClaimed, claim, finished, run_seed  # noqa: E402
 from peer_pairs.parity_report import restore_results, write_parity_report  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -49,7 +49,8 @@ args = parser.parse_args()
 
 set_peer_paths(dict(p.split("=", 1) for p in args.peer_path))
 torch.set_num_threads(args.threads)
-cases = [c for c in all_parity_cases() if args.only is None or args.only in c.key]
+every_case = all_parity_cases()
+cases = [c for c in every_case if args.only is None or args.only in c.key]
 if not cases:
     sys.exit(f"no pair matches --only {args.only!r}")
 runs = args.runs / "smoke" if args.smoke else args.runs
@@ -62,7 +63,7 @@ for case in cases if not args.report_only else []:
     data = None
     for seed in seeds:
         folder = runs / case.folder_name / f"seed{seed}"
-        if (folder / "result.json").exists():
+        if finished(case, folder):
             continue
         print(f"{case.key} seed {seed} ({time.time() - start:.0f} s)", flush=True)
         try:
@@ -75,8 +76,9 @@ for case in cases if not args.report_only else []:
             skipped[case.key] = str(missing)
             print(f"  skipped: {missing}", flush=True)
             break
+# The report covers every pair (what other invocations ran too), whatever --only selected.
 report = write_parity_report(
-    cases,
+    cases if args.smoke else every_case,
     runs,
     out,
     skipped=skipped,

@@ -50,6 +50,7 @@ __all__ = [
     "RunClaimed",
     "TrainSettings",
     "claim",
+    "finished",
     "image_data",
     "rescore",
     "run_seed",
@@ -338,6 +339,12 @@ def claim(folder: Path) -> Iterator[None]:
         yield
     finally:
         lock.unlink(missing_ok=True)
+
+
+def finished(case: ParityCase, folder: Path) -> bool:
+    """Whether ``folder`` holds a finished run of ``case`` at its current revision."""
+    path = folder / "result.json"
+    return path.exists() and json.loads(path.read_text()).get("revision", 0) == case.revision
 
 
 def stale_revision(state_path: Path, revision: int) -> bool:

@@ -135,6 +135,7 @@ def test_identical_models_stay_identical(tmp_path: Path) -> None:
     assert [r["step"] for r in result["history"]] == [0, 4, 8, 12]
     summary = summarise(case, [result])
     assert summary["test_diff"] == 0 and summary["verdict_steps"] == "within noise"
+    assert summary["median_diff"] == 0 and summary["verdict_median"] == "within noise"
 
 
 def test_interrupted_run_resumes_to_the_same_numbers(tmp_path: Path) -> None:
@@ -344,3 +345,23 @@ def test_runs_of_an_older_revision_are_retrained_not_restored(tmp_path: Path) ->
     write_parity_report([new], runs, tmp_path / "report", command="test")
     summaries = json.loads((tmp_path / "report" / "results.json").read_text())["summaries"]
     assert summaries[new.key]["test_bpd_peer"][0] == second["test"]["peer"]["bpd"]
+
+
+def test_median_verdict_is_not_carried_by_a_few_examples(tmp_path: Path) -> None:
+    """A peer whose mean is blown up by a few examples (finite but huge log-likelihoods) gets a
+    useless mean verdict; the median verdict still says who codes the typical example better."""
+    import copy
+
+    case = _case(_coupling_side, _coupling_side)
+    base = run_seed(case, 0, tmp_path / "run", log=lambda _: None)
+    results = []
+    for seed, (mean, median) in enumerate([(3.70, 3.60), (1e5, 3.61), (3.71, 3.62)]):
+        r = copy.deepcopy(base)
+        r["seed"] = seed
+        r["test"]["ours"].update(bpd=3.5 + seed / 1000, median_bpd=3.40 + seed / 1000)
+        r["test"]["peer"].update(bpd=mean, median_bpd=median)
+        results.append(r)
+    summary = summarise(case, results)
+    assert summary["verdict_steps"] == "within noise"  # tolerance swamped by the outlier
+    assert summary["verdict_median"] == "ahead"
+    assert summary["median_diff"] == pytest.approx(3.401 - 3.61)

@@ -136,6 +136,13 @@ def summarise(case: ParityCase, results: list[dict]) -> dict[str, Any]:
         out[f"test_bpd_{s}"] = _mean_std(test[s])
         medians = [r["test"][s]["median_bpd"] for r in results if "median_bpd" in r["test"][s]]
         out[f"test_median_{s}"] = statistics.fmean(medians) if medians else math.nan
+    medians = {s: [r["test"][s].get("median_bpd", math.nan) for r in results] for s in SIDES}
+    if not any(math.isnan(v) for s in SIDES for v in medians[s]):
+        # The same rule on the per-seed medians: a verdict no handful of examples can carry.
+        m_diff = out["test_median_ours"] - out["test_median_peer"]
+        m_tol = _tolerance(_pooled(medians["ours"], medians["peer"]))
+        out.update(median_diff=m_diff, median_tolerance=m_tol)
+        out["verdict_median"] = verdict(m_diff, m_tol)
     pooled = _pooled(test["ours"], test["peer"])
     diff = out["test_bpd_ours"][0] - out["test_bpd_peer"][0]
     out.update(test_diff=diff, test_pooled_std=pooled, test_tolerance=_tolerance(pooled))
@@ -295,7 +302,8 @@ def write_parity_report(
         "at each side's best validation checkpoint (vector pairs: early stopping, as the MAF "
         "and NAF papers select), mean ± std over seeds; ours − peer; the tolerance "
         "max(2 × pooled std, 0.005). The median over test examples (mean over seeds) shows whether "
-        "a mean is carried by a few examples."
+        "a mean is carried by a few examples; its verdict applies the same rule to the per-seed "
+        "medians."
     )
     steps_table = Table(
         [
@@ -349,8 +357,9 @@ def write_parity_report(
                 f"{sm['test_tolerance']:.3f}",
                 sm["verdict_steps"],
                 "n/a"  # runs scored before the median was recorded
-                if math.isnan(sm["test_median_ours"])
-                else f"{sm['test_median_ours']:.3f} / {sm['test_median_peer']:.3f}",
+                if "verdict_median" not in sm
+                else f"{sm['test_median_ours']:.3f} / {sm['test_median_peer']:.3f}: "
+                f"{sm['verdict_median']}",
             ]
         )
         time_table.rows.append(

@@ -55,7 +55,7 @@ if not cases:
     sys.exit(f"no pair matches --only {args.only!r}")
 runs = args.runs / "smoke" if args.smoke else args.runs
 out = args.out or (runs / "report" if args.smoke else ROOT / "reports" / "parity")
-if not args.smoke and (restored := restore_results(out / "results.json", runs, cases)):
+if not args.smoke and (restored := restore_results(out / "results.json", runs, every_case)):
     print(f"{restored} finished runs restored from {out / 'results.json'}")
 start, skipped = time.time(), {}
 for case in cases if not args.report_only else []:

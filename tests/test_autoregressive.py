@@ -349,3 +349,20 @@ def test_default_affine_forms():
     for name, form in (("maf", "softplus"), ("iaf", "tanh")):
         layers = [m for m in create_backbone(name, (3,)).modules() if hasattr(m, "affine")]
         assert layers and {m.affine for m in layers} == {form}
+
+
+def test_checkpoint_of_the_other_affine_form_is_refused():
+    """The forms share the MADE's keys: loading one as the other must fail loudly, not give
+    wrong densities; the softplus form has no parameter without a gradient."""
+    softplus, tanh = MaskedAutoregressiveFlow(3), MaskedAutoregressiveFlow(3, affine="tanh")
+    assert "scale" not in dict(softplus.named_parameters())
+    softplus(torch.randn(4, 3))[1].sum().backward()
+    assert all(p.grad is not None for p in softplus.parameters())
+    with pytest.raises(ValueError, match="'tanh'-form affine layer, this one is 'softplus'"):
+        softplus.load_state_dict(tanh.state_dict())
+    with pytest.raises(ValueError, match="'softplus'-form affine layer, this one is 'tanh'"):
+        tanh.load_state_dict(softplus.state_dict())
+    MaskedAutoregressiveFlow(3).load_state_dict(softplus.state_dict())
+    stack = create_backbone("maf", (3,), affine="tanh")
+    with pytest.raises(ValueError, match="build it with affine='tanh'"):
+        create_backbone("maf", (3,)).load_state_dict(stack.state_dict())

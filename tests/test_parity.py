@@ -342,6 +342,13 @@ def test_runs_of_an_older_revision_are_retrained_not_restored(tmp_path: Path) ->
     second = run_seed(new, 0, runs / new.folder_name / "seed0", log=lambda _: None)
     assert second["revision"] == 1 and second["test"]["peer"] != first["test"]["peer"]
     assert (runs / new.folder_name / "seed0" / "result.revision0.json").exists()
+    # A committed result of the current revision replaces a stale local one (kept aside).
+    fresh = tmp_path / "fresh"
+    report.write_text(json.dumps({"runs": {new.key: [second]}}))
+    assert restore_results(report, fresh, [new]) == 1
+    seed_dir = fresh / new.folder_name / "seed0"
+    assert json.loads((seed_dir / "result.json").read_text())["revision"] == 1
+    assert (seed_dir / "result.revision0.json").exists()
     write_parity_report([new], runs, tmp_path / "report", command="test")
     summaries = json.loads((tmp_path / "report" / "results.json").read_text())["summaries"]
     assert summaries[new.key]["test_bpd_peer"][0] == second["test"]["peer"]["bpd"]

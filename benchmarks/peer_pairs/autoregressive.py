@@ -2,8 +2,8 @@
 
 * ``maf-affine/zuko`` and ``maf-affine/nflows``: five affine MADE layers (Papamakarios et al.
   2017) with two hidden layers of width 64 and a reversal between layers, standard normal base,
-  on both sides. Parameter counts differ by 0.1–0.5% (our MADE keeps a bias per output that the
-  peers fold differently). nflows 0.14's transform is ``z = s·x + t`` with
+  on both sides, with equal parameter counts (the ``"tanh"`` affine form would add a learnable
+  log-scale bound per dimension and layer). nflows 0.14's transform is ``z = s·x + t`` with
   ``s = softplus(raw) + 1e-3`` (its ``sigmoid(s + 2) + 1e-3`` is commented out in the source), as
   is ours by default (``affine="softplus"``); zuko exponentiates a soft-clipped log-scale.
 * ``maf-dsf/zuko-naf``: the nearest equivalent zuko ships to a deep-sigmoidal NAF (Huang et al.
@@ -249,7 +249,7 @@ def parity_cases() -> list[ParityCase]:
     """Affine MAF vs zuko and nflows, MAF-DSF vs zuko's NAF, on the toys and bundled tables."""
     maf = (
         f"{FLOWS} affine MADE layers, hidden (64, 64), reversals, standard normal base on both "
-        "sides; parameters within 0.5%",
+        "sides; equal parameter counts",
         "affine form: ours and nflows z = s·x + t with s = softplus(raw) + 1e-3 (our default "
         "since revision 1; nflows 0.14's form, not the sigmoid(s + 2) + 1e-3 left commented "
         "out in its source), zuko z = (x - mu)·exp(-alpha) with a soft-clipped log-scale; "
@@ -268,10 +268,11 @@ def parity_cases() -> list[ParityCase]:
     out = []
     for name in PARITY_SETS:
         load = lambda smoke, name=name: vector_data(name, smoke)  # noqa: E731
-        # Revision 1 of the MAF pairs: our MAF's default affine form became "softplus".
+        # MAF pairs: revision 1, our MAF's default affine form became "softplus"; revision 2,
+        # that form lost the tanh form's unused log-scale bounds (parameters, not numbers).
         for pair, ours, peer, notes, revision in (
-            ("maf-affine/zuko", _parity_ours_maf, _parity_peer("zuko"), maf, 1),
-            ("maf-affine/nflows", _parity_ours_maf, _parity_peer("nflows"), maf, 1),
+            ("maf-affine/zuko", _parity_ours_maf, _parity_peer("zuko"), maf, 2),
+            ("maf-affine/nflows", _parity_ours_maf, _parity_peer("nflows"), maf, 2),
             ("maf-dsf/zuko-naf", _parity_ours_dsf, _parity_peer("naf"), naf, 0),
         ):
             out.append(

@@ -287,7 +287,7 @@ def _parity_ours(data: ParityData, seed: int, smoke: bool, variational: bool) ->
 def _peer_elbo(model: torch.nn.Module, levels: Tensor, u: Tensor) -> Tensor:
     """The peer's own forward (its ``_Dequantization`` draws ``ε`` with ``torch.randn_like``)
     with the global generator seeded by :func:`noise_seed`; the caller's RNG state is kept."""
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):  # CPU only: the peer runs on CPU here
         torch.manual_seed(noise_seed(u))
         z, sldj = model(levels.float() / (LEVELS - 1), reverse=False)
     return standard_normal_log_prob(z) + sldj - math.prod(levels.shape[1:]) * math.log(LEVELS)

@@ -276,7 +276,8 @@ def _evaluate_iw(
     mean = bound[finite].mean() if bool(finite.any()) else bound.new_tensor(math.nan)
     # The one-sample bound averaged over the same S draws: the IW bound is never below it for
     # any example (Jensen), so the gap is what importance weighting bought.
-    single = log_w[:, finite].mean() if bool(finite.any()) else bound.new_tensor(math.nan)
+    kept = log_w[:, finite]
+    single = kept[torch.isfinite(kept)].mean() if bool(finite.any()) else bound.new_tensor(math.nan)
     return {
         "bpd": float(-mean / (dim * math.log(2))),
         "single_bpd": float(-single / (dim * math.log(2))),
@@ -356,6 +357,11 @@ def rescore(case: ParityCase, seed: int, folder: Path, data: ParityData | None =
     """Score a finished run's kept weights (``scored.pt``) on its test split again with the
     current :func:`_evaluate` and update its ``result.json`` (e.g. after a metric was added)."""
     result = json.loads((folder / "result.json").read_text())
+    if result.get("revision", 0) != case.revision:
+        raise ValueError(
+            f"{folder} holds revision {result.get('revision', 0)} of {case.key}, whose models are "
+            f"now revision {case.revision}: train it again instead"
+        )
     s = TrainSettings(**{**result["settings"], "betas": tuple(result["settings"]["betas"])})
     data = data if data is not None else case.load_data(False)
     n = result["data"]["test"]

@@ -74,6 +74,11 @@ def restore_results(report_json: Path, runs: Path, cases: Sequence[ParityCase]) 
             if result.get("revision", 0) != by_key[key].revision:
                 continue  # a run of the pair's older models
             path = runs / by_key[key].folder_name / f"seed{result['seed']}" / "result.json"
+            if path.exists():
+                local = json.loads(path.read_text()).get("revision", 0)
+                if local == result.get("revision", 0):
+                    continue
+                path.replace(path.with_name(f"result.revision{local}.json"))
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(result, indent=1))

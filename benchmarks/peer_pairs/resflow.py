@@ -317,6 +317,7 @@ def parity_cases() -> list[ParityCase]:
         "initialisation: each code's own (spectrally normalised convolutions, the head)",
     )
     load = lambda smoke: image_data("fashion-mnist", smoke)  # noqa: E731
+    # Revision 0 is the per-feature layout: the per-channel runs were never finished or committed.
     return [
         ParityCase(
             "resflow-cpu/residual-flows",

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -94,10 +95,26 @@ class _AffineAutoregressive(InvertibleModule):
             seed=seed,
             zero_init_output=identity_init,
         )
-        self.scale = nn.Parameter(torch.ones(features))
+        # The tanh form's learnable bound; the softplus form has none (no parameter without a
+        # gradient: DistributedDataParallel refuses those).
+        self.scale = nn.Parameter(torch.ones(features)) if affine == "tanh" else None
         if identity_init and affine == "softplus":
             with torch.no_grad():  # softplus(raw) + ε = 1 at the zeroed output layer
                 self.made.output.bias[1::2] = math.log(math.expm1(1 - SOFTPLUS_EPS))
+
+    def _load_from_state_dict(
+        self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # The two forms share the MADE's keys: only the tanh form's ``scale`` tells them apart,
+        # and a checkpoint of one form read as the other would give wrong densities silently.
+        saved = "tanh" if prefix + "scale" in state_dict else "softplus"
+        if saved != self.affine:
+            raise ValueError(
+                f"{prefix or 'layer'}: the checkpoint holds a {saved!r}-form affine layer, this "
+                f"one is {self.affine!r}; build it with affine={saved!r} (MAF's default was "
+                "'tanh' before 'softplus')"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _check(self, x: Tensor) -> None:
         if x.dim() != 2 or x.shape[1] != self.features:

@@ -50,9 +50,11 @@ __all__ = [
     "RunClaimed",
     "TrainSettings",
     "claim",
+    "current_result",
     "finished",
     "image_data",
     "rescore",
+    "retire_stale",
     "run_seed",
     "stale_revision",
     "vector_data",
@@ -203,6 +205,26 @@ def _batch(n: int, batch: int, seed: int, step: int, cache: dict[int, list[Tenso
     return cache[epoch][i]
 
 
+def _score_all(
+    side: ParitySide, module: nn.Module, x: Tensor, u: Tensor | None, batch: int
+) -> tuple[Tensor, Tensor | None]:
+    """``(log_prob [N] float64, logits [N, K] or None)`` of ``module`` over ``x`` in batches."""
+    log_probs, logits = [], []
+    for i in range(0, len(x), batch):
+        lp, lg = side.score(module, x[i : i + batch], None if u is None else u[i : i + batch])
+        log_probs.append(lp.double())
+        if lg is not None:
+            logits.append(lg.double())
+    return torch.cat(log_probs), torch.cat(logits) if logits else None
+
+
+def _ready(side: ParitySide, module: nn.Module) -> None:
+    """Make an EMA copy ready to score: the side's ``finalize``, eval mode."""
+    if side.finalize is not None:
+        side.finalize(module)
+    module.eval()
+
+
 @torch.no_grad()
 def _evaluate(
     side: ParitySide,
@@ -214,20 +236,8 @@ def _evaluate(
     dim: int,
 ) -> dict[str, float]:
     """Mean bits/dim (and accuracy, CE where the side classifies) of the EMA ``module``."""
-    if side.finalize is not None:
-        side.finalize(module)
-    module.eval()
-    log_probs, hits, ces, have_logits = [], [], [], False
-    for i in range(0, len(x), batch):
-        ui = None if u is None else u[i : i + batch]
-        lp, logits = side.score(module, x[i : i + batch], ui)
-        log_probs.append(lp.double())
-        if logits is not None:
-            have_logits = True
-            yi = y[i : i + batch]
-            hits.append((logits.argmax(1) == yi).double())
-            ces.append(nn.functional.cross_entropy(logits.double(), yi, reduction="none"))
-    lp = torch.cat(log_probs)
+    _ready(side, module)
+    lp, logits = _score_all(side, module, x, u, batch)
     finite = torch.isfinite(lp)
     # A side can give a few examples a non-finite log-likelihood (an unbounded scale map): the
     # means are over the finite ones, and the share of finite ones is reported beside them.
@@ -236,12 +246,12 @@ def _evaluate(
     out["finite"] = float(finite.double().mean())
     # A mean can be carried by a few examples: the median, and the share of examples a model
     # codes worse than 8 bits/dim (a uniform model of 256 levels), show whether it is.
-    bpd = -lp / (dim * math.log(2))
-    out["median_bpd"] = float(bpd.nan_to_num(math.inf).median())
-    out["above_8_bpd"] = float((bpd.nan_to_num(math.inf) > 8).double().mean())
-    if have_logits:
-        out["accuracy"] = float(torch.cat(hits).mean())
-        out["ce"] = float(torch.cat(ces).mean())
+    bpd = (-lp / (dim * math.log(2))).nan_to_num(math.inf)
+    out["median_bpd"] = float(bpd.median())
+    out["above_8_bpd"] = float((bpd > 8).double().mean())
+    if logits is not None:
+        out["accuracy"] = float((logits.argmax(1) == y).double().mean())
+        out["ce"] = float(nn.functional.cross_entropy(logits, y))
     return out
 
 
@@ -256,21 +266,13 @@ def _evaluate_iw(
     dequantization the side draws ``ε`` from ``u_s`` and ``score`` is its one-sample bound.
     The bound never decreases with ``S`` in expectation, so the two sides compare at equal ``S``.
     """
-    if side.finalize is not None:
-        side.finalize(module)
-    module.eval()
-    draws = []
-    for k in range(samples):
-        u = _noise(x.shape, IW_NOISE_SEED + k)
-        draws.append(
-            torch.cat(
-                [
-                    side.score(module, x[i : i + batch], u[i : i + batch])[0].double()
-                    for i in range(0, len(x), batch)
-                ]
-            )
-        )
-    log_w = torch.stack(draws)  # [S, N]
+    _ready(side, module)
+    log_w = torch.stack(  # [S, N]
+        [
+            _score_all(side, module, x, _noise(x.shape, IW_NOISE_SEED + k), batch)[0]
+            for k in range(samples)
+        ]
+    )
     bound = torch.logsumexp(log_w, 0) - math.log(samples)
     finite = torch.isfinite(bound)
     mean = bound[finite].mean() if bool(finite.any()) else bound.new_tensor(math.nan)
@@ -285,6 +287,25 @@ def _evaluate_iw(
         "samples": samples,
         "examples": len(x),
     }
+
+
+def _score_test(
+    side: ParitySide,
+    module: nn.Module,
+    data: ParityData,
+    n_test: int,
+    settings: TrainSettings,
+) -> dict[str, Any]:
+    """The test split's numbers of ``module``: :func:`_evaluate` on the first ``n_test``
+    examples at the test noise, and the importance-weighted bound where ``settings`` asks."""
+    x, y = data.test_x[:n_test], data.test_y[:n_test]
+    u = _noise(x.shape, TEST_NOISE_SEED) if data.num_levels is not None else None
+    out = _evaluate(side, module, x, y, u, settings.eval_batch, data.dim)
+    if settings.iw_samples:
+        out["iw"] = _evaluate_iw(
+            side, module, x[: settings.iw_size], settings.iw_samples, settings.eval_batch, data.dim
+        )
+    return out
 
 
 def _numpy_rng_state() -> dict[str, Any]:
@@ -342,10 +363,18 @@ def claim(folder: Path) -> Iterator[None]:
         lock.unlink(missing_ok=True)
 
 
+def current_result(case: ParityCase, folder: Path) -> dict | None:
+    """The ``result.json`` in ``folder`` if it is a finished run of ``case``'s current revision."""
+    path = folder / "result.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("revision", 0) == case.revision else None
+
+
 def finished(case: ParityCase, folder: Path) -> bool:
     """Whether ``folder`` holds a finished run of ``case`` at its current revision."""
-    path = folder / "result.json"
-    return path.exists() and json.loads(path.read_text()).get("revision", 0) == case.revision
+    return current_result(case, folder) is not None
 
 
 def stale_revision(state_path: Path, revision: int) -> bool:
@@ -353,33 +382,37 @@ def stale_revision(state_path: Path, revision: int) -> bool:
     return load_checkpoint(state_path)["config"].get("revision", 0) != revision
 
 
+def retire_stale(case: ParityCase, folder: Path, log: Callable[[str], None] = print) -> None:
+    """Move a ``result.json`` or ``state.pt`` of another revision of ``case`` aside (kept as
+    ``result.revisionN.json`` / ``state.stale.pt``), so the run trains or restores afresh."""
+    path, state_path = folder / "result.json", folder / "state.pt"
+    if path.exists() and current_result(case, folder) is None:
+        old = json.loads(path.read_text()).get("revision", 0)
+        log(f"  {path} is of revision {old}: kept as result.revision{old}.json")
+        path.replace(folder / f"result.revision{old}.json")
+    if state_path.exists() and stale_revision(state_path, case.revision):
+        log(f"  {state_path} is of an older revision: training from the start")
+        state_path.replace(folder / "state.stale.pt")
+
+
 def rescore(case: ParityCase, seed: int, folder: Path, data: ParityData | None = None) -> dict:
     """Score a finished run's kept weights (``scored.pt``) on its test split again with the
     current :func:`_evaluate` and update its ``result.json`` (e.g. after a metric was added)."""
-    result = json.loads((folder / "result.json").read_text())
-    if result.get("revision", 0) != case.revision:
+    result = current_result(case, folder)
+    if result is None:
         raise ValueError(
-            f"{folder} holds revision {result.get('revision', 0)} of {case.key}, whose models are "
-            f"now revision {case.revision}: train it again instead"
+            f"{folder} holds no finished run of {case.key} at its revision {case.revision}: "
+            "train it again instead"
         )
     s = TrainSettings(**{**result["settings"], "betas": tuple(result["settings"]["betas"])})
     data = data if data is not None else case.load_data(False)
-    n = result["data"]["test"]
-    test_x, test_y = data.test_x[:n], data.test_y[:n]
-    test_u = _noise(test_x.shape, TEST_NOISE_SEED) if data.num_levels is not None else None
     weights = load_checkpoint(folder / "scored.pt")["model"]
     for name, build in (("ours", case.build_ours), ("peer", case.build_peer)):
         torch.manual_seed(seed)
         np.random.seed(seed)
         side = build(data, seed, False)
         side.module.load_state_dict(weights[name])
-        result["test"][name] = _evaluate(
-            side, side.module, test_x, test_y, test_u, s.eval_batch, data.dim
-        )
-        if s.iw_samples:
-            result["test"][name]["iw"] = _evaluate_iw(
-                side, side.module, test_x[: s.iw_size], s.iw_samples, s.eval_batch, data.dim
-            )
+        result["test"][name] = _score_test(side, side.module, data, result["data"]["test"], s)
     (folder / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -396,16 +429,9 @@ def run_seed(
     """Train both sides of ``case`` from ``seed`` in ``folder`` (resuming); the result dict."""
     folder.mkdir(parents=True, exist_ok=True)
     result_path, state_path = folder / "result.json", folder / "state.pt"
-    if result_path.exists():
-        result = json.loads(result_path.read_text())
-        if result.get("revision", 0) == case.revision:
-            return result
-        stale = f"result.revision{result.get('revision', 0)}.json"
-        log(f"  {result_path} is of revision {result.get('revision', 0)}: kept as {stale}")
-        result_path.replace(folder / stale)
-    if state_path.exists() and stale_revision(state_path, case.revision):
-        log(f"  {state_path} is of an older revision: training from the start")
-        state_path.replace(folder / "state.stale.pt")
+    if (result := current_result(case, folder)) is not None:
+        return result
+    retire_stale(case, folder, log)
     s = case.settings.smoke() if smoke else case.settings
     data = data if data is not None else case.load_data(smoke)
     torch.manual_seed(seed)
@@ -434,10 +460,8 @@ def run_seed(
     }
     val_x, val_y = data.val_x[: s.val_size], data.val_y[: s.val_size]
     n_test = len(data.test_x) if s.test_size is None else min(s.test_size, len(data.test_x))
-    test_x, test_y = data.test_x[:n_test], data.test_y[:n_test]
     discrete = data.num_levels is not None
     val_u = _noise(val_x.shape, VAL_NOISE_SEED) if discrete else None
-    test_u = _noise(test_x.shape, TEST_NOISE_SEED) if discrete else None
     state: dict[str, Any] = {
         "step": 0,
         "train_s": dict.fromkeys(SIDES, 0.0),
@@ -533,16 +557,10 @@ def run_seed(
     for name, weights in best_weights.items():
         emas[name].module.load_state_dict(weights)
     test = {
-        name: _evaluate(side, emas[name].module, test_x, test_y, test_u, s.eval_batch, data.dim)
-        for name, side in sides.items()
+        name: _score_test(side, emas[name].module, data, n_test, s) for name, side in sides.items()
     }
-    if s.iw_samples:
-        for name, side in sides.items():
-            test[name]["iw"] = _evaluate_iw(
-                side, emas[name].module, test_x[: s.iw_size], s.iw_samples, s.eval_batch, data.dim
-            )
     if data.true_log_prob is not None:
-        true_lp = data.true_log_prob(test_x.double())
+        true_lp = data.true_log_prob(data.test_x[:n_test].double())
         test["true"] = {
             "bpd": float(-true_lp.mean() / (data.dim * math.log(2))),
             "log_prob": float(true_lp.mean()),
@@ -564,7 +582,7 @@ def run_seed(
             "num_levels": data.num_levels,
             "train": len(data.train_x),
             "val": len(val_x),
-            "test": len(test_x),
+            "test": n_test,
         },
         "history": state["history"],
         "test": test,

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from hybridflow.reports import Document, Table, git_commit, package_versions
 from hybridflow.training.checkpoint import CheckpointError, load_checkpoint
 
-from .parity import SIDES, ParityCase
+from .parity import SIDES, ParityCase, current_result, retire_stale
 
 __all__ = ["BPD_FLOOR", "restore_results", "summarise", "verdict", "write_parity_report"]
 
@@ -42,12 +42,9 @@ def _runs(case: ParityCase, runs: Path) -> tuple[list[dict], list[dict]]:
     done, partial = [], []
     folder = runs / case.folder_name
     for seed_dir in sorted(folder.glob("seed*")) if folder.is_dir() else []:
-        if (seed_dir / "result.json").exists():
-            result = json.loads((seed_dir / "result.json").read_text())
-            if result.get("revision", 0) == case.revision:
-                done.append(result)
-                continue
-        if (seed_dir / "state.pt").exists():
+        if (result := current_result(case, seed_dir)) is not None:
+            done.append(result)
+        elif (seed_dir / "state.pt").exists():
             try:
                 config = load_checkpoint(seed_dir / "state.pt")["config"]
             except CheckpointError:
@@ -73,15 +70,11 @@ def restore_results(report_json: Path, runs: Path, cases: Sequence[ParityCase]) 
         for result in results if key in by_key else []:
             if result.get("revision", 0) != by_key[key].revision:
                 continue  # a run of the pair's older models
-            path = runs / by_key[key].folder_name / f"seed{result['seed']}" / "result.json"
-            if path.exists():
-                local = json.loads(path.read_text()).get("revision", 0)
-                if local == result.get("revision", 0):
-                    continue
-                path.replace(path.with_name(f"result.revision{local}.json"))
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(result, indent=1))
+            folder = runs / by_key[key].folder_name / f"seed{result['seed']}"
+            if not folder.is_dir() or current_result(by_key[key], folder) is None:
+                folder.mkdir(parents=True, exist_ok=True)
+                retire_stale(by_key[key], folder, log=lambda _: None)
+                (folder / "result.json").write_text(json.dumps(result, indent=1))
                 restored += 1
     return restored
 
@@ -139,10 +132,10 @@ def summarise(case: ParityCase, results: list[dict]) -> dict[str, Any]:
     test = {s: [r["test"][s]["bpd"] for r in results] for s in SIDES}
     for s in SIDES:
         out[f"test_bpd_{s}"] = _mean_std(test[s])
-        medians = [r["test"][s]["median_bpd"] for r in results if "median_bpd" in r["test"][s]]
-        out[f"test_median_{s}"] = statistics.fmean(medians) if medians else math.nan
     medians = {s: [r["test"][s].get("median_bpd", math.nan) for r in results] for s in SIDES}
-    if not any(math.isnan(v) for s in SIDES for v in medians[s]):
+    for s in SIDES:  # runs scored before the median was recorded have none (nan)
+        out[f"test_median_{s}"] = statistics.fmean(medians[s])
+    if not any(math.isnan(out[f"test_median_{s}"]) for s in SIDES):
         # The same rule on the per-seed medians: a verdict no handful of examples can carry.
         m_diff = out["test_median_ours"] - out["test_median_peer"]
         m_tol = _tolerance(_pooled(medians["ours"], medians["peer"]))

@@ -13,6 +13,8 @@ from torch import Tensor
 from hybridflow.models import FlowModel, HybridModel, create_backbone, list_backbones
 from hybridflow.nets import (
     LipschitzConvNet,
+    LipschitzMLP,
+    LipSwish,
     SpectralNormConv2d,
     SpectralNormLinear,
     lipschitz_layers,
@@ -65,6 +67,25 @@ def test_named_configurations_are_registered_and_build() -> None:
     assert first.grad_mode == "neumann" and first.memory_efficient
     with pytest.raises(ValueError, match="squeezed"):
         create_backbone("resflow", (1, 6, 6), num_scales=3)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "first_has_preact"),
+    [
+        ("resflow-cpu", {}, False),  # the named configurations: the reference's first_resblock
+        ("resflow", {}, True),  # the generic builder: as the shipped Fashion-MNIST models
+        ("resflow", {"first_preact": False, "squeeze_first": True}, False),
+        ("resflow", {"first_preact": False, "preact": False}, False),
+    ],
+)
+def test_first_block_pre_activation(name: str, kwargs: dict, first_has_preact: bool) -> None:
+    flow = create_backbone(name, (1, 8, 8), num_scales=2, blocks_per_scale=2, **kwargs)
+    convs = [m for m in flow.modules() if isinstance(m, LipschitzConvNet)]
+    starts_with_activation = [isinstance(c.net[0], LipSwish) for c in convs]
+    later = kwargs.get("preact", True)
+    assert starts_with_activation == [first_has_preact] + [later] * (len(convs) - 1)
+    fc = [m for m in flow.modules() if isinstance(m, LipschitzMLP)]
+    assert all(isinstance(m.net[0], LipSwish) == later for m in fc)  # fully connected: as before
 
 
 @pytest.mark.slow

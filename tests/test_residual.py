@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from hybridflow.nets import LipschitzMLP
 from hybridflow.transforms import InverseNotConvergedError, ResidualBlock
+from hybridflow.transforms.residual import _Draw
 
 D = 4
 
@@ -135,6 +136,33 @@ def test_neumann_input_gradient_is_unbiased() -> None:
         samples.append(float(xs.grad[:, 0].sum()))
     ok, z = _within_three_se(torch.tensor(samples), exact)
     assert ok, f"Neumann input gradient is {z:.2f} SE off"
+
+
+@pytest.mark.parametrize("weights", [[1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.7, 4.2]])
+def test_neumann_gradient_is_that_of_the_value_with_exact_traces(weights: list[float]) -> None:
+    """With exact traces (every basis vector a probe) the Neumann gradient of a draw equals the
+    backprop gradient of the same draw's value: the left vector runs to ``vᵀ J^(n-1)`` with the
+    value's own term weights (see ``benchmarks/neumann_variance.py`` for the paper's indexing,
+    one power more)."""
+    torch.manual_seed(0)
+    net = _contractive_net(0.9).double()
+    x = torch.randn(3, D, dtype=torch.float64)
+    basis = [torch.eye(D, dtype=torch.float64)[i].expand(3, D) for i in range(D)]
+    draw = _Draw(weights, basis)
+    block = ResidualBlock(net, "roulette", grad="neumann")
+
+    def parameter_grads(surrogate_of) -> list[Tensor]:
+        x_in = x.clone().requires_grad_(True)
+        g_x = net(x_in)
+        params = list(net.parameters())  # the last bias does not reach the Jacobian: zeros
+        return torch.autograd.grad(
+            surrogate_of(g_x, x_in).sum(), params, allow_unused=True, materialize_grads=True
+        )
+
+    neumann = parameter_grads(lambda g, xi: block._neumann(g, xi, draw)[1])
+    backprop = parameter_grads(lambda g, xi: block._series(g, xi, draw, create_graph=True))
+    for a, b in zip(neumann, backprop, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("grad", ["neumann", "backprop"])

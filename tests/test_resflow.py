@@ -184,6 +184,22 @@ def test_trained_ema_model_has_spectral_norms_within_coefficient(tmp_path: Path)
     assert math.isfinite(float(model.flow.log_prob(_batch(2)[0]).sum().detach()))
 
 
+@pytest.mark.parametrize(
+    ("name", "closing_shape"),
+    [("resflow-cpu", (16, 2, 2)), ("resflow-mnist", (16, 2, 2)), ("resflow", (16,))],
+)
+def test_named_configurations_close_with_the_reference_actnorm(
+    name: str, closing_shape: tuple[int, ...]
+) -> None:
+    """The named image configurations take the reference's per-feature ActNorm1d after their
+    fully connected blocks; the generic builder keeps per-channel ones (the shipped models)."""
+    from hybridflow.transforms import ActNorm
+
+    flow = create_backbone(name, (1, 8, 8), blocks_per_scale=1, hidden_channels=8)
+    closing = [m for m in flow.modules() if isinstance(m, ActNorm)][-1]
+    assert tuple(closing.bias.shape) == closing_shape
+
+
 def test_per_feature_actnorm_after_the_fully_connected_blocks() -> None:
     """``fc_actnorm="feature"``: the ActNorms that follow a fully connected block keep one scale
     per feature (the reference code's ``ActNorm1d``), the others one per channel; data-init

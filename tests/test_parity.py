@@ -372,3 +372,27 @@ def test_median_verdict_is_not_carried_by_a_few_examples(tmp_path: Path) -> None
     assert summary["verdict_steps"] == "within noise"  # tolerance swamped by the outlier
     assert summary["verdict_median"] == "ahead"
     assert summary["median_diff"] == pytest.approx(3.401 - 3.61)
+
+
+@pytest.mark.parametrize("neumann", ["library", "theorem2"])
+def test_resflow_ablation_recipe_trains_both_arms(neumann: str, tmp_path: Path) -> None:
+    """Ours against ours one difference apart: the arm with the first pre-activation has one
+    LipSwish (one parameter) more, and both train and score."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "recipes" / "parity_resflow_ablation.py"),
+            "--smoke",
+            f"--neumann={neumann}",
+            f"--out={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result_path,) = tmp_path.glob("*/seed0/result.json")
+    result = json.loads(result_path.read_text())
+    assert result["parameters"]["ours"] == result["parameters"]["peer"] + 1
+    assert all(math.isfinite(result["test"][side]["bpd"]) for side in ("ours", "peer"))

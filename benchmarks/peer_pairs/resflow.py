@@ -34,9 +34,10 @@ per-feature ActNorms the untrained models agree (5.621 vs 5.634). The first bloc
 pre-activation on either side (``first_resblock`` there, ``resflow-cpu``'s ``first_preact=False``
 here). With one, ours trained to 0.058 bits/dim behind after 1,500 steps (revision 0 of the
 density case: 4.0265 vs 3.9690 validation, 3.9934 vs 3.9344 test). An A/B of ours against
-ours, same batches and initialisation, both with the reference's Neumann indexing, traced the
-gap to that activation: at step 900 the arm with it was at 4.1273 (the revision-0 run: 4.1283),
-the arm without it at 4.0996, the reference at 4.0978. Differences that remain: the reference
+ours (``recipes/parity_resflow_ablation.py``), same batches and initialisation, both with the
+reference's Neumann indexing, traced the gap to that activation: at step 900 the arm with it
+was at 4.1273 (the revision-0 run: 4.1283), the arm without it at 4.0996, the reference at
+4.0978. Differences that remain: the reference
 keeps a Poisson rate and a geometric p per block (parameters without gradients); its Neumann
 gradient runs one power further (``benchmarks/neumann_variance.py``; both unbiased, and the
 A/B arm with its indexing matched our revision-0 curve within 0.004 at every step).
@@ -327,7 +328,8 @@ def parity_cases() -> list[ParityCase]:
         "initialisation: each code's own (spectrally normalised convolutions, the head)",
         "history: revision 0 kept the pre-activation in our first block and finished density "
         "seed 0 at 3.9934 vs 3.9344 test bits/dim (+0.059; +0.058 on validation); an A/B of "
-        "ours with and without it, same batches and initialisation, closed the gap at step 900 "
+        "ours with and without it (recipes/parity_resflow_ablation.py), same batches and "
+        "initialisation, closed the gap at step 900 "
         "(4.1273 with it, 4.0996 without, the reference 4.0978): revision 1 leaves it out",
     )
     load = lambda smoke: image_data("fashion-mnist", smoke)  # noqa: E731

@@ -4,10 +4,10 @@ ours on the parity density task, one difference apart.
 The resflow pair of ``recipes/parity.py`` (revision 0) finished 0.058 bits/dim behind the
 reference. This runs its density case with both sides ours, built exactly as that pair builds
 ours (same seed, so the same initialisation; the loop feeds both the same batches and noise),
-and one side changed: ``--arm first-preact`` puts back the LipSwish in front of the first
-block (revision 0's layout) on the first side; ``--neumann theorem2`` gives both sides the
-reference's Neumann indexing (``benchmarks/neumann_variance.py``). The reference's own curve
-is in ``reports/parity`` (same batches and noise: step for step comparable).
+and one side changed: the first puts back the LipSwish in front of the first block (revision
+0's layout). ``--neumann theorem2`` gives both sides the reference's Neumann indexing
+(``benchmarks/neumann_variance.py``). The reference's own curve is in ``reports/parity`` (same
+batches and noise: step for step comparable).
 
 Issue 24's run (an earlier copy of this script with ``--neumann theorem2``, written before the
 library had ``first_preact``; it removed the activation instead of adding it, and its smoke
@@ -36,7 +36,6 @@ from hybridflow.nets import LipschitzConvNet, LipSwish  # noqa: E402
 from hybridflow.transforms import ResidualBlock  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--arm", choices=["first-preact"], default="first-preact")
 parser.add_argument("--neumann", choices=["library", "theorem2"], default="library")
 parser.add_argument("--threads", type=int, default=1)
 parser.add_argument("--out", type=Path, default=ROOT / "runs" / "parity_resflow_ablation")
@@ -66,7 +65,7 @@ def ours(first_preact: bool):
 density = resflow.parity_cases()[0]
 case = replace(
     density,
-    pair=f"resflow-cpu/{args.arm}",
+    pair="resflow-cpu/first-preact",
     setting=f"fashion-mnist density neumann-{args.neumann}",
     build_ours=ours(first_preact=True),
     build_peer=ours(first_preact=False),

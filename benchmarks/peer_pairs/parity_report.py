@@ -71,7 +71,7 @@ def restore_results(report_json: Path, runs: Path, cases: Sequence[ParityCase]) 
             if result.get("revision", 0) != by_key[key].revision:
                 continue  # a run of the pair's older models
             folder = runs / by_key[key].folder_name / f"seed{result['seed']}"
-            if not folder.is_dir() or current_result(by_key[key], folder) is None:
+            if current_result(by_key[key], folder) is None:
                 folder.mkdir(parents=True, exist_ok=True)
                 retire_stale(by_key[key], folder, log=lambda _: None)
                 (folder / "result.json").write_text(json.dumps(result, indent=1))

@@ -225,13 +225,13 @@ def resflow(
     def scale_layers(shape: tuple[int, int, int], count: int, last: bool) -> list[nn.Module]:
         c, h, w = shape
         layers: list[nn.Module] = []
+        nonlocal first_conv
         for _ in range(count):
             if actnorm:
                 layers.append(ActNorm(c))
-            first = not conv_blocks_built
-            kw = {**lip_kw, "preact": preact and (first_preact or not first)}
+            kw = {**lip_kw, "preact": preact and (first_preact or not first_conv)}
+            first_conv = False
             net = LipschitzConvNet(c, hidden_channels, (h, w), tuple(kernel_sizes), **kw)
-            conv_blocks_built.append(net)
             layers.append(ResidualBlock(net, **block_kw))
         if last:
             for i in range(fc_blocks):
@@ -241,7 +241,7 @@ def resflow(
         return layers
 
     counts = _blocks_per_scale(blocks_per_scale, num_scales)
-    conv_blocks_built: list[nn.Module] = []  # in flow order: the first one may skip preact
+    first_conv = True  # scales are built in flow order: the first block may skip preact
     flow = stack_scales(input_shape, counts, squeeze_first, factor_out, scale_layers)
     _configure_power_iterations(flow, sn_train_iterations, sn_eval_iterations, sn_atol, sn_rtol)
     return flow

@@ -2,8 +2,8 @@
 pretrained``.
 
 Every training option is a ``--key=value`` override of ``hybridflow.training.DEFAULTS``
-(nested keys with dots: ``--backbone_args.hidden_channels=32``); ``--config FILE.json`` loads a
-base config first. The resolved config is saved as ``config.json`` in the run folder.
+(nested keys with dots: ``--backbone_args.hidden_channels=32``); ``--config FILE`` (JSON or YAML)
+loads a base config first. The resolved config is saved as ``config.json`` in the run folder.
 """
 
 from __future__ import annotations
@@ -34,14 +34,9 @@ def _split_known(argv: Sequence[str], flags: set[str]) -> tuple[list[str], list[
 
 
 def _base_config(path: str | None) -> dict:
-    if not path:
-        return {}
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise SystemExit(f"error: config file {path} not found") from None
-    except json.JSONDecodeError as err:
-        raise SystemExit(f"error: config file {path} is not valid JSON: {err}") from None
+    from .training import read_config_file
+
+    return read_config_file(path) if path else {}
 
 
 def _cmd_train(argv: Sequence[str]) -> int:
@@ -54,7 +49,7 @@ def _cmd_train(argv: Sequence[str]) -> int:
         description="Train a hybrid model. Data-parallel: torchrun --standalone "
         "--nproc_per_node=N -m hybridflow train ... (the same options; batch_size is global).",
     )
-    parser.add_argument("--config", help="JSON file with a base config")
+    parser.add_argument("--config", help="base config file, JSON or YAML (.yaml/.yml)")
     own, rest = _split_known(argv, {"--config"})
     args = parser.parse_args(own)
     run_dir = train(_base_config(args.config), **parse_overrides(rest))
@@ -233,7 +228,7 @@ def _cmd_explain(argv: Sequence[str]) -> int:
 
 
 def _cmd_sweep(argv: Sequence[str]) -> int:
-    from .reports import parse_grid, run_sweep
+    from .reports import SweepFailedError, parse_grid, run_sweep
     from .training import parse_overrides
 
     parser = argparse.ArgumentParser(
@@ -252,7 +247,7 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
     parser.add_argument("--workers", type=int, default=1, help="cells trained at once")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in all")
     parser.add_argument("--ood", action="append", default=[], help="OOD set (repeatable)")
-    parser.add_argument("--config", help="JSON file with a base config")
+    parser.add_argument("--config", help="base config file, JSON or YAML (.yaml/.yml)")
     parser.add_argument("--report-root", default="reports")
     parser.add_argument("--runs-root", default="runs")
     parser.add_argument("--dequant-samples", type=int, default=1)
@@ -266,23 +261,28 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     except ValueError:
         raise SystemExit(f"error: --seeds takes integers, got {args.seeds!r}") from None
-    out = run_sweep(
-        args.name,
-        lams=args.lams.split(","),
-        backbones=args.backbones.split(",") if args.backbones else None,
-        config=config,
-        ood=args.ood,
-        report_root=args.report_root,
-        runs_root=args.runs_root,
-        dequant_samples=args.dequant_samples,
-        iw_samples=args.iw_samples,
-        seeds=seeds,
-        grid=parse_grid(args.grid),
-        workers=args.workers,
-        threads=args.threads,
-        n_samples=args.n_samples,
-        command=" ".join(["hybridflow", "sweep", *argv]),
-    )
+    try:
+        out = run_sweep(
+            args.name,
+            lams=args.lams.split(","),
+            backbones=args.backbones.split(",") if args.backbones else None,
+            config=config,
+            ood=args.ood,
+            report_root=args.report_root,
+            runs_root=args.runs_root,
+            dequant_samples=args.dequant_samples,
+            iw_samples=args.iw_samples,
+            seeds=seeds,
+            grid=parse_grid(args.grid),
+            workers=args.workers,
+            threads=args.threads,
+            n_samples=args.n_samples,
+            command=" ".join(["hybridflow", "sweep", *argv]),
+        )
+    except SweepFailedError as failed:
+        print(f"report: {failed.out / 'report.md'} and {failed.out / 'report.html'}")
+        print(f"error: {failed}", file=sys.stderr)
+        return 1
     print(f"report: {out / 'report.md'} and {out / 'report.html'}")
     return 0
 

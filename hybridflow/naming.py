@@ -7,9 +7,10 @@ refusal reads the same: ``unknown backbone 'resflw'; did you mean 'resflow'? (va
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import inspect
+from collections.abc import Callable, Iterable
 
-__all__ = ["closest_name", "unknown_name_message"]
+__all__ = ["accepted_keywords", "closest_name", "unknown_name_message"]
 
 
 def closest_name(name: str, choices: Iterable[str]) -> str | None:
@@ -27,3 +28,12 @@ def unknown_name_message(kind: str, name: str, choices: Iterable[str], max_liste
     hint = f"; did you mean {best!r}?" if best is not None else ""
     listed = ", ".join(options[:max_listed]) + (", ..." if len(options) > max_listed else "")
     return f"unknown {kind} {name!r}{hint} (valid: {listed})"
+
+
+def accepted_keywords(fn: Callable, skip: int = 0) -> frozenset[str] | None:
+    """The keyword names ``fn`` accepts after its first ``skip`` parameters, or ``None`` when it
+    takes ``**kwargs`` (any name might be valid)."""
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))

@@ -15,7 +15,13 @@ from conftest import TINY_REALNVP
 
 from hybridflow.data import load_dataset
 from hybridflow.evaluation import selective_accuracy
-from hybridflow.reports import expand_grid, parse_grid, reproduction_checks, run_sweep
+from hybridflow.reports import (
+    SweepFailedError,
+    expand_grid,
+    parse_grid,
+    reproduction_checks,
+    run_sweep,
+)
 from hybridflow.reports.grid import check_reusable, read_status
 from hybridflow.reports.study import CellResult
 from hybridflow.training import CheckpointError, ConfigError
@@ -114,13 +120,17 @@ def test_resume_skips_finished_cells_and_resumes_interrupted_ones(tmp_path: Path
 
 
 def test_a_failing_cell_is_reported_and_the_others_finish(tmp_path: Path, capsys) -> None:
-    bad = {**BACKBONES, "coupling": {"backbone_args": {"no_such_argument": 1}}}
-    out = _sweep(tmp_path, "fail", lams=["1/D"], backbone_overrides=bad)
+    # A value every config check accepts but the builder refuses: the cell fails in its worker.
+    bad = {**BACKBONES, "coupling": {"backbone_args": {"num_scales": 0}}}
+    with pytest.raises(SweepFailedError, match="1 of 2 cells failed") as failed:
+        _sweep(tmp_path, "fail", lams=["1/D"], backbone_overrides=bad)
+    assert failed.value.failed == ["coupling-lam1overD-s0"]
+    out = failed.value.out
     assert "FAILED" in capsys.readouterr().out
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["backbone"] for r in rows] == ["realnvp"]
     md = (out / "report.md").read_text()
-    assert "## Failures" in md and "no_such_argument" in md
+    assert "## Failures" in md and "must be non-empty" in md
     status = read_status(tmp_path / "runs" / "fail" / "coupling-lam1overD-s0")
     assert status["status"] == "failed" and "Traceback" in status["traceback"]
 

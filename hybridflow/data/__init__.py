@@ -20,6 +20,7 @@ from hybridflow.data.images import read_idx
 from hybridflow.data.registry import (
     DatasetFamily,
     available_datasets,
+    check_dataset_name,
     load_dataset,
     register_family,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "ToyDataset",
     "UnknownDatasetError",
     "available_datasets",
+    "check_dataset_name",
     "dataset_tensors",
     "load_dataset",
     "load_tabular",

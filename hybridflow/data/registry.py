@@ -44,6 +44,7 @@ __all__ = [
     "DatasetFamily",
     "LoadOptions",
     "available_datasets",
+    "check_dataset_name",
     "dataset_families",
     "load_dataset",
     "register_family",
@@ -152,6 +153,13 @@ def _family_of(name: str) -> DatasetFamily:
         if family.accepts(name):
             return family
     raise _unknown(name)
+
+
+def check_dataset_name(name: str) -> str:
+    """``name`` if some family accepts it (nothing is read); else :class:`UnknownDatasetError`
+    with the closest valid name. Files are looked for only when the dataset is loaded."""
+    _family_of(name)
+    return name
 
 
 def load_dataset(

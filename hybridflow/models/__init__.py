@@ -3,9 +3,9 @@
 from . import autoregressive, coupling, flowpp, naf, realnvp, resflow  # noqa: F401  (register the backbones)
 from .factory import create_hybrid_model
 from .flow import FlowModel, standard_normal_log_prob
-from .heads import DIGHead, ResidualFlowsHead, create_head
+from .heads import DIGHead, ResidualFlowsHead, create_head, head_keywords, list_heads
 from .hybrid import HybridModel, HybridOutput, resolve_lambda
-from .registry import create_backbone, list_backbones, register_backbone
+from .registry import backbone_keywords, create_backbone, list_backbones, register_backbone
 
 __all__ = [
     "DIGHead",
@@ -13,10 +13,13 @@ __all__ = [
     "HybridModel",
     "HybridOutput",
     "ResidualFlowsHead",
+    "backbone_keywords",
     "create_backbone",
     "create_head",
     "create_hybrid_model",
+    "head_keywords",
     "list_backbones",
+    "list_heads",
     "register_backbone",
     "resolve_lambda",
     "standard_normal_log_prob",

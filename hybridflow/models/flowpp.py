@@ -132,13 +132,13 @@ def flowpp(
     return MultiscaleFlow(blocks, input_shape, [(c, h, w)] * 2, factor_out=False)
 
 
-@register_backbone(name="flowpp-cifar10")
+@register_backbone(name="flowpp-cifar10", base=flowpp)
 def flowpp_cifar10(input_shape: tuple[int, ...], **overrides) -> MultiscaleFlow:
     """The paper's CIFAR-10 settings (see the module docstring); keywords override them."""
     return flowpp(input_shape, **overrides)
 
 
-@register_backbone(name="flowpp-cpu")
+@register_backbone(name="flowpp-cpu", base=flowpp)
 def flowpp_cpu(input_shape: tuple[int, ...], **overrides) -> MultiscaleFlow:
     """A CPU-sized Flow++ (2 + 2 + 2 couplings, 2 blocks of 32 filters, 4 logistics)."""
     settings = dict(

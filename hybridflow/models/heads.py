@@ -9,10 +9,10 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from ..naming import unknown_name_message
+from ..naming import accepted_keywords, unknown_name_message
 from ..transforms import ActNorm
 
-__all__ = ["DIGHead", "ResidualFlowsHead", "create_head"]
+__all__ = ["DIGHead", "ResidualFlowsHead", "create_head", "head_keywords", "list_heads"]
 
 Shape = tuple[int, ...]
 
@@ -106,6 +106,18 @@ class DIGHead(nn.Module):
 
 
 _HEADS = {"resflow": ResidualFlowsHead, "dig": DIGHead}
+
+
+def list_heads() -> list[str]:
+    """Names accepted by :func:`create_head`."""
+    return sorted(_HEADS)
+
+
+def head_keywords(name: str) -> frozenset[str] | None:
+    """Keywords head ``name`` accepts besides ``feature_shapes`` and ``num_classes``."""
+    if name not in _HEADS:
+        raise ValueError(unknown_name_message("head", name, _HEADS))
+    return accepted_keywords(_HEADS[name], skip=2)
 
 
 def create_head(

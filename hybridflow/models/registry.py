@@ -4,26 +4,42 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..naming import unknown_name_message
+from ..naming import accepted_keywords, unknown_name_message
 from ..transforms import MultiscaleFlow
 
-__all__ = ["create_backbone", "list_backbones", "register_backbone"]
+__all__ = ["backbone_keywords", "create_backbone", "list_backbones", "register_backbone"]
 
 BackboneFn = Callable[..., MultiscaleFlow]
 _BACKBONES: dict[str, BackboneFn] = {}
+_BASES: dict[str, BackboneFn] = {}  # named variants: the builder their **overrides go to
 
 
-def register_backbone(fn: BackboneFn | None = None, *, name: str | None = None):
-    """Register a backbone builder under ``name`` (default: the function name, ``_`` → ``-``)."""
+def register_backbone(
+    fn: BackboneFn | None = None, *, name: str | None = None, base: BackboneFn | None = None
+):
+    """Register a backbone builder under ``name`` (default: the function name, ``_`` → ``-``).
+
+    ``base``: for a named variant ``f(input_shape, **overrides)`` that calls another builder,
+    that builder; its keywords are the variant's (so a config's ``backbone_args`` are checked).
+    """
 
     def wrap(f: BackboneFn) -> BackboneFn:
         key = name or f.__name__.replace("_", "-")
         if key in _BACKBONES:
             raise ValueError(f"backbone {key!r} is already registered")
         _BACKBONES[key] = f
+        if base is not None:
+            _BASES[key] = base
         return f
 
     return wrap(fn) if fn is not None else wrap
+
+
+def backbone_keywords(name: str) -> frozenset[str] | None:
+    """Keywords backbone ``name`` accepts besides ``input_shape`` (``None``: not declared)."""
+    if name not in _BACKBONES:
+        raise ValueError(unknown_name_message("backbone", name, _BACKBONES))
+    return accepted_keywords(_BASES.get(name, _BACKBONES[name]), skip=1)
 
 
 def list_backbones() -> list[str]:

@@ -293,19 +293,19 @@ _PAPER = dict(
 _REFERENCE_LAYOUT = dict(first_preact=False, fc_actnorm="feature")
 
 
-@register_backbone(name="resflow-mnist")
+@register_backbone(name="resflow-mnist", base=resflow)
 def resflow_mnist(input_shape: tuple[int, ...] = (1, 28, 28), **overrides) -> MultiscaleFlow:
     """The paper's MNIST Residual Flow (3 × 16 blocks, width 512; ~16.7 M parameters)."""
     return resflow(input_shape, **{**_PAPER, **_REFERENCE_LAYOUT, **overrides})
 
 
-@register_backbone(name="resflow-cifar10")
+@register_backbone(name="resflow-cifar10", base=resflow)
 def resflow_cifar10(input_shape: tuple[int, ...] = (3, 32, 32), **overrides) -> MultiscaleFlow:
     """The paper's CIFAR-10 Residual Flow (same settings as MNIST on 3×32×32 inputs)."""
     return resflow(input_shape, **{**_PAPER, **_REFERENCE_LAYOUT, **overrides})
 
 
-@register_backbone(name="resflow-cpu")
+@register_backbone(name="resflow-cpu", base=resflow)
 def resflow_cpu(input_shape: tuple[int, ...] = (1, 28, 28), **overrides) -> MultiscaleFlow:
     """CPU comparison configuration: 3 scales × 2 blocks, width 64, fc end blocks of width 128,
     no factor-out, Poisson roulette with 2 exact terms, Neumann + memory-efficient gradients,
@@ -323,7 +323,7 @@ def resflow_cpu(input_shape: tuple[int, ...] = (1, 28, 28), **overrides) -> Mult
     return resflow(input_shape, **{**settings, **overrides})
 
 
-@register_backbone(name="resflow-digits")
+@register_backbone(name="resflow-digits", base=resflow)
 def resflow_digits(input_shape: tuple[int, ...] = (1, 8, 8), **overrides) -> MultiscaleFlow:
     """Sized for 8×8 digits on 2 CPU cores (see ``recipes/digits_resflow.py``)."""
     # Measured on digits at λ = 1/D (150 epochs, ≈225 k parameters with the head): deep

@@ -7,12 +7,13 @@ from .grid import Cell, expand_grid, parse_grid, run_cells
 from .ood import HYBRID_COMPONENTS, format_ood_table, ood_run
 from .runs import evaluate_run
 from .study import evaluate_cell, reproduction_checks, write_study_report
-from .sweep import run_sweep, sweep_baselines
+from .sweep import SweepFailedError, run_sweep, sweep_baselines
 
 __all__ = [
     "HYBRID_COMPONENTS",
     "Cell",
     "Document",
+    "SweepFailedError",
     "Table",
     "calibrate_run",
     "evaluate_cell",

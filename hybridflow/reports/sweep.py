@@ -23,7 +23,18 @@ from ..training import resolve_config, save_config
 from .grid import RUNTIME_KEYS, expand_grid, run_cells
 from .study import EVAL_FILE, CellResult, aggregate, git_commit, write_study_report
 
-__all__ = ["run_sweep", "sweep_baselines"]
+__all__ = ["SweepFailedError", "run_sweep", "sweep_baselines"]
+
+
+class SweepFailedError(RuntimeError):
+    """Some cells of a sweep failed; the report of the others was written to ``out``."""
+
+    def __init__(self, out: Path, failed: Sequence[str], total: int) -> None:
+        self.out, self.failed = out, list(failed)
+        super().__init__(
+            f"{len(self.failed)} of {total} cells failed ({', '.join(self.failed)}): see the "
+            f"Failures section of {out / 'report.md'} and each cell's cell.json"
+        )
 
 
 def sweep_baselines(config: Mapping[str, Any]) -> dict[str, float]:
@@ -93,6 +104,13 @@ def run_sweep(
         command: The command line that regenerates the report (default: this process's).
         notes: Paragraphs added to the report under its introduction; a callable note is
             computed from the aggregated results (``CellResult`` per cell).
+
+    Returns:
+        The report folder, when every cell finished.
+
+    Raises:
+        ConfigError: A config value, λ or backbone name is wrong (before any cell starts).
+        SweepFailedError: Some cells failed; the report of the others is written first.
     """
     import torch
 
@@ -179,7 +197,7 @@ def run_sweep(
     bound = f"mean of {dequant_samples} single-draw bound(s)" + (
         f", and the importance-weighted bound over {iw_samples} draws (IW)" if iw_samples else ""
     )
-    return write_study_report(
+    out = write_study_report(
         name,
         results,
         out,
@@ -195,3 +213,7 @@ def run_sweep(
         notes=notes,
         commit=commit,
     )
+    failed = [c.name for c in cells if statuses[c.name].get("status") != "done"]
+    if failed:
+        raise SweepFailedError(out, failed, len(cells))
+    return out

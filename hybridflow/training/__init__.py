@@ -3,10 +3,13 @@
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import (
     DEFAULTS,
+    KEY_CHOICES,
+    KEY_RANGES,
     KEY_TYPES,
     ConfigError,
     load_config,
     parse_overrides,
+    read_config_file,
     resolve_config,
     save_config,
 )
@@ -15,6 +18,8 @@ from .trainer import build_model_for, data_info, load_run, run_dir_for, train
 
 __all__ = [
     "DEFAULTS",
+    "KEY_CHOICES",
+    "KEY_RANGES",
     "KEY_TYPES",
     "CheckpointError",
     "ConfigError",
@@ -26,6 +31,7 @@ __all__ = [
     "load_config",
     "load_run",
     "parse_overrides",
+    "read_config_file",
     "resolve_config",
     "run_dir_for",
     "save_checkpoint",

@@ -2,26 +2,44 @@
 
 Configs are plain dicts (not dataclasses) so they load from checkpoints with
 ``torch.load(weights_only=True)``. Nested keys are addressed with dots:
-``--backbone_args.hidden_channels=32``.
+``--backbone_args.hidden_channels=32``. :func:`resolve_config` checks every value once, where a
+config enters (command line, recipe, JSON or YAML file): its type, its range or allowed names
+(:data:`KEY_RANGES`, :data:`KEY_CHOICES`), and the keys under ``*_args`` against the
+constructor they go to, so a wrong value fails before any data is read or cell is started.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..naming import closest_name
+import torch
+import yaml
+from timm.optim import get_optimizer_class
+
+from ..data import check_dataset_name
+from ..models import backbone_keywords, head_keywords, list_backbones, list_heads, resolve_lambda
+from ..models.flow import DEQUANTIZERS
+from ..models.precision import AMP_MODES
+from ..naming import accepted_keywords, closest_name, unknown_name_message
+from ..transforms import VariationalDequantization
+from .inputs import LOADERS
+from .loop import optimizer_keywords
 
 __all__ = [
     "DEFAULTS",
+    "KEY_CHOICES",
+    "KEY_RANGES",
     "KEY_TYPES",
     "ConfigError",
     "load_config",
     "parse_overrides",
+    "read_config_file",
     "resolve_config",
     "save_config",
 ]
@@ -85,7 +103,7 @@ DEFAULTS: dict[str, Any] = {
     "out_dir": "runs",
     "name": None,
     "log_every": 20,
-    "eval_every": 10,
+    "eval_every": 10,  # validate every this many epochs (0: no validation while training)
     "checkpoint_every_s": 120.0,
     "resume": True,
     "progress": True,
@@ -150,6 +168,80 @@ KEY_TYPES: dict[str, type | tuple[type, ...]] = {
     "eval_dequant_samples": int,
     "tensorboard": bool,
     "sample_every": int,
+}
+
+#: Allowed interval of every numeric key, in interval notation (``None`` passes where the
+#: default is ``None``). Checked by :func:`resolve_config`.
+KEY_RANGES: dict[str, str] = {
+    "val_fraction": "[0, 1)",
+    "augment_shift": "[0, inf)",
+    "perturb_rate": "[0, 1)",
+    "labelled_per_class": "[1, inf)",
+    "labelled_fraction": "(0, 1]",
+    "loader_workers": "[0, inf)",
+    "logit_alpha": "[0, 0.5)",
+    "epochs": "[1, inf)",
+    "max_steps": "[1, inf)",
+    "batch_size": "[1, inf)",
+    "accum_steps": "[1, inf)",
+    "lr": "(0, inf)",
+    "weight_decay": "[0, inf)",
+    "warmup_steps": "[0, inf)",
+    "min_lr": "[0, inf)",
+    "grad_clip": "(0, inf)",
+    "ema_decay": "[0, 1)",
+    "max_nan_skips": "[0, inf)",
+    "num_threads": "[1, inf)",
+    "log_every": "[1, inf)",
+    "eval_every": "[0, inf)",
+    "checkpoint_every_s": "[0, inf)",
+    "eval_batch_size": "[1, inf)",
+    "eval_dequant_samples": "[1, inf)",
+    "sample_every": "[0, inf)",
+    "seed": "[0, inf)",
+}
+
+
+def _optimizer_name(name: str) -> list[str] | None:
+    try:  # timm's create_optimizer_v2 wraps "lookahead_NAME" around NAME
+        get_optimizer_class(name.removeprefix("lookahead_"), bind_defaults=False)
+    except (ValueError, ImportError):
+        from timm.optim import list_optimizers  # only for the message
+
+        return list_optimizers()
+    return None
+
+
+def _device_name(name: str) -> list[str] | None:
+    try:
+        torch.device(name) if name != "auto" else None
+    except RuntimeError:
+        return ["auto", "cpu", "cuda", "cuda:N", "mps"]
+    return None
+
+
+def _dataset_name(name: str) -> str | None:
+    try:
+        check_dataset_name(name)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+#: Allowed values of every choice key: a tuple of names, or a function that returns ``None``
+#: for a valid value and else the valid names (or the whole message). Checked by
+#: :func:`resolve_config`.
+KEY_CHOICES: dict[str, tuple[str, ...] | Callable[[str], list[str] | str | None]] = {
+    "dataset": _dataset_name,
+    "unlabelled": ("keep", "drop"),
+    "loader": LOADERS,
+    "backbone": lambda name: None if name in list_backbones() else list_backbones(),
+    "head": lambda name: None if name in list_heads() else list_heads(),
+    "preprocessing": ("logit", "none"),
+    "dequantization": DEQUANTIZERS,
+    "opt": _optimizer_name,
+    "amp": AMP_MODES,
+    "device": _device_name,
 }
 
 # Names other tools use for the same settings; difflib finds typos but not synonyms.
@@ -220,9 +312,6 @@ def _check_type(key: str, value: Any) -> Any:
     if key == "lam":
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise _wrong(key, value)
-        # Deferred import (models pull in torch); the trainer parses λ with this same function.
-        from ..models.hybrid import resolve_lambda
-
         try:
             resolve_lambda(value, 1)
         except ValueError:
@@ -239,6 +328,87 @@ def _check_type(key: str, value: Any) -> Any:
     if not isinstance(value, kind):
         raise _wrong(key, value)
     return value
+
+
+def _in_range(key: str, value: float) -> bool:
+    low, high = (float(end) for end in KEY_RANGES[key][1:-1].split(","))
+    above = value >= low if KEY_RANGES[key][0] == "[" else value > low
+    below = value <= high if KEY_RANGES[key][-1] == "]" else value < high
+    return math.isfinite(value) and above and below
+
+
+def _check_choice(key: str, value: str) -> None:
+    rule = KEY_CHOICES[key]
+    valid = (None if value in rule else list(rule)) if isinstance(rule, tuple) else rule(value)
+    if isinstance(valid, str):
+        raise ConfigError(f"config key {key!r}: {valid}")
+    if valid is not None:
+        raise ConfigError(f"config key {key!r}: {unknown_name_message(key, value, valid)}")
+
+
+def _check_keywords(key: str, given: Mapping[str, Any], accepted: Iterable[str] | None, of: str):
+    """Refuse keys under ``key`` (``backbone_args``, ...) that ``of`` does not take."""
+    if accepted is None:
+        return
+    for name in given:
+        if name not in accepted:
+            guess = closest_name(name, accepted)
+            hint = f"; did you mean {guess!r}?" if guess else ""
+            raise ConfigError(
+                f"config key {key!r}: {of} takes no keyword {name!r}{hint} "
+                f"(valid: {', '.join(sorted(accepted))})"
+            )
+
+
+def _check_values(config: Mapping[str, Any]) -> None:
+    """Ranges, allowed names and nested keywords of a type-checked config (see the docstring)."""
+    for key in KEY_RANGES:
+        if config[key] is not None and not _in_range(key, config[key]):
+            raise ConfigError(
+                f"config key {key!r} must lie in {KEY_RANGES[key]}, got {config[key]}"
+            )
+    for key in KEY_CHOICES:
+        _check_choice(key, config[key])
+    if config["labelled_per_class"] is not None and config["labelled_fraction"] is not None:
+        raise ConfigError(
+            "labelled_per_class and labelled_fraction are mutually exclusive: set only one"
+        )
+    if config["min_lr"] > config["lr"]:
+        raise ConfigError(f"min_lr {config['min_lr']} exceeds lr {config['lr']}")
+    backbone = config["backbone"]
+    coeff = config["backbone_args"].get("coeff")
+    contraction = isinstance(coeff, int | float) and not isinstance(coeff, bool) and 0 < coeff < 1
+    if coeff is not None and "coeff" in (backbone_keywords(backbone) or ()) and not contraction:
+        raise ConfigError(
+            f"config key 'backbone_args.coeff' must lie in (0, 1), got {coeff!r}: a residual "
+            "block x + g(x) is invertible, and its log-det series converges, only when "
+            "Lip(g) < 1 (Behrmann et al. 2019)"
+        )
+    _check_keywords(
+        "backbone_args",
+        config["backbone_args"],
+        backbone_keywords(backbone),
+        f"backbone {backbone!r}",
+    )
+    _check_keywords(
+        "head_args", config["head_args"], head_keywords(config["head"]), f"head {config['head']!r}"
+    )
+    if config["dequantization_args"] and config["dequantization"] != "variational":
+        raise ConfigError("dequantization_args are read only by --dequantization=variational")
+    variational = set(accepted_keywords(VariationalDequantization, skip=2) or ())
+    _check_keywords(
+        "dequantization_args",
+        config["dequantization_args"],
+        variational,
+        "VariationalDequantization",
+    )
+    _check_keywords("opt_args", config["opt_args"], _opt_keywords(config["opt"]), config["opt"])
+
+
+def _opt_keywords(opt: str) -> set[str] | None:
+    """The optimizer class's keywords besides those the trainer sets (None: not declared)."""
+    names = optimizer_keywords(opt) - {"params", "lr", "weight_decay"}
+    return names or None
 
 
 def _unknown_key(key: str) -> ConfigError:
@@ -283,7 +453,39 @@ def resolve_config(
                 config[top] = _parse_value(top, value)
             else:
                 config[top] = copy.deepcopy(value)
-    return {key: _check_type(key, value) for key, value in config.items()}
+    config = {key: _check_type(key, value) for key, value in config.items()}
+    _check_values(config)
+    return config
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The raw entries of a config file, JSON (``.json``) or YAML (``.yaml``/``.yml``, the format
+    of timm's ``train.py`` configs), for :func:`resolve_config` to check.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ConfigError: The file does not parse, or does not hold a mapping of keys to values.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} not found") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            entries = yaml.safe_load(text)
+        else:
+            entries = json.loads(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        kind = "YAML" if path.suffix.lower() in (".yaml", ".yml") else "JSON"
+        raise ConfigError(f"config file {path} is not valid {kind}: {err}") from None
+    if entries is None:
+        return {}
+    if not isinstance(entries, dict):
+        raise ConfigError(
+            f"config file {path} must hold key: value entries, got {type(entries).__name__}"
+        )
+    return entries
 
 
 def save_config(config: Mapping[str, Any], path: str | Path) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "create_ema",
     "create_optimizer_and_scheduler",
     "finalize_ema",
+    "optimizer_keywords",
 ]
 
 
@@ -59,7 +60,7 @@ def create_optimizer_and_scheduler(
     exactly; it stays opt-in (``benchmarks/main_job.py``).
     """
     opt_args = dict(opt_args or {})
-    if not {"foreach", "fused"} & set(opt_args) and "foreach" in _keywords(opt):
+    if not {"foreach", "fused"} & set(opt_args) and "foreach" in optimizer_keywords(opt):
         opt_args["foreach"] = True
     optimizer = create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay, **opt_args)
     scheduler = CosineLRScheduler(
@@ -73,7 +74,7 @@ def create_optimizer_and_scheduler(
     return optimizer, scheduler
 
 
-def _keywords(opt: str) -> set[str]:
+def optimizer_keywords(opt: str) -> set[str]:
     """The keyword arguments of timm optimizer ``opt``'s class (empty if unknown)."""
     try:
         cls = get_optimizer_class(opt, bind_defaults=False)

@@ -58,9 +58,9 @@ from ..data import dataset_tensors, load_dataset
 from ..evaluation import evaluate_predictions, predict
 from ..evaluation.evaluate import merge_predictions
 from ..models import HybridModel, create_hybrid_model, resolve_lambda
-from ..models.precision import AMP_MODES, autocast_context, prepare_model
+from ..models.precision import autocast_context, prepare_model
 from ..transforms import UniformDequantization
-from .batches import check_perturb_rate, perturb_levels, random_shift
+from .batches import perturb_levels, random_shift
 from .checkpoint import CheckpointError, load_checkpoint, remove_temporaries, save_checkpoint
 from .config import resolve_config, save_config
 from .distributed import (
@@ -72,7 +72,6 @@ from .distributed import (
     set_rng_state,
 )
 from .inputs import (
-    LOADERS,
     NoiseFeed,
     dataset_labels,
     draw_batch,
@@ -218,21 +217,6 @@ class TrainState:
         self.unsaved = True
 
 
-def _check_options(cfg: Mapping[str, Any]) -> None:
-    """Refuse values of the loop's choice keys before anything is loaded or written."""
-    choices = {"loader": LOADERS, "amp": AMP_MODES, "unlabelled": ("keep", "drop")}
-    for key, valid in choices.items():
-        if cfg[key] not in valid:
-            raise ValueError(f"{key} must be one of {', '.join(valid)}; got {cfg[key]!r}")
-    for key, least in {"accum_steps": 1, "loader_workers": 0, "sample_every": 0}.items():
-        if cfg[key] < least:
-            raise ValueError(f"{key} must be >= {least}, got {cfg[key]}")
-    if cfg["labelled_per_class"] is not None and cfg["labelled_fraction"] is not None:
-        raise ValueError(
-            "labelled_per_class and labelled_fraction are mutually exclusive: set only one"
-        )
-
-
 def _streamed(cfg: Mapping[str, Any], train_set: Any) -> bool:
     """Whether training batches are read through a DataLoader (else indexed in memory)."""
     if cfg["loader"] == "memory" and not in_memory(train_set):
@@ -266,7 +250,6 @@ def _load_training_data(cfg: Mapping[str, Any], dist: Distributed) -> TrainData:
         raise ValueError("augment_shift needs image data; set --augment_shift=0")
     if cfg["perturb_rate"] and getattr(train_set, "num_levels", None) is None:
         raise ValueError("perturb_rate needs discrete data (levels); set --perturb_rate=0")
-    check_perturb_rate(float(cfg["perturb_rate"]))
     labels = keep_labels(
         labels,
         per_class=cfg["labelled_per_class"],
@@ -317,9 +300,9 @@ def setup(cfg: Mapping[str, Any], dist: Distributed | None = None) -> TrainState
 
     ``dist`` is this process's place in a data-parallel run (default: from the ``torchrun``
     environment). Returns ``None`` when the run already finished (its ``model.pt`` is kept).
+    ``cfg`` comes from :func:`~hybridflow.training.resolve_config`, which checked every value.
     """
     cfg = dict(cfg)
-    _check_options(cfg)
     dist = dist or init_distributed(cfg["device"])
     run_dir = run_dir_for(cfg)
     if dist.is_main:
@@ -852,7 +835,6 @@ def train(config: Mapping[str, Any] | None = None, **overrides: Any) -> Path:
     ``KeyboardInterrupt``. Under ``torchrun`` every process calls it with the same config.
     """
     cfg = resolve_config(overrides, base=config)
-    _check_options(cfg)
     dist = init_distributed(cfg["device"])
     state = None
     try:

@@ -84,6 +84,19 @@ class _Draw:
     probes: list[Tensor]
 
 
+def _check_contraction(net: nn.Module) -> None:
+    """Refuse a branch whose declared Lipschitz bound (``lipschitz_bound`` of the Lipschitz nets)
+    is not below 1: ``x + g(x)`` is then not invertible by fixed-point iteration and the log-det
+    series need not converge (Behrmann et al. 2019, §2-3), so bits/dim would be silently wrong."""
+    bounds = [m.lipschitz_bound for m in net.modules() if hasattr(m, "lipschitz_bound")]
+    if bounds and not max(bounds) < 1:
+        raise ValueError(
+            f"the residual branch's Lipschitz bound is {max(bounds):.4g}, not < 1: a residual "
+            "block is invertible and its log-det series converges only for a contraction; use "
+            "a spectral-norm coefficient coeff in (0, 1)"
+        )
+
+
 class ResidualBlock(InvertibleModule):
     """``z = x + g(x)`` with a selectable log-det estimator and gradient mode.
 
@@ -140,6 +153,7 @@ class ResidualBlock(InvertibleModule):
             raise ValueError("n_terms, eval_n_terms and n_probes must be >= 1")
         if not 0 < geometric_p < 1 or poisson_rate <= 0:
             raise ValueError("need 0 < geometric_p < 1 and poisson_rate > 0")
+        _check_contraction(net)
         self.net = net
         self.logdet_estimator = logdet
         self.n_terms, self.eval_n_terms = int(n_terms), int(eval_n_terms)

@@ -10,7 +10,7 @@ import difflib
 import inspect
 from collections.abc import Callable, Iterable
 
-__all__ = ["accepted_keywords", "closest_name", "unknown_name_message"]
+__all__ = ["accepted_keywords", "closest_name", "path_slug", "unknown_name_message"]
 
 
 def closest_name(name: str, choices: Iterable[str]) -> str | None:
@@ -37,3 +37,10 @@ def accepted_keywords(fn: Callable, skip: int = 0) -> frozenset[str] | None:
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def path_slug(text: str) -> str:
+    """``text`` as part of a file or folder name: ``/`` reads ``over``, other characters outside
+    letters, digits and ``.+-_`` become ``_`` (``"1/D"`` → ``"1overD"``)."""
+    keep = "".join(c if c.isalnum() or c in ".+-_" else "_" for c in text.replace("/", "over"))
+    return keep.strip("_") or "_"

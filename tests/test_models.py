@@ -10,6 +10,7 @@ import torch
 from hybridflow.models import (
     FlowModel,
     HybridModel,
+    Lambda,
     create_backbone,
     create_hybrid_model,
     list_backbones,
@@ -154,6 +155,21 @@ def test_resolve_lambda() -> None:
     for bad in ("half", -1.0, float("nan")):
         with pytest.raises(ValueError, match="lambda"):
             resolve_lambda(bad, 64)
+
+
+def test_lambda_is_parsed_once_into_a_value_with_its_label_slug_and_order() -> None:
+    per_dim = Lambda.parse(" 1/D ")
+    assert per_dim.label == "1/D" and per_dim.slug == "1overD" and per_dim.per_dimension
+    assert per_dim.value(784) == 1 / 784 and Lambda.parse(per_dim) is per_dim
+    assert Lambda.parse("0.5") == Lambda.parse(0.5) and Lambda.parse("1/d") == per_dim
+    assert Lambda.parse("1e-3").label == "1e-3" and Lambda.parse("1e-3").value(10) == 1e-3
+    assert Lambda.parse(0).is_zero and not Lambda.parse("1/D").is_zero
+    spellings = ["1", "0.5", "1/D", "0", "1e-8"]
+    ordered = sorted((Lambda.parse(x) for x in spellings), key=lambda lam: lam.sort_key)
+    assert [str(lam) for lam in ordered] == ["0", "1/D", "1e-8", "0.5", "1"]
+    for bad in (True, [1], "1/E", -0.5):
+        with pytest.raises(ValueError, match="lambda"):
+            Lambda.parse(bad)
 
 
 def test_resflow_head_reads_every_scale_including_final_latent() -> None:

@@ -4,7 +4,8 @@ from . import autoregressive, coupling, flowpp, naf, realnvp, resflow  # noqa: F
 from .factory import create_hybrid_model
 from .flow import FlowModel, standard_normal_log_prob
 from .heads import DIGHead, ResidualFlowsHead, create_head, head_keywords, list_heads
-from .hybrid import HybridModel, HybridOutput, resolve_lambda
+from .hybrid import HybridModel, HybridOutput
+from .lam import Lambda, resolve_lambda
 from .registry import backbone_keywords, create_backbone, list_backbones, register_backbone
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "FlowModel",
     "HybridModel",
     "HybridOutput",
+    "Lambda",
     "ResidualFlowsHead",
     "backbone_keywords",
     "create_backbone",

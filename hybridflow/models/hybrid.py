@@ -21,23 +21,9 @@ from torch.nn import functional as F
 
 from .flow import FlowModel
 from .heads import create_head
+from .lam import Lambda
 
-__all__ = ["HybridModel", "HybridOutput", "resolve_lambda"]
-
-
-def resolve_lambda(lam: float | str, dim: int) -> float:
-    """Turn λ given as a number or as ``"1/D"`` into a float."""
-    if isinstance(lam, str):
-        text = lam.strip().replace(" ", "")
-        if text.upper() == "1/D":
-            return 1.0 / dim
-        try:
-            lam = float(text)
-        except ValueError:
-            raise ValueError(f"lambda must be a number or '1/D', got {lam!r}") from None
-    if not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"lambda must be finite and >= 0, got {lam}")
-    return float(lam)
+__all__ = ["HybridModel", "HybridOutput"]
 
 
 @dataclass
@@ -106,7 +92,7 @@ class HybridModel(nn.Module):
             self.forward(x)
         self.train(was_training)
 
-    def loss(self, x: Tensor, y: Tensor, lam: float | str) -> dict[str, Tensor]:
+    def loss(self, x: Tensor, y: Tensor, lam: float | str | Lambda) -> dict[str, Tensor]:
         """Hybrid loss terms, each a per-example tensor in nats.
 
         Unlabelled examples (label -1) have ``ce = 0`` and contribute only λ·NLL (semi-supervised
@@ -115,7 +101,9 @@ class HybridModel(nn.Module):
         Returns a dict with ``loss`` (CE + λ·NLL), ``ce``, ``nll`` and ``bpd`` (NLL in bits/dim),
         plus ``logits``.
         """
-        weight = resolve_lambda(lam, self.dim)
+        # A float is the weight itself (the trainer resolves λ once); else parse "1/D", "0.5", ...
+        valid_float = isinstance(lam, float) and math.isfinite(lam) and lam >= 0
+        weight = lam if valid_float else Lambda.parse(lam).value(self.dim)
         out = self(x)
         if self.num_classes:
             ce = F.cross_entropy(out.logits, y, reduction="none", ignore_index=-1)

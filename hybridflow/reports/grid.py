@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..models import resolve_lambda
+from ..models import Lambda
+from ..naming import path_slug
 from ..training import ConfigError, resolve_config
 
 __all__ = [
@@ -59,20 +60,22 @@ RUNTIME_KEYS = frozenset(
 )
 
 
-def lam_label(lam: str | float) -> str:
+def lam_label(lam: str | float | Lambda) -> str:
     """λ as written in names and tables: ``"1/D"``, ``"0"``, ``"0.5"``."""
-    return str(lam).replace(" ", "")
+    return Lambda.parse(lam).label
 
 
 def _slug(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
-    keep = "".join(c if c.isalnum() or c in ".+-_" else "_" for c in text.replace("/", "over"))
-    return keep.strip("_") or "_"
+    return path_slug(
+        json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else str(value)
+    )
 
 
-def cell_name(backbone: str, lam: str | float, seed: int, point: Mapping[str, Any] = ()) -> str:
+def cell_name(
+    backbone: str, lam: str | float | Lambda, seed: int, point: Mapping[str, Any] = ()
+) -> str:
     """Folder name of a cell: ``coupling-lam1overD-s0`` or ``coupling-lam0-s1-lr0.0003``."""
-    parts = [backbone, f"lam{_slug(lam_label(lam))}", f"s{seed}"]
+    parts = [backbone, f"lam{Lambda.parse(lam).slug}", f"s{seed}"]
     parts += [f"{_slug(k)}{_slug(v)}" for k, v in dict(point).items()]
     return "-".join(parts)
 
@@ -153,15 +156,14 @@ def expand_grid(
     reserved = {"lam", "backbone", "seed", "name", "out_dir"} & set(grid)
     if reserved:
         raise ConfigError(f"grid keys {sorted(reserved)} have their own options (lams, ...)")
-    for lam in lams:
-        resolve_lambda(lam, 1)  # fail on a bad λ before training anything
+    parsed = [Lambda.parse(lam) for lam in lams]  # fail on a bad λ before training anything
     cells = []
     keys = list(grid)
     for backbone, lam, seed, *values in itertools.product(
-        backbones, lams, seeds, *(grid[k] for k in keys)
+        backbones, parsed, seeds, *(grid[k] for k in keys)
     ):
         point = tuple(zip(keys, values, strict=True))
-        label = lam_label(lam)
+        label = lam.label
         cfg = resolve_config(
             {**(overrides_last or {}), **dict(point)},
             base=resolve_config(overrides.get(backbone, {}), base={**base, "backbone": backbone}),

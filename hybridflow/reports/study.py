@@ -25,6 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..evaluation import OOD_METRIC_DESCRIPTIONS, OOD_SCORE_DESCRIPTIONS
+from ..models import Lambda
 from .document import Document as _Doc
 from .document import Table as _Table
 from .document import git_commit, package_versions
@@ -316,16 +317,13 @@ def reproduction_checks(results: Sequence[CellResult]) -> list[dict[str, Any]] |
 
 # --------------------------------------------------------------------------- figures
 
-_LAM_ORDER = {"0": 0.0}
 
-
-def _lam_sort_key(lam: str) -> tuple[float, str]:
-    from ..models import resolve_lambda
-
+def _lam_sort_key(lam: str) -> tuple[int, float, str]:
+    """0, then 1/D, then numbers ascending; a label that is no λ last."""
     try:
-        return (resolve_lambda(lam, 10**6), lam)  # 1/D is tiny but above 0
+        return (*Lambda.parse(lam).sort_key, lam)
     except ValueError:
-        return (math.inf, lam)
+        return (3, math.inf, lam)
 
 
 def _lams(results: Sequence[CellResult]) -> list[str]:

@@ -23,7 +23,7 @@ import yaml
 from timm.optim import get_optimizer_class
 
 from ..data import check_dataset_name
-from ..models import backbone_keywords, head_keywords, list_backbones, list_heads, resolve_lambda
+from ..models import Lambda, backbone_keywords, head_keywords, list_backbones, list_heads
 from ..models.flow import DEQUANTIZERS
 from ..models.precision import AMP_MODES
 from ..naming import accepted_keywords, closest_name, unknown_name_message
@@ -313,7 +313,7 @@ def _check_type(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise _wrong(key, value)
         try:
-            resolve_lambda(value, 1)
+            Lambda.parse(value)
         except ValueError:
             raise _wrong(key, value) from None
         return value

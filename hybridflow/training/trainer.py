@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from ..data import dataset_tensors, load_dataset
 from ..evaluation import evaluate_predictions, predict
 from ..evaluation.evaluate import merge_predictions
-from ..models import HybridModel, create_hybrid_model, resolve_lambda
+from ..models import HybridModel, Lambda, create_hybrid_model
 from ..models.precision import autocast_context, prepare_model
 from ..transforms import UniformDequantization
 from .batches import perturb_levels, random_shift
@@ -278,7 +278,7 @@ def _labelled(labels: torch.Tensor, cfg: Mapping[str, Any]) -> str:
         return "all"
     if bool(known.any()):
         return "some"  # semi-supervised: unlabelled examples contribute λ·NLL only
-    if resolve_lambda(cfg["lam"], 1) == 0:
+    if Lambda.parse(cfg["lam"]).is_zero:
         raise ValueError(
             f"dataset {cfg['dataset']!r} has no labels, and λ = 0 trains only the classifier: "
             "use --lam=1 (or 1/D) for density-only training"
@@ -334,7 +334,7 @@ def setup(cfg: Mapping[str, Any], dist: Distributed | None = None) -> TrainState
     if saved is not None and int(saved["step"]) >= total_steps and (run_dir / "model.pt").exists():
         return None  # already finished: keep its model.pt (and its recorded train time)
 
-    lam = resolve_lambda(cfg["lam"], model.dim)
+    lam = Lambda.parse(cfg["lam"]).value(model.dim)
     state = TrainState(
         cfg,
         run_dir,

@@ -91,7 +91,7 @@ def time_update(backbones: list[str], rounds: int, calls: int = 20) -> dict:
     from timm.utils import ModelEmaV3
 
     from hybridflow.data import load_dataset
-    from hybridflow.training.trainer import build_model_for, data_info
+    from hybridflow.runs import build_model_for, data_info
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

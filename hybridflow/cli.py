@@ -34,7 +34,7 @@ def _split_known(argv: Sequence[str], flags: set[str]) -> tuple[list[str], list[
 
 
 def _base_config(path: str | None) -> dict:
-    from .training import read_config_file
+    from .runs import read_config_file
 
     return read_config_file(path) if path else {}
 
@@ -42,7 +42,8 @@ def _base_config(path: str | None) -> dict:
 def _cmd_train(argv: Sequence[str]) -> int:
     import os
 
-    from .training import parse_overrides, train
+    from .runs import parse_overrides
+    from .training import train
 
     parser = argparse.ArgumentParser(
         prog="hybridflow train",
@@ -229,7 +230,7 @@ def _cmd_explain(argv: Sequence[str]) -> int:
 
 def _cmd_sweep(argv: Sequence[str]) -> int:
     from .reports import SweepFailedError, parse_grid, run_sweep
-    from .training import parse_overrides
+    from .runs import parse_overrides
 
     parser = argparse.ArgumentParser(
         prog="hybridflow sweep",
@@ -321,7 +322,7 @@ def _cmd_pretrained(argv: Sequence[str]) -> int:
 def _cmd_list(argv: Sequence[str]) -> int:
     from .data import available_datasets
     from .models import list_backbones
-    from .training import DEFAULTS
+    from .runs import DEFAULTS
 
     print("backbones:", ", ".join(list_backbones()))
     print("datasets: ", ", ".join(available_datasets()))
@@ -354,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(f"error: {unknown_name_message('command', argv[0], COMMANDS)}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from .training import CheckpointError, ConfigError, TrainingDivergedError
+    from .runs import CheckpointError, ConfigError
+    from .training import TrainingDivergedError
 
     try:
         return COMMANDS[argv[0]](argv[1:])

@@ -24,8 +24,16 @@ from typing import Any
 import torch
 
 from .naming import unknown_name_message
-from .training import CheckpointError, load_checkpoint, save_checkpoint, save_config
-from .training.trainer import build_model_for, resolve_config
+from .runs import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    CheckpointError,
+    build_model_for,
+    load_checkpoint,
+    resolve_config,
+    save_checkpoint,
+    save_config,
+)
 
 __all__ = [
     "PRETRAINED_PREFIX",
@@ -116,10 +124,10 @@ def pretrained_run_dir(name: str, weights_dir: Path = WEIGHTS_DIR) -> Path:
     source = _verified_file(name, weights_dir)
     run_dir = _cache_root() / "pretrained" / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "model.pt"
+    target = run_dir / MODEL_FILE
     if not target.exists() or _sha256(target) != _entry(name, weights_dir)["sha256"]:
         shutil.copyfile(source, target)
-    save_config(load_checkpoint(target)["config"], run_dir / "config.json")
+    save_config(load_checkpoint(target)["config"], run_dir / CONFIG_FILE)
     return run_dir
 
 
@@ -144,7 +152,7 @@ def export_pretrained(
     The file holds only the weights, the resolved config and the data description
     (``weights_only``-loadable), saved in float32. Returns the index entry.
     """
-    state = load_checkpoint(Path(run_dir) / "model.pt")
+    state = load_checkpoint(Path(run_dir) / MODEL_FILE)
     weights = {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
     file = name.replace("/", "__") + ".pt"
     weights_dir.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from hybridflow.pretrained import export_pretrained
+from hybridflow.runs import MODEL_FILE, run_name
 
 STUDIES = {  # run folder of a study -> dataset name used in the pretrained names
     Path("runs/digits"): "digits",
@@ -23,13 +24,13 @@ exported = 0
 for root, dataset in STUDIES.items():
     for run in sorted(root.glob("*-s0")):
         evaluation = run / "study_eval.json"
-        if not (run / "model.pt").exists() or not evaluation.exists():
+        if not (run / MODEL_FILE).exists() or not evaluation.exists():
             print(f"skip {run}: not finished and evaluated", file=sys.stderr)
             continue
         study = json.loads(evaluation.read_text())
         test = study["test"]
-        backbone, lam = test["backbone"], str(test["lam"]).replace("/", "over")
-        name = f"{dataset}/{RENAME.get(backbone, backbone)}-lam{lam}"
+        backbone = RENAME.get(test["backbone"], test["backbone"])
+        name = f"{dataset}/{run_name(backbone, test['lam'])}"
         entry = export_pretrained(
             run,
             name,

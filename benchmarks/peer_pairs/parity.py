@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from hybridflow.runs import load_checkpoint, save_checkpoint
 from hybridflow.training.batches import epoch_batches
-from hybridflow.training.checkpoint import load_checkpoint, save_checkpoint
 from hybridflow.training.loop import (
     backward_and_clip,
     create_ema,

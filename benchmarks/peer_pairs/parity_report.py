@@ -26,7 +26,7 @@ from _common import cpu_model
 from matplotlib.figure import Figure
 
 from hybridflow.reports import Document, Table, git_commit, package_versions
-from hybridflow.training.checkpoint import CheckpointError, load_checkpoint
+from hybridflow.runs import CheckpointError, load_checkpoint
 
 from .parity import SIDES, ParityCase, current_result, retire_stale
 

@@ -28,7 +28,7 @@ from ..evaluation.samples import (
     sample_at_temperatures,
     save_image_grid,
 )
-from ..training import load_run
+from ..runs import load_run
 from .runs import check_compatible, run_data_kwargs, write_csv
 
 __all__ = ["calibrate_run", "explain_run", "sample_run"]

@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models import Lambda
-from ..naming import path_slug
-from ..training import ConfigError, resolve_config
+from ..runs import CONFIG_FILE, ConfigError, finished_config, resolve_config, run_name
 
 __all__ = [
     "RUNTIME_KEYS",
@@ -65,19 +64,11 @@ def lam_label(lam: str | float | Lambda) -> str:
     return Lambda.parse(lam).label
 
 
-def _slug(value: Any) -> str:
-    return path_slug(
-        json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else str(value)
-    )
-
-
 def cell_name(
     backbone: str, lam: str | float | Lambda, seed: int, point: Mapping[str, Any] = ()
 ) -> str:
     """Folder name of a cell: ``coupling-lam1overD-s0`` or ``coupling-lam0-s1-lr0.0003``."""
-    parts = [backbone, f"lam{Lambda.parse(lam).slug}", f"s{seed}"]
-    parts += [f"{_slug(k)}{_slug(v)}" for k, v in dict(point).items()]
-    return "-".join(parts)
+    return run_name(backbone, lam, seed, point)
 
 
 @dataclass(frozen=True)
@@ -182,18 +173,9 @@ def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in RUNTIME_KEYS}
 
 
-def finished_config(run_dir: Path) -> dict[str, Any] | None:
-    """The config of a finished run folder (``model.pt`` present), else ``None``."""
-    if not (run_dir / "model.pt").exists():
-        return None
-    from ..training import load_checkpoint
-
-    return resolve_config(base=load_checkpoint(run_dir / "model.pt")["config"])
-
-
 def check_reusable(cell: Cell) -> None:
     """Refuse a cell folder that holds a run of a different config (never reuse it silently)."""
-    saved_path = cell.run_dir / "config.json"
+    saved_path = cell.run_dir / CONFIG_FILE
     if not saved_path.exists():
         return
     saved = resolve_config(base=json.loads(saved_path.read_text()))

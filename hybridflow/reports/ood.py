@@ -37,7 +37,7 @@ from ..evaluation.ood import (
     png_bits_per_dim,
 )
 from ..naming import unknown_name_message
-from ..training import load_run
+from ..runs import load_run
 from .runs import check_compatible, run_data_kwargs, write_csv
 
 __all__ = ["HYBRID_COMPONENTS", "format_ood_table", "ood_run", "sanitize_predictions"]

@@ -13,7 +13,7 @@ import torch
 
 from ..data import load_dataset
 from ..evaluation import evaluate_predictions, ood_table, predict, selective_accuracy
-from ..training import load_run
+from ..runs import load_run
 
 __all__ = ["check_compatible", "evaluate_run", "run_data_kwargs", "write_csv"]
 

@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 
 from ..evaluation import OOD_METRIC_DESCRIPTIONS, OOD_SCORE_DESCRIPTIONS
 from ..models import Lambda
+from ..runs import MODEL_FILE
 from .document import Document as _Doc
 from .document import Table as _Table
 from .document import git_commit, package_versions
@@ -66,7 +67,7 @@ def evaluate_cell(
     import torch
 
     from ..evaluation import evaluate_predictions, predict
-    from ..training import load_run
+    from ..runs import load_run
     from .diagnostics import calibrate_run, sample_run
     from .ood import ood_run
     from .runs import evaluate_run
@@ -79,21 +80,21 @@ def evaluate_cell(
         "typicality_batch": typicality_batch,
         "n_samples": n_samples,
         "ood_dequant_samples": ood_dequant_samples,
-        "model_mtime_ns": (run_dir / "model.pt").stat().st_mtime_ns,
+        "model_mtime_ns": (run_dir / MODEL_FILE).stat().st_mtime_ns,
     }
     path = run_dir / EVAL_FILE
     if path.exists():
         cached = json.loads(path.read_text())
         if cached.get("settings") == settings:
             return cached
-    from ..training import load_checkpoint
+    from ..runs import load_checkpoint
 
     # Residual flows estimate log-dets with random probes from the global generator: seed it so
     # that a cell evaluates to the same numbers whether it was just trained or reused.
     torch.manual_seed(0)
     model, cfg = load_run(run_dir)
     test = evaluate_run(run_dir, "test", dequant_samples=dequant_samples)
-    train_time = float(load_checkpoint(run_dir / "model.pt").get("train_time_s", float("nan")))
+    train_time = float(load_checkpoint(run_dir / MODEL_FILE).get("train_time_s", float("nan")))
     result: dict[str, Any] = {"settings": settings, "train_time_s": train_time, "test": test}
     if iw_samples:
         from ..data import load_dataset

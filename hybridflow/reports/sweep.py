@@ -19,7 +19,7 @@ from typing import Any
 
 from ..data import load_dataset
 from ..evaluation import categorical_bits_per_dim, uniform_bits_per_dim
-from ..training import resolve_config, save_config
+from ..runs import resolve_config, save_config
 from .grid import RUNTIME_KEYS, expand_grid, run_cells
 from .study import EVAL_FILE, CellResult, aggregate, git_commit, write_study_report
 

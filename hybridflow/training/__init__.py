@@ -1,20 +1,30 @@
-"""Training: configuration, checkpoints, the training loop and its shared pieces."""
+"""Training: the loop and its shared pieces (inputs, distributed, logs, monitoring).
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import (
+The config, checkpoint format and run-folder read side live in :mod:`hybridflow.runs`; their
+names are re-exported here, where code written before that package found them.
+"""
+
+from ..runs import (
     DEFAULTS,
     KEY_CHOICES,
     KEY_RANGES,
     KEY_TYPES,
+    CheckpointError,
     ConfigError,
+    build_model_for,
+    data_info,
+    load_checkpoint,
     load_config,
+    load_run,
     parse_overrides,
     read_config_file,
     resolve_config,
+    run_dir_for,
+    save_checkpoint,
     save_config,
 )
 from .loop import TrainingDivergedError, finalize_ema
-from .trainer import build_model_for, data_info, load_run, run_dir_for, train
+from .trainer import train
 
 __all__ = [
     "DEFAULTS",

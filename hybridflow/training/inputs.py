@@ -22,7 +22,6 @@ from ..evaluation.evaluate import is_in_memory as in_memory
 from .batches import draw_perturbation, draw_shifts, epoch_batches, perturb_levels, random_shift
 
 __all__ = [
-    "LOADERS",
     "BatchDraws",
     "NoiseFeed",
     "dataset_labels",
@@ -32,9 +31,6 @@ __all__ = [
     "read_examples",
     "to_device",
 ]
-
-#: Values of the ``loader`` config key.
-LOADERS = ("auto", "memory", "torch")
 
 
 def read_examples(dataset: Dataset, indices: Tensor) -> Tensor:

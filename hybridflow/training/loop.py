@@ -6,18 +6,18 @@ pass, non-finite step accounting, running statistics, the EMA finalize step and 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import signal
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-from timm.optim import create_optimizer_v2, get_optimizer_class
+from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
 from ..nets import refresh_lipschitz_layers
+from ..runs.config import optimizer_keywords
 
 __all__ = [
     "DeferredInterrupts",
@@ -29,7 +29,6 @@ __all__ = [
     "create_ema",
     "create_optimizer_and_scheduler",
     "finalize_ema",
-    "optimizer_keywords",
 ]
 
 
@@ -72,15 +71,6 @@ def create_optimizer_and_scheduler(
         t_in_epochs=False,
     )
     return optimizer, scheduler
-
-
-def optimizer_keywords(opt: str) -> set[str]:
-    """The keyword arguments of timm optimizer ``opt``'s class (empty if unknown)."""
-    try:
-        cls = get_optimizer_class(opt, bind_defaults=False)
-    except (ValueError, ImportError):
-        return set()  # unknown names fail in create_optimizer_v2 with timm's own message
-    return set(inspect.signature(cls).parameters)
 
 
 def create_ema(model: nn.Module, decay: float, use_warmup: bool) -> ModelEmaV3:

@@ -57,12 +57,23 @@ from tqdm.auto import tqdm
 from ..data import dataset_tensors, load_dataset
 from ..evaluation import evaluate_predictions, predict
 from ..evaluation.evaluate import merge_predictions
-from ..models import HybridModel, Lambda, create_hybrid_model
+from ..models import HybridModel, Lambda
 from ..models.precision import autocast_context, prepare_model
+from ..runs import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    MODEL_FILE,
+    build_model_for,
+    data_info,
+    load_checkpoint,
+    remove_temporaries,
+    resolve_config,
+    run_dir_for,
+    save_checkpoint,
+    save_config,
+)
 from ..transforms import UniformDequantization
 from .batches import perturb_levels, random_shift
-from .checkpoint import CheckpointError, load_checkpoint, remove_temporaries, save_checkpoint
-from .config import resolve_config, save_config
 from .distributed import (
     Distributed,
     LossModule,
@@ -98,44 +109,15 @@ __all__ = [
     "TrainData",
     "TrainState",
     "TrainingDivergedError",
-    "build_model_for",
-    "data_info",
     "finalize",
-    "load_run",
     "perturb_levels",
     "random_shift",
-    "run_dir_for",
     "save_training_checkpoint",
     "setup",
     "train",
     "train_one_epoch",
     "validate",
 ]
-
-
-def run_dir_for(config: Mapping[str, Any]) -> Path:
-    """``out_dir/name``; the name defaults to ``<dataset>-<backbone>-lam<λ>-s<seed>``."""
-    name = config.get("name") or (
-        f"{config['dataset'].replace(':', '_').replace('/', '_')}-{config['backbone']}"
-        f"-lam{str(config['lam']).replace('/', 'over')}-s{config['seed']}"
-    )
-    return Path(config["out_dir"]) / name
-
-
-def data_info(dataset) -> dict[str, Any]:
-    """What a model needs to know of its data: example shape, alphabet size, class count."""
-    return {
-        "shape": list(dataset.shape),
-        "num_levels": dataset.num_levels,
-        "num_classes": dataset.num_classes,
-    }
-
-
-def build_model_for(config: Mapping[str, Any], info: Mapping[str, Any]) -> HybridModel:
-    """The model a config describes, sized by :func:`data_info`."""
-    return create_hybrid_model(
-        config, tuple(info["shape"]), info["num_levels"], info["num_classes"]
-    )
 
 
 # --------------------------------------------------------------------------- state and set-up
@@ -193,7 +175,7 @@ class TrainState:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.run_dir / "checkpoint.pt"
+        return self.run_dir / CHECKPOINT_FILE
 
     @property
     def elapsed(self) -> float:
@@ -307,7 +289,7 @@ def setup(cfg: Mapping[str, Any], dist: Distributed | None = None) -> TrainState
     run_dir = run_dir_for(cfg)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.json")
+        save_config(cfg, run_dir / CONFIG_FILE)
     dist.barrier()
     if cfg["num_threads"]:
         torch.set_num_threads(int(cfg["num_threads"]))
@@ -329,9 +311,9 @@ def setup(cfg: Mapping[str, Any], dist: Distributed | None = None) -> TrainState
         warmup_lr_init=cfg["lr"] * 1e-2,
         opt_args=cfg["opt_args"],
     )
-    ckpt_path = run_dir / "checkpoint.pt"
+    ckpt_path = run_dir / CHECKPOINT_FILE
     saved = load_checkpoint(ckpt_path, device) if cfg["resume"] and ckpt_path.exists() else None
-    if saved is not None and int(saved["step"]) >= total_steps and (run_dir / "model.pt").exists():
+    if saved is not None and int(saved["step"]) >= total_steps and (run_dir / MODEL_FILE).exists():
         return None  # already finished: keep its model.pt (and its recorded train time)
 
     lam = Lambda.parse(cfg["lam"]).value(model.dim)
@@ -775,7 +757,7 @@ def finalize(state: TrainState) -> Path:
     Every rank finalizes its EMA copy (so they stay identical); rank 0 writes.
     """
     finalize_ema(state.ema.module)
-    path = state.run_dir / "model.pt"
+    path = state.run_dir / MODEL_FILE
     if state.dist.is_main:
         save_checkpoint(
             {
@@ -846,35 +828,3 @@ def train(config: Mapping[str, Any] | None = None, **overrides: Any) -> Path:
             state.tensorboard.close()
         dist.close()
     return run_dir_for(cfg)
-
-
-def load_run(
-    run_dir: str | Path, device: str | torch.device = "cpu"
-) -> tuple[HybridModel, dict[str, Any]]:
-    """Load a finished run's EMA model (``model.pt``) in eval mode, with its config."""
-    run_dir = Path(run_dir)
-    path = run_dir / "model.pt"
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir} is not a folder: give a run folder (runs/NAME)")
-    if not path.exists() and not (run_dir / "config.json").exists():
-        raise CheckpointError(
-            f"{run_dir} is not a run folder (no config.json or model.pt): give the folder "
-            "`hybridflow train` printed, e.g. runs/NAME, or pretrained:NAME"
-        )
-    if not path.exists():
-        raise CheckpointError(
-            f"{run_dir} has no model.pt: the run did not finish (resume it with "
-            f"`hybridflow train --config {run_dir / 'config.json'}`)"
-        )
-    state = load_checkpoint(path, map_location=device)
-    cfg = resolve_config(base=state["config"])
-    if "data" not in state:
-        raise CheckpointError(f"{path} lacks the 'data' entry (shape, levels, classes)")
-    model = build_model_for(cfg, state["data"]).to(device)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"{path} does not match the model its config describes: {err}"
-        ) from err
-    return model.eval(), cfg

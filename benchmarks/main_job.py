@@ -150,7 +150,7 @@ def time_update(backbones: list[str], rounds: int, calls: int = 20) -> dict:
 def time_evaluation(rounds: int) -> dict:
     """One cell's study evaluation as it is, and as it was: drawing the per-run reliability and
     OOD histogram figures (in turns)."""
-    from hybridflow.reports import diagnostics, ood, study
+    from hybridflow.experiments import cell_eval
     from hybridflow.training import train
 
     saved = json.loads((STUDY / "config.json").read_text())
@@ -161,20 +161,20 @@ def time_evaluation(rounds: int) -> dict:
         "n_samples": 64,
         "ood_dequant_samples": 1,
     }
-    plain = {"calibrate": diagnostics.calibrate_run, "ood": ood.ood_run}
+    plain = {"calibrate": cell_eval.calibrate_run, "ood": cell_eval.ood_run}
 
     def evaluate(run_dir: Path, figures: bool) -> float:
-        (run_dir / study.EVAL_FILE).unlink(missing_ok=True)
-        if figures:  # evaluate_cell imports these when called: its figures=False is overridden
+        (run_dir / cell_eval.EVAL_FILE).unlink(missing_ok=True)
+        if figures:  # the names evaluate_cell calls: its figures=False is overridden
             drawn = {"figures": True}
-            diagnostics.calibrate_run = lambda *a, **k: plain["calibrate"](*a, **k | drawn)
-            ood.ood_run = lambda *a, **k: plain["ood"](*a, **k | drawn)
+            cell_eval.calibrate_run = lambda *a, **k: plain["calibrate"](*a, **k | drawn)
+            cell_eval.ood_run = lambda *a, **k: plain["ood"](*a, **k | drawn)
         try:
             start = time.perf_counter()
-            study.evaluate_cell(run_dir, **kw)
+            cell_eval.evaluate_cell(run_dir, **kw)
             return time.perf_counter() - start
         finally:
-            diagnostics.calibrate_run, ood.ood_run = plain["calibrate"], plain["ood"]
+            cell_eval.calibrate_run, cell_eval.ood_run = plain["calibrate"], plain["ood"]
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from hybridflow.reports import run_sweep
+from hybridflow.experiments import run_sweep
 from hybridflow.training import parse_overrides
 
 NAME = "digits_coupling"

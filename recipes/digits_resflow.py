@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from hybridflow.reports import run_sweep
+from hybridflow.experiments import run_sweep
 from hybridflow.training import parse_overrides
 
 NAME = "digits_resflow"

@@ -13,7 +13,7 @@ Override any setting: `python recipes/digits_semisupervised.py --labelled_per_cl
 import statistics
 import sys
 
-from hybridflow.reports import run_sweep
+from hybridflow.experiments import run_sweep
 from hybridflow.training import parse_overrides
 
 NAME = "digits_semisupervised"

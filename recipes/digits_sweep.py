@@ -11,7 +11,8 @@ Override any setting: `python recipes/digits_sweep.py --workers=1 --lr=2e-3`.
 
 import sys
 
-from hybridflow.reports import run_sweep
+from hybridflow.experiments import run_sweep
+from hybridflow.reports.study import RESIDUAL_FLOWS_TABLE4
 from hybridflow.training import parse_overrides
 
 NAME = "digits"
@@ -68,5 +69,6 @@ out = run_sweep(
     threads=WORKERS,
     overrides=OVERRIDES,
     **SCORING,
+    checks=[RESIDUAL_FLOWS_TABLE4],  # the seed paper's table, checked on this grid
 )
 print(f"report: {out / 'report.md'} and {out / 'report.html'}")

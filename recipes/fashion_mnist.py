@@ -18,7 +18,8 @@ processes two at a time: about 2 hours on 2 CPU cores. Override any setting: `--
 import sys
 from pathlib import Path
 
-from hybridflow.reports import run_sweep
+from hybridflow.experiments import run_sweep
+from hybridflow.reports.study import RESIDUAL_FLOWS_TABLE4
 from hybridflow.training import parse_overrides
 
 NAME = "fashion_mnist"
@@ -86,5 +87,6 @@ out = run_sweep(
     threads=workers,
     overrides=OVERRIDES,
     **SCORING,
+    checks=[RESIDUAL_FLOWS_TABLE4],  # the seed paper's table, checked on this grid
 )
 print(f"report: {out / 'report.md'}")

@@ -24,7 +24,7 @@ a result. `--out=DIR` writes DIR/reports/... and DIR/runs/... instead.
 import sys
 from pathlib import Path
 
-from hybridflow.reports import run_sweep
+from hybridflow.experiments import run_sweep
 from hybridflow.training import parse_overrides
 
 NAME = "resflow_hybrid"

@@ -81,7 +81,7 @@ def test_bad_options_fail_with_a_message(tmp_path: Path, capsys) -> None:
 
 
 def test_sweep_compares_backbones_with_their_own_settings(tmp_path: Path) -> None:
-    from hybridflow.reports import run_sweep
+    from hybridflow.experiments import run_sweep
 
     shared = {
         "dataset": "digits",

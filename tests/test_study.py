@@ -15,14 +15,9 @@ from conftest import TINY_REALNVP
 
 from hybridflow.data import load_dataset
 from hybridflow.evaluation import selective_accuracy
-from hybridflow.reports import (
-    SweepFailedError,
-    expand_grid,
-    parse_grid,
-    reproduction_checks,
-    run_sweep,
-)
-from hybridflow.reports.grid import check_reusable, read_status
+from hybridflow.experiments import SweepFailedError, expand_grid, parse_grid, run_sweep
+from hybridflow.experiments.grid import check_reusable, read_status
+from hybridflow.reports import reproduction_checks
 from hybridflow.reports.study import CellResult
 from hybridflow.training import CheckpointError, ConfigError
 

@@ -1,4 +1,4 @@
-"""Worker process of a grid: ``python -m hybridflow.reports.cell_worker``.
+"""Worker process of a grid: ``python -m hybridflow.experiments.cell_worker``.
 
 Reads one job file path per line on stdin until it closes. Each ``JOB.json`` holds ``config``
 (the cell's resolved training config), ``evaluate`` (keywords of
@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from hybridflow.reports.grid import run_cell
+from hybridflow.experiments.grid import run_cell
 
 __all__: list[str] = []
 

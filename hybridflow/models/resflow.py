@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
+from ..naming import accepted_keywords
 from ..nets import LipschitzConvNet, LipschitzMLP, lipschitz_layers
 from ..transforms import ActNorm, InvertibleSequential, MultiscaleFlow, ResidualBlock, Squeeze
 from .registry import register_backbone
@@ -95,7 +97,11 @@ def stack_scales(
     return MultiscaleFlow(blocks, input_shape, shapes, factor_out=factor_out)
 
 
-@register_backbone
+#: What ``resflow``'s ``**block_options`` may hold: the keywords of ResidualBlock but its net.
+_BLOCK_KEYWORDS = accepted_keywords(ResidualBlock, skip=1) or frozenset()
+
+
+@register_backbone(forwards=ResidualBlock)
 def resflow(
     input_shape: tuple[int, ...],
     num_scales: int = 3,
@@ -116,23 +122,11 @@ def resflow(
     fc_blocks: int = 4,
     fc_hidden: int = 128,
     fc_layers: int = 2,
-    logdet: str = "roulette",
-    n_terms: int = 2,
-    eval_n_terms: int = 10,
-    distribution: str = "poisson",
-    poisson_rate: float = 2.0,
-    geometric_p: float = 0.5,
-    probe: str = "gaussian",
-    n_probes: int = 1,
-    grad: str = "neumann",
-    memory_efficient: bool = True,
     sn_train_iterations: int | None = 1,
     sn_eval_iterations: int | None = 0,
     sn_atol: float | None = None,
     sn_rtol: float | None = None,
-    inverse_atol: float = 1e-6,
-    inverse_rtol: float = 1e-6,
-    inverse_max_iter: int = 500,
+    **block_options: Any,
 ) -> MultiscaleFlow:
     """Multiscale Residual Flow for images ``(C, H, W)`` (or vectors ``(D,)``: fc blocks only).
 
@@ -169,27 +163,17 @@ def resflow(
         fc_blocks: Fully connected residual blocks at the end of the last scale.
         fc_hidden: Width of the fully connected branches.
         fc_layers: Hidden layers of the fully connected branches.
-        logdet, n_terms, eval_n_terms, distribution, poisson_rate, geometric_p, probe, n_probes,
-        grad, memory_efficient, inverse_atol, inverse_rtol, inverse_max_iter: see
-            :class:`~hybridflow.transforms.ResidualBlock`.
         sn_train_iterations, sn_eval_iterations, sn_atol, sn_rtol: power iterations per forward
             in training and eval mode (``None``: until the tolerances are met).
+        **block_options: Keywords of every :class:`~hybridflow.transforms.ResidualBlock`, with
+            its defaults (``logdet``, ``n_terms``, ``eval_n_terms``, ``distribution``,
+            ``poisson_rate``, ``geometric_p``, ``probe``, ``n_probes``, ``grad``,
+            ``memory_efficient``, ``inverse_atol``, ``inverse_rtol``, ``inverse_max_iter``, ...).
     """
-    block_kw = dict(
-        logdet=logdet,
-        n_terms=n_terms,
-        eval_n_terms=eval_n_terms,
-        distribution=distribution,
-        poisson_rate=poisson_rate,
-        geometric_p=geometric_p,
-        probe=probe,
-        n_probes=n_probes,
-        grad=grad,
-        memory_efficient=memory_efficient,
-        inverse_atol=inverse_atol,
-        inverse_rtol=inverse_rtol,
-        inverse_max_iter=inverse_max_iter,
-    )
+    unknown = set(block_options) - _BLOCK_KEYWORDS
+    if unknown:
+        raise TypeError(f"resflow() got unexpected keyword arguments {sorted(unknown)}")
+    block_kw = block_options
     lip_kw = dict(
         activation=activation,
         coeff=coeff,

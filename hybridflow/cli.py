@@ -4,6 +4,9 @@ pretrained``.
 Every training option is a ``--key=value`` override of ``hybridflow.training.DEFAULTS``
 (nested keys with dots: ``--backbone_args.hidden_channels=32``); ``--config FILE`` (JSON or YAML)
 loads a base config first. The resolved config is saved as ``config.json`` in the run folder.
+
+Each command imports what it runs inside its function: ``hybridflow --help`` and a mistyped
+command answer without importing torch (seconds).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 __all__ = ["main"]
@@ -59,173 +62,180 @@ def _cmd_train(argv: Sequence[str]) -> int:
     return 0
 
 
-def _cmd_eval(argv: Sequence[str]) -> int:
-    from .reports import evaluate_run
+_OOD_HELP = "OOD dataset (repeatable), e.g. mnist, npz:PATH, fashion-mnist@test"
 
-    parser = argparse.ArgumentParser(prog="hybridflow eval", description="Evaluate a run folder.")
-    parser.add_argument("run_dir")
-    parser.add_argument("--split", default="test")
-    parser.add_argument(
-        "--ood",
-        action="append",
-        default=[],
-        help="OOD dataset (repeatable), e.g. mnist, npz:PATH, fashion-mnist@test",
-    )
-    parser.add_argument("--dequant-samples", type=int, default=1)
-    parser.add_argument(
-        "--iw-samples",
-        type=int,
-        default=0,
-        help="importance-weighted bits/dim bound over this many draws (Flow++ uses 4096)",
-    )
+
+def _json(result: dict, run_dir: Path) -> str:
+    return json.dumps(result, indent=2)
+
+
+def _run_folder_verb(
+    argv: Sequence[str],
+    verb: str,
+    description: str,
+    options: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[Path, argparse.Namespace], dict],
+    show: Callable[[dict, Path], str] = _json,
+) -> int:
+    """A verb on one run folder: ``RUN_DIR`` (or ``pretrained:NAME``), ``--data-root``,
+    ``--device`` and the verb's own ``options``; prints ``show(result, run_dir)``."""
+    parser = argparse.ArgumentParser(prog=f"hybridflow {verb}", description=description)
+    parser.add_argument("run_dir", help="run folder, or pretrained:NAME")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default="cpu")
+    options(parser)
     args = parser.parse_args(argv)
-    result = evaluate_run(
-        resolve_run_dir(args.run_dir),
-        args.split,
-        ood=args.ood,
-        dequant_samples=args.dequant_samples,
-        iw_samples=args.iw_samples,
-        data_root=args.data_root,
-        device=args.device,
-    )
-    print(json.dumps(result, indent=2))
+    run_dir = resolve_run_dir(args.run_dir)
+    print(show(run(run_dir, args), run_dir))
     return 0
 
 
-def _common_run_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir")
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--device", default="cpu")
+def _cmd_eval(argv: Sequence[str]) -> int:
+    from .reports import evaluate_run
+
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--split", default="test")
+        parser.add_argument("--ood", action="append", default=[], help=_OOD_HELP)
+        parser.add_argument("--dequant-samples", type=int, default=1)
+        parser.add_argument(
+            "--iw-samples",
+            type=int,
+            default=0,
+            help="importance-weighted bits/dim bound over this many draws (Flow++ uses 4096)",
+        )
+
+    def run(run_dir: Path, args: argparse.Namespace) -> dict:
+        return evaluate_run(
+            run_dir,
+            args.split,
+            ood=args.ood,
+            dequant_samples=args.dequant_samples,
+            iw_samples=args.iw_samples,
+            data_root=args.data_root,
+            device=args.device,
+        )
+
+    return _run_folder_verb(argv, "eval", "Evaluate a run folder.", options, run)
 
 
 def _cmd_ood(argv: Sequence[str]) -> int:
     from .reports import HYBRID_COMPONENTS, format_ood_table, ood_run
 
-    parser = argparse.ArgumentParser(
-        prog="hybridflow ood",
-        description="Every OOD score × metric (higher score = more OOD); writes RUN_DIR/ood/.",
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--ood", action="append", required=True, help=_OOD_HELP)
+        parser.add_argument(
+            "--background",
+            default=None,
+            help="run folder of a background model (--perturb_rate) for the likelihood ratio",
+        )
+        parser.add_argument("--dequant-samples", type=int, default=1)
+        parser.add_argument("--iw-samples", type=int, default=0)
+        parser.add_argument("--typicality-batch", type=int, default=10, help="M of the batch test")
+        parser.add_argument("--alpha", type=float, default=0.99, help="typicality quantile")
+        parser.add_argument("--fit-examples", type=int, default=10_000)
+        parser.add_argument(
+            "--hybrid-components",
+            default=",".join(HYBRID_COMPONENTS),
+            help="comma-separated scores combined by the hybrid score",
+        )
+
+    def run(run_dir: Path, args: argparse.Namespace) -> dict:
+        return ood_run(
+            run_dir,
+            args.ood,
+            background=resolve_run_dir(args.background) if args.background else None,
+            dequant_samples=args.dequant_samples,
+            iw_samples=args.iw_samples,
+            typicality_batch=args.typicality_batch,
+            alpha=args.alpha,
+            fit_examples=args.fit_examples,
+            hybrid_components=args.hybrid_components.split(","),
+            data_root=args.data_root,
+            device=args.device,
+        )
+
+    description = "Every OOD score × metric (higher score = more OOD); writes RUN_DIR/ood/."
+    return _run_folder_verb(
+        argv, "ood", description, options, run, lambda result, _: format_ood_table(result)
     )
-    _common_run_args(parser)
-    parser.add_argument(
-        "--ood",
-        action="append",
-        required=True,
-        help="OOD dataset (repeatable), e.g. mnist, npz:PATH, fashion-mnist@test",
-    )
-    parser.add_argument(
-        "--background",
-        default=None,
-        help="run folder of a background model (--perturb_rate) for the likelihood ratio",
-    )
-    parser.add_argument("--dequant-samples", type=int, default=1)
-    parser.add_argument("--iw-samples", type=int, default=0)
-    parser.add_argument("--typicality-batch", type=int, default=10, help="M of the batch test")
-    parser.add_argument("--alpha", type=float, default=0.99, help="typicality threshold quantile")
-    parser.add_argument("--fit-examples", type=int, default=10_000)
-    parser.add_argument(
-        "--hybrid-components",
-        default=",".join(HYBRID_COMPONENTS),
-        help="comma-separated scores combined by the hybrid score",
-    )
-    args = parser.parse_args(argv)
-    result = ood_run(
-        resolve_run_dir(args.run_dir),
-        args.ood,
-        background=resolve_run_dir(args.background) if args.background else None,
-        dequant_samples=args.dequant_samples,
-        iw_samples=args.iw_samples,
-        typicality_batch=args.typicality_batch,
-        alpha=args.alpha,
-        fit_examples=args.fit_examples,
-        hybrid_components=args.hybrid_components.split(","),
-        data_root=args.data_root,
-        device=args.device,
-    )
-    print(format_ood_table(result))
-    return 0
 
 
 def _cmd_calibrate(argv: Sequence[str]) -> int:
     from .reports import calibrate_run
 
-    parser = argparse.ArgumentParser(
-        prog="hybridflow calibrate",
-        description="Temperature scaling on val; ECE, adaptive ECE, MCE, classwise ECE, Brier, "
-        "NLL before and after; reliability diagram. Writes RUN_DIR/calibration/.",
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--bins", type=int, default=15)
+
+    def run(run_dir: Path, args: argparse.Namespace) -> dict:
+        return calibrate_run(
+            run_dir, n_bins=args.bins, data_root=args.data_root, device=args.device
+        )
+
+    description = (
+        "Temperature scaling on val; ECE, adaptive ECE, MCE, classwise ECE, Brier, NLL before "
+        "and after; reliability diagram. Writes RUN_DIR/calibration/."
     )
-    _common_run_args(parser)
-    parser.add_argument("--bins", type=int, default=15)
-    args = parser.parse_args(argv)
-    result = calibrate_run(
-        resolve_run_dir(args.run_dir),
-        n_bins=args.bins,
-        data_root=args.data_root,
-        device=args.device,
-    )
-    print(json.dumps(result, indent=2))
-    return 0
+    return _run_folder_verb(argv, "calibrate", description, options, run)
 
 
 def _cmd_sample(argv: Sequence[str]) -> int:
     from .reports import sample_run
 
-    parser = argparse.ArgumentParser(
-        prog="hybridflow sample",
-        description="Sample grids at several temperatures and reconstructions; writes "
-        "RUN_DIR/samples/.",
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--temperatures", default="0.5,0.7,0.85,1.0")
+        parser.add_argument("-n", type=int, default=64, help="samples per temperature")
+        parser.add_argument("--seed", type=int, default=0)
+
+    def run(run_dir: Path, args: argparse.Namespace) -> dict:
+        temperatures = [float(t) for t in args.temperatures.split(",")]
+        return sample_run(
+            run_dir,
+            temperatures,
+            args.n,
+            seed=args.seed,
+            data_root=args.data_root,
+            device=args.device,
+        )
+
+    description = (
+        "Sample grids at several temperatures and reconstructions; writes RUN_DIR/samples/."
     )
-    _common_run_args(parser)
-    parser.add_argument("--temperatures", default="0.5,0.7,0.85,1.0")
-    parser.add_argument("-n", type=int, default=64, help="samples per temperature")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    temps = [float(t) for t in args.temperatures.split(",")]
-    result = sample_run(
-        resolve_run_dir(args.run_dir),
-        temps,
-        args.n,
-        seed=args.seed,
-        data_root=args.data_root,
-        device=args.device,
-    )
-    print(json.dumps(result, indent=2))
-    return 0
+    return _run_folder_verb(argv, "sample", description, options, run)
 
 
 def _cmd_explain(argv: Sequence[str]) -> int:
     from .reports import explain_run
 
-    parser = argparse.ArgumentParser(
-        prog="hybridflow explain",
-        description="Captum attributions (class logit, log p(x), energy) for test and OOD "
-        "images; writes RUN_DIR/explain/.",
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--ood", action="append", default=[])
+        parser.add_argument("-n", type=int, default=6, help="images per set")
+        parser.add_argument("--targets", default="logit,log_prob,energy")
+        parser.add_argument("--methods", default="integrated_gradients,saliency,noise_tunnel")
+        parser.add_argument("--baseline", default="blur", choices=["blur", "mean"])
+        parser.add_argument("--steps", type=int, default=32, help="integration steps")
+
+    def run(run_dir: Path, args: argparse.Namespace) -> dict:
+        return explain_run(
+            run_dir,
+            args.ood,
+            n=args.n,
+            targets=args.targets.split(","),
+            methods=args.methods.split(","),
+            baseline=args.baseline,
+            n_steps=args.steps,
+            data_root=args.data_root,
+            device=args.device,
+        )
+
+    def show(result: dict, run_dir: Path) -> str:
+        summary = json.dumps({k: v for k, v in result.items() if k != "panels"}, indent=2)
+        return f"{summary}\n{len(result['panels'])} attribution panels in {run_dir / 'explain'}"
+
+    description = (
+        "Captum attributions (class logit, log p(x), energy) for test and OOD images; writes "
+        "RUN_DIR/explain/."
     )
-    _common_run_args(parser)
-    parser.add_argument("--ood", action="append", default=[])
-    parser.add_argument("-n", type=int, default=6, help="images per set")
-    parser.add_argument("--targets", default="logit,log_prob,energy")
-    parser.add_argument("--methods", default="integrated_gradients,saliency,noise_tunnel")
-    parser.add_argument("--baseline", default="blur", choices=["blur", "mean"])
-    parser.add_argument("--steps", type=int, default=32, help="integration steps")
-    args = parser.parse_args(argv)
-    result = explain_run(
-        resolve_run_dir(args.run_dir),
-        args.ood,
-        n=args.n,
-        targets=args.targets.split(","),
-        methods=args.methods.split(","),
-        baseline=args.baseline,
-        n_steps=args.steps,
-        data_root=args.data_root,
-        device=args.device,
-    )
-    print(json.dumps({k: v for k, v in result.items() if k != "panels"}, indent=2))
-    print(
-        f"{len(result['panels'])} attribution panels in {resolve_run_dir(args.run_dir) / 'explain'}"
-    )
-    return 0
+    return _run_folder_verb(argv, "explain", description, options, run, show)
 
 
 def _cmd_sweep(argv: Sequence[str]) -> int:

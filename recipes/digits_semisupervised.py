@@ -10,8 +10,8 @@ results.csv, results.json, figures). About 3 minutes on 2 CPU cores.
 Override any setting: `python recipes/digits_semisupervised.py --labelled_per_class=5`.
 """
 
+import argparse
 import statistics
-import sys
 
 from hybridflow.experiments import run_sweep
 from hybridflow.training import parse_overrides
@@ -73,9 +73,11 @@ def comparison(results) -> str:
     )
 
 
-args = sys.argv[1:]
-WORKERS = int(next((a.split("=", 1)[1] for a in args if a.startswith("--workers=")), WORKERS))
-OVERRIDES = parse_overrides(a for a in args if not a.startswith("--workers="))
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+parser.add_argument("--workers", type=int, default=WORKERS, help="cells trained at once")
+args, rest = parser.parse_known_args()  # the rest are --key=value config overrides
+WORKERS = args.workers
+OVERRIDES = parse_overrides(rest)
 out = run_sweep(
     NAME,
     LAMS,

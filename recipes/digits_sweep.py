@@ -9,7 +9,7 @@ results.csv, results.json, figures). See README for the measured wall time (2 wo
 Override any setting: `python recipes/digits_sweep.py --workers=1 --lr=2e-3`.
 """
 
-import sys
+import argparse
 
 from hybridflow.experiments import run_sweep
 from hybridflow.reports.study import RESIDUAL_FLOWS_TABLE4
@@ -54,9 +54,11 @@ BACKBONES = {  # ≈210 k parameters each with the head
 OOD = ["noise:digits", "constant:digits", "photos:digits", "inverted:digits", "hflip:digits"]
 SCORING = {"dequant_samples": 4, "ood_dequant_samples": 1, "typicality_batch": 10}
 
-args = sys.argv[1:]
-WORKERS = int(next((a.split("=", 1)[1] for a in args if a.startswith("--workers=")), WORKERS))
-OVERRIDES = parse_overrides(a for a in args if not a.startswith("--workers="))  # win over all
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+parser.add_argument("--workers", type=int, default=WORKERS, help="cells trained at once")
+args, rest = parser.parse_known_args()  # the rest are --key=value config overrides
+WORKERS = args.workers
+OVERRIDES = parse_overrides(rest)  # win over all
 out = run_sweep(
     NAME,
     LAMS,

@@ -15,7 +15,7 @@ over ≈ 50,000 test, validation, training and OOD images per cell dominates), i
 processes two at a time: about 2 hours on 2 CPU cores. Override any setting: `--epochs=2`.
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 from hybridflow.experiments import run_sweep
@@ -68,11 +68,12 @@ MNIST = Path("../shared/data/mnist10k.npz")
 SCORING = {"dequant_samples": 1, "iw_samples": 0, "typicality_batch": 10}
 # ---- run ----
 
-args = sys.argv[1:]
-workers = int(next((a.split("=", 1)[1] for a in args if a.startswith("--workers=")), 2))
-mnist = next((a.split("=", 1)[1] for a in args if a.startswith("--mnist=")), None)
-args = [a for a in args if not a.startswith(("--workers=", "--mnist="))]
-OVERRIDES = parse_overrides(args)  # win over the per-backbone settings
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+parser.add_argument("--workers", type=int, default=2, help="cells trained at once")
+parser.add_argument("--mnist", help="MNIST npz for the OOD set (default: ../shared's, if there)")
+args, rest = parser.parse_known_args()  # the rest are --key=value config overrides
+workers, mnist = args.workers, args.mnist
+OVERRIDES = parse_overrides(rest)  # win over the per-backbone settings
 mnist_spec = f"npz:{mnist or MNIST}" if mnist or MNIST.exists() else "mnist@test"
 OOD = [mnist_spec, "noise:fashion-mnist", "constant:fashion-mnist", "inverted:fashion-mnist"]
 out = run_sweep(

@@ -32,9 +32,11 @@ __all__ = [
     "check_fractions",
     "check_seed",
     "check_split",
+    "data_root_path",
     "dataset_tensors",
     "file_key",
     "find_data_path",
+    "find_files",
     "random_split",
     "readonly",
     "stratified_split",
@@ -305,6 +307,61 @@ def find_data_path(
         path = Path(data_root).expanduser() / path
         tried.append(path)
     return (path if exists(path) else None), tried
+
+
+# --------------------------------------------------------------------------- locating files
+
+
+def data_root_path(data_root: str | None) -> Path:
+    """The data folder: ``data_root``, or :data:`DEFAULT_DATA_ROOT`, with ``~`` expanded."""
+    return Path(data_root or DEFAULT_DATA_ROOT).expanduser()
+
+
+def _files_in(
+    folder: Path, wanted: dict[str, tuple[str, ...]]
+) -> tuple[dict[str, Path] | None, list[str]]:
+    """The first existing candidate of every role in ``folder``, or None and what is missing.
+
+    ``wanted`` maps a role to its file names, preferred first; a missing role is reported by
+    its first name, with ``[.gz]`` where the second name is its gzip copy.
+    """
+    found: dict[str, Path] = {}
+    missing: list[str] = []
+    for role, names in wanted.items():
+        for candidate in names:
+            if (folder / candidate).is_file():
+                found[role] = folder / candidate
+                break
+        else:
+            gz = len(names) > 1 and names[1] == f"{names[0]}.gz"
+            missing.append(f"{names[0]}[.gz]" if gz else names[0])
+    return (found if not missing else None), missing
+
+
+def find_files(
+    places: list[tuple[Path, str]], wanted: dict[str, tuple[str, ...]]
+) -> tuple[dict[str, Path] | None, list[str]]:
+    """The files ``wanted`` from the first of ``places`` that holds them all.
+
+    Args:
+        places: ``(folder, note)`` pairs searched in order; the note names the place in the
+            lines returned for an error message.
+        wanted: Role -> candidate file names, preferred first (``("x.idx", "x.idx.gz")``).
+
+    Returns:
+        Role -> path (``None`` if no place holds them all), and one line per place searched
+        saying what it lacked, for the caller's "not found" message.
+    """
+    searched: list[str] = []
+    for folder, note in places:
+        files, missing = _files_in(folder, wanted)
+        if files is not None:
+            return files, searched
+        if not folder.is_dir():
+            searched.append(f"{folder} ({note}): no such directory")
+        else:
+            searched.append(f"{folder} ({note}): missing {', '.join(missing)}")
+    return None, searched
 
 
 # --------------------------------------------------------------------------- file cache helpers

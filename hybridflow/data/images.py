@@ -37,9 +37,11 @@ from hybridflow.data.common import (
     DatasetNotFoundError,
     ImageDataset,
     check_fractions,
+    data_root_path,
     dataset_tensors,
     file_key,
     find_data_path,
+    find_files,
     random_split,
     readonly,
     stratified_split,
@@ -170,10 +172,6 @@ def _official_split(
     )
 
 
-def _data_root(data_root: str | None) -> Path:
-    return Path(data_root or DEFAULT_DATA_ROOT).expanduser()
-
-
 @dataclass(frozen=True)
 class _HowToGet:
     """What a missing-data message of a torchvision-backed family says."""
@@ -203,27 +201,6 @@ class _HowToGet:
         return "\n".join(lines)
 
 
-def _files_in(
-    folder: Path, wanted: dict[str, tuple[str, ...]]
-) -> tuple[dict[str, Path] | None, list[str]]:
-    """The first existing candidate of every role in ``folder``, or None and what is missing.
-
-    ``wanted`` maps a role to its file names, preferred first; a missing role is reported by
-    its first name, with ``[.gz]`` where the second name is its gzip copy.
-    """
-    found: dict[str, Path] = {}
-    missing: list[str] = []
-    for role, names in wanted.items():
-        for candidate in names:
-            if (folder / candidate).is_file():
-                found[role] = folder / candidate
-                break
-        else:
-            gz = len(names) > 1 and names[1] == f"{names[0]}.gz"
-            missing.append(f"{names[0]}[.gz]" if gz else names[0])
-    return (found if not missing else None), missing
-
-
 def _locate(
     places: list[tuple[Path, str]],
     wanted: dict[str, tuple[str, ...]],
@@ -235,7 +212,7 @@ def _locate(
     Args:
         places: ``(folder, note)`` pairs searched in order; the note names the place in the
             error message.
-        wanted: Role -> candidate file names (see :func:`_files_in`).
+        wanted: Role -> candidate file names (see :func:`~.common.find_files`).
         how: The error message's advice.
         fetch: Downloads the files with torchvision and returns their folder; ``None`` when
             downloading was not asked for.
@@ -243,15 +220,9 @@ def _locate(
     Raises:
         DatasetNotFoundError: Not found (and not downloaded).
     """
-    searched: list[str] = []
-    for folder, note in places:
-        files, missing = _files_in(folder, wanted)
-        if files is not None:
-            return files
-        if not folder.is_dir():
-            searched.append(f"{folder} ({note}): no such directory")
-        else:
-            searched.append(f"{folder} ({note}): missing {', '.join(missing)}")
+    files, searched = find_files(places, wanted)
+    if files is not None:
+        return files
     if fetch is None:
         raise DatasetNotFoundError(how.message(searched))
     try:
@@ -259,9 +230,9 @@ def _locate(
     except Exception as exc:  # any failure (offline, HTTP, checksum) means "not found"
         reason = f"Download with torchvision failed: {type(exc).__name__}: {exc}"
         raise DatasetNotFoundError(how.message(searched, reason)) from exc
-    files, missing = _files_in(folder, wanted)
+    files, lacked = find_files([(folder, "downloaded")], wanted)
     if files is None:
-        reason = f"torchvision finished but {folder} still misses {', '.join(missing)}."
+        reason = f"torchvision finished, but {lacked[0]}."
         raise DatasetNotFoundError(how.message(searched, reason))
     return files
 
@@ -361,7 +332,7 @@ def _idx_search_dirs(source: IdxSource, root: Path) -> list[tuple[Path, str]]:
 def _locate_idx(name: str, data_root: str | None, download: bool) -> dict[str, Path]:
     """Find (or download) the IDX files of ``name``; raise DatasetNotFoundError otherwise."""
     source = IDX_SOURCES[name]
-    root = _data_root(data_root)
+    root = data_root_path(data_root)
     target = root / source.torchvision_class / "raw"
     apt = None
     if source.apt_package:
@@ -545,7 +516,7 @@ def load_svhn(
     ``download=True`` puts them.
     """
     check_fractions(val_fraction, 0.0)
-    root = _data_root(data_root)
+    root = data_root_path(data_root)
     target = root / "SVHN"
     how = _HowToGet(
         "svhn",
@@ -581,7 +552,7 @@ def load_cifar10(
     (torchvision's layout, where ``download=True`` extracts them).
     """
     check_fractions(val_fraction, 0.0)
-    root = _data_root(data_root)
+    root = data_root_path(data_root)
     target = root / _CIFAR10_FOLDER
     names = [*CIFAR10_BATCHES["train"], *CIFAR10_BATCHES["test"]]
     how = _HowToGet(

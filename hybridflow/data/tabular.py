@@ -53,13 +53,14 @@ import numpy as np
 import torch
 
 from hybridflow.data.common import (
-    DEFAULT_DATA_ROOT,
     DatasetNotFoundError,
     PointDataset,
     check_fractions,
     check_seed,
     check_split,
+    data_root_path,
     file_key,
+    find_files,
     readonly,
     stratified_split,
     unknown_dataset_error,
@@ -164,16 +165,16 @@ def _standardise(splits: _Splits, mean: np.ndarray, std: np.ndarray) -> _Splits:
 
 def _locate(name: str, root: str | None) -> list[Path]:
     """Paths of the files of UCI set ``name``; raise DatasetNotFoundError if any is missing."""
-    base = Path(root or DEFAULT_DATA_ROOT).expanduser()
-    rel = _UCI_FILES[name]
+    base, rel = data_root_path(root), _UCI_FILES[name]
     # The archive unpacks into a ``data/`` folder; accept root pointing above or at it.
-    for folder in (base, base / "data"):
-        if all((folder / r).is_file() for r in rel):
-            return [folder / r for r in rel]
-    missing = [str(base / r) for r in rel if not (base / r).is_file()]
+    places = [(base, "root"), (base / "data", "the archive's data/ folder under root")]
+    files, searched = find_files(places, {r: (r,) for r in rel})
+    if files is not None:
+        return [files[r] for r in rel]
     raise DatasetNotFoundError(
-        f"{name} not found: expected {', '.join(missing)} (also tried under {base / 'data'}).\n"
-        f"These files come from the data archive of Papamakarios et al. (2017), 'Masked "
+        f"{name} not found: expected {', '.join(str(base / r) for r in rel)}. Searched, in order:\n"
+        + "".join(f"  - {line}\n" for line in searched)
+        + f"These files come from the data archive of Papamakarios et al. (2017), 'Masked "
         f"Autoregressive Flow': download it from {MAF_DATA_URL} (Zenodo record 1161203), "
         "unpack it and pass the folder holding its subfolders (power/, gas/, hepmass/, "
         "miniboone/, BSDS300/) as root."

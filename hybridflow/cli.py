@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,8 +44,6 @@ def _base_config(path: str | None) -> dict:
 
 
 def _cmd_train(argv: Sequence[str]) -> int:
-    import os
-
     from .runs import parse_overrides
     from .training import train
 

@@ -148,6 +148,36 @@ def test_hybrid_loss_convention(head: str) -> None:
     torch.testing.assert_close(model.loss(x, y, 1)["loss"], terms["ce"] + terms["nll"])
 
 
+#: λ as given to ``HybridModel.loss`` and its weight for the 16 dimensions of a 1×4×4 input.
+LAMBDA_WEIGHTS = [(0, 0.0), ("1/D", 1 / 16), (1, 1.0), (0.3, 0.3), ("0.3", 0.3)]
+
+
+@pytest.mark.parametrize("head", ["resflow", "dig"])
+@pytest.mark.parametrize(("lam", "weight"), LAMBDA_WEIGHTS, ids=lambda v: str(v))
+def test_hybrid_loss_against_cross_entropy_and_flow_log_prob(
+    head: str, lam: float | str, weight: float
+) -> None:
+    """Oracle: ``F.cross_entropy`` of ``model(x).logits`` and ``-model.flow.log_prob(x)``, each
+    computed on its own under the same seed (so with the same dequantization noise), combined as
+    CE + λ·NLL with λ written out by hand (1/D = 1/16)."""
+    model = _hybrid(head).eval()
+    x, y = torch.randint(0, 17, (4, 1, 4, 4)), torch.tensor([0, 1, 2, 1])
+    torch.manual_seed(3)
+    terms = model.loss(x, y, lam)
+    torch.manual_seed(3)
+    logits = model(x).logits
+    torch.manual_seed(3)
+    nll = -model.flow.log_prob(x)
+    torch.manual_seed(4)  # the noise matters: another draw gives another NLL
+    assert not torch.allclose(-model.flow.log_prob(x), nll)
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    torch.testing.assert_close(terms["ce"], ce)
+    torch.testing.assert_close(terms["nll"], nll)
+    torch.testing.assert_close(terms["bpd"], nll / (16 * math.log(2)))
+    torch.testing.assert_close(terms["loss"], ce + weight * nll)
+    torch.testing.assert_close(terms["logits"], logits)
+
+
 def test_resolve_lambda() -> None:
     assert resolve_lambda("1/D", 64) == 1 / 64
     assert resolve_lambda(" 1/d ", 64) == 1 / 64

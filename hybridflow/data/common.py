@@ -407,7 +407,7 @@ def stratified_split(
     test = ``test_fraction`` of all examples, val = ``val_fraction`` of all examples taken from
     the remainder, train = the rest; both cuts use scikit-learn with ``random_state=seed``.
     """
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # start-up time: sklearn pulls scipy
 
     n = len(labels)
     rest, test = train_test_split(

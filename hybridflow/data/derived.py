@@ -48,7 +48,7 @@ def _constant(ref: ImageDataset, n: int, gen: torch.Generator) -> Tensor:
 
 
 def _photos(ref: ImageDataset, n: int, gen: torch.Generator) -> Tensor:
-    from sklearn.datasets import load_sample_images
+    from sklearn.datasets import load_sample_images  # start-up time: sklearn pulls scipy
 
     c, h, w = ref.shape
     photos = [

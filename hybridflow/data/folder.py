@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -133,8 +134,6 @@ class ImageFolderDataset(Dataset):
 
 
 def _decode(path: str):  # -> PIL.Image.Image
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             image.load()
@@ -175,8 +174,6 @@ def _common_format(spec: str, files: tuple[str, ...]) -> tuple[tuple[int, int], 
         ValueError: Files differ in size or mode, a mode is not L or RGB, or a file is not an
             image.
     """
-    from PIL import Image, UnidentifiedImageError
-
     formats: dict[tuple[tuple[int, int], str], list[str]] = {}
     for path in files:
         try:

@@ -242,7 +242,7 @@ def _locate(
 
 @functools.lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn import datasets
+    from sklearn import datasets  # start-up time: sklearn pulls scipy
 
     bunch = datasets.load_digits()
     images = bunch.images.astype(np.uint8)[:, None]  # levels 0..16, exact in float64
@@ -351,7 +351,7 @@ def _locate_idx(name: str, data_root: str | None, download: bool) -> dict[str, P
     )
 
     def fetch() -> Path:
-        import torchvision.datasets
+        import torchvision.datasets  # only to download; torchvision's import is slow
 
         dataset_cls = getattr(torchvision.datasets, source.torchvision_class)
         # One call downloads train and test files into root/<class>/raw.
@@ -528,7 +528,7 @@ def load_svhn(
     )
 
     def fetch() -> Path:
-        import torchvision.datasets
+        import torchvision.datasets  # only to download; torchvision's import is slow
 
         for part in SVHN_FILES:
             torchvision.datasets.SVHN(root=str(target), split=part, download=True)
@@ -565,7 +565,7 @@ def load_cifar10(
     )
 
     def fetch() -> Path:
-        import torchvision.datasets
+        import torchvision.datasets  # only to download; torchvision's import is slow
 
         # One call downloads the archive and extracts every batch into root/cifar-10-batches-py.
         torchvision.datasets.CIFAR10(root=str(root), train=True, download=True)

@@ -262,7 +262,7 @@ def _gas_preprocess(values: np.ndarray, columns: list[str]) -> _Splits:
 def _read_gas_pickle(path: str) -> tuple[np.ndarray, list[str]]:
     """Read the pickled pandas DataFrame of the archive as (values, column names)."""
     try:
-        import pandas as pd
+        import pandas as pd  # optional: only the GAS pickle needs it
     except ImportError as exc:
         raise ImportError(
             "uci:gas is stored as a pickled pandas DataFrame; reading it needs pandas, which "
@@ -381,7 +381,7 @@ def _bsds300_arrays(path: Path, split: str) -> tuple[np.ndarray, int]:
     preprocessed by the MAF authors; the file holds ``train``, ``validation`` and ``test``.
     """
     try:
-        import h5py
+        import h5py  # optional: only BSDS300 needs it
     except ImportError as exc:
         raise ImportError(
             "uci:bsds300 is stored as HDF5; reading it needs h5py, which is not a dependency "
@@ -404,7 +404,7 @@ def _bsds300_arrays(path: Path, split: str) -> tuple[np.ndarray, int]:
 
 
 def _sk_loader(short: str) -> Callable[[], object]:
-    from sklearn import datasets
+    from sklearn import datasets  # start-up time: sklearn pulls scipy
 
     return {
         "breast_cancer": datasets.load_breast_cancer,

@@ -181,7 +181,7 @@ def explain_run(
     per panel, the explained value at the input and at the baseline and the sum of the
     attributions (for integrated gradients the two differences agree: completeness).
     """
-    from ..evaluation.attribution import (
+    from ..evaluation.attribution import (  # start-up time: captum is a heavy import
         attribute,
         blurred_baseline,
         continuous_log_prob,

@@ -14,6 +14,7 @@ import re
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 __all__ = [
@@ -142,8 +143,6 @@ def inline(md: str) -> str:
 
 def package_versions() -> dict[str, str]:
     """Versions of Python and the packages a report's numbers depend on (provenance)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"python": platform.python_version()}
     for pkg in (
         "hybridflow",

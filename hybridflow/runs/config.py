@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 import yaml
-from timm.optim import get_optimizer_class
+from timm.optim import get_optimizer_class, list_optimizers
 
 from ..data import check_dataset_name
 from ..models import Lambda, backbone_keywords, head_keywords, list_backbones, list_heads
@@ -220,8 +220,6 @@ def _optimizer_name(name: str) -> list[str] | None:
     try:  # timm's create_optimizer_v2 wraps "lookahead_NAME" around NAME
         get_optimizer_class(name.removeprefix("lookahead_"), bind_defaults=False)
     except (ValueError, ImportError):
-        from timm.optim import list_optimizers  # only for the message
-
         return list_optimizers()
     return None
 

@@ -39,7 +39,7 @@ class TensorBoardLog:
     """
 
     def __init__(self, log_dir: str | Path, purge_step: int | None = None) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional extra: hybridflow[tb]
 
         self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
 

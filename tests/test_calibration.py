@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import log_loss
 
 from hybridflow.evaluation.calibration import (
     __all__ as calibration_all,
@@ -152,6 +153,52 @@ def test_reliability_bins_consistent_with_ece_and_mce() -> None:
     ece = float((bins["count"][full] / 500 * gaps).sum())
     assert ece == pytest.approx(expected_calibration_error(probs, labels, n_bins=10))
     assert gaps.max() == pytest.approx(maximum_calibration_error(probs, labels, n_bins=10))
+
+
+def _naive_binned_errors(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> dict[str, float]:
+    """ECE, MCE and classwise ECE by explicit loops over the intervals ``(b/M, (b+1)/M]``
+    (0 itself in the first), as Guo et al. 2017 (eqs. 3 and 5) and Kull et al. 2019 define them."""
+    n, c = probs.shape
+
+    def members(values: np.ndarray, b: int) -> np.ndarray:
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        return ((values > lo) | ((b == 0) & (values == 0))) & (values <= hi)
+
+    conf = probs.max(1)
+    correct = probs.argmax(1) == labels
+    ece, mce = 0.0, 0.0
+    for b in range(n_bins):
+        m = members(conf, b)
+        if m.any():
+            gap = abs(correct[m].mean() - conf[m].mean())
+            ece += m.sum() / n * gap
+            mce = max(mce, gap)
+    classwise = 0.0
+    for k in range(c):
+        for b in range(n_bins):
+            m = members(probs[:, k], b)
+            if m.any():
+                classwise += m.sum() / n * abs((labels[m] == k).mean() - probs[m, k].mean())
+    return {"ece": ece, "mce": mce, "classwise_ece": classwise / c}
+
+
+@pytest.mark.parametrize("n_bins", [15, 7])
+def test_calibration_metrics_against_independent_references(n_bins: int) -> None:
+    """Oracle: explicit per-bin loops for ECE, MCE and classwise ECE; scikit-learn's ``log_loss``
+    for the NLL; a numpy one-liner for the multi-class Brier score (squared error summed over
+    classes); the argmax count for accuracy."""
+    rng = np.random.default_rng(4)
+    logits = 2.5 * rng.normal(size=(400, 4))
+    probs = _softmax(logits)
+    labels = _sample_labels(_softmax(0.5 * logits), rng)  # over-confident by a factor 2
+    out = calibration_metrics(logits, labels, n_bins=n_bins)
+    for key, value in _naive_binned_errors(probs, labels, n_bins).items():
+        assert out[key] == pytest.approx(value, rel=1e-10, abs=1e-12), key
+    assert out["ece"] > 0.05  # the over-confidence shows
+    assert out["nll"] == pytest.approx(log_loss(labels, probs, labels=range(4)), rel=1e-10)
+    brier = np.mean(np.sum((probs - np.eye(4)[labels]) ** 2, axis=1))
+    assert out["brier"] == pytest.approx(brier, rel=1e-12)
+    assert out["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == labels))
 
 
 # --------------------------------------------------------------------------------------------

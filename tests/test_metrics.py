@@ -7,8 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import brier_score_loss, log_loss
 
 from hybridflow.evaluation import baselines
+from hybridflow.evaluation.calibration import calibration_metrics
 from hybridflow.evaluation.baselines import categorical_bits_per_dim, uniform_bits_per_dim
 from hybridflow.evaluation.metrics import (
     OOD_METRIC_DESCRIPTIONS,
@@ -18,6 +20,7 @@ from hybridflow.evaluation.metrics import (
     expected_calibration_error,
     negative_log_likelihood,
     ood_metrics,
+    selective_accuracy,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -116,6 +119,100 @@ def test_accuracy_and_classification_metrics() -> None:
     assert out["ece"] == pytest.approx(expected_calibration_error(probs, labels, n_bins=10))
     assert out["brier"] == pytest.approx(brier_score(probs, labels))
     assert out["nll"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())
+
+
+def _probs_and_labels(seed: int, n: int = 40, c: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Random probabilities (rows sum to 1) and labels that never use the last class."""
+    rng = np.random.default_rng(seed)
+    logits = 2.0 * rng.normal(size=(n, c))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return probs, rng.integers(0, c - 1, size=n)
+
+
+def test_nll_matches_sklearn_log_loss() -> None:
+    """Oracle: scikit-learn's ``log_loss`` (mean NLL in nats), told every class exists."""
+    probs, labels = _probs_and_labels(0)
+    classes = list(range(probs.shape[1]))
+    expected = log_loss(labels, probs, labels=classes)
+    assert negative_log_likelihood(probs, labels, from_logits=False) == pytest.approx(
+        expected, rel=1e-12
+    )
+    logits = np.log(probs) + 3.0  # softmax(log p + c) = p
+    assert negative_log_likelihood(logits, labels, from_logits=True) == pytest.approx(
+        expected, rel=1e-10
+    )
+    assert classification_metrics(logits, labels)["nll"] == pytest.approx(expected, rel=1e-10)
+    assert calibration_metrics(logits, labels)["nll"] == pytest.approx(expected, rel=1e-10)
+
+
+def test_brier_is_the_multiclass_sum_over_classes() -> None:
+    """Oracle: numpy one-liners. The convention is Brier's (1950) multi-class score, the mean
+    over examples of the squared error summed over all C classes (range [0, 2]); for two classes
+    that is twice scikit-learn's binary ``brier_score_loss`` (positive class only, range [0, 1])."""
+    probs, labels = _probs_and_labels(1)
+    expected = np.mean(np.sum((probs - np.eye(probs.shape[1])[labels]) ** 2, axis=1))
+    assert brier_score(probs, labels) == pytest.approx(expected, rel=1e-12)
+    assert classification_metrics(np.log(probs), labels)["brier"] == pytest.approx(expected)
+    binary = np.array([[0.9, 0.1], [0.35, 0.65], [0.2, 0.8], [0.6, 0.4]])
+    y = np.array([0, 0, 1, 1])
+    # (.1² + .1²) + (.65² + .65²) + (.2² + .2²) + (.6² + .6²) = 2 · .8325 -> / 4 = .41625
+    assert brier_score(binary, y) == pytest.approx(0.41625)
+    assert brier_score(binary, y) == pytest.approx(2 * brier_score_loss(y, binary[:, 1]))
+
+
+# Six 3-class predictions, unsorted, for the default 15 equal-width bins (b/15, (b+1)/15]
+# (Guo et al. 2017, eq. 3); no confidence sits on a bin edge.
+#   ex  probs               label  pred  conf  correct  bin (edges)
+#   1   [.62, .30, .08]     0      0     .62   1        9   (.6000, .6667]
+#   2   [.05, .90, .05]     2      1     .90   0        13  (.8667, .9333]
+#   3   [.35, .37, .28]     0      1     .37   0        5   (.3333, .4000]
+#   4   [.95, .03, .02]     0      0     .95   1        14  (.9333, 1]
+#   5   [.50, .45, .05]     1      0     .50   0        7   (.4667, .5333]
+#   6   [.20, .15, .65]     2      2     .65   1        9   (.6000, .6667]
+ECE15_PROBS = np.array(
+    [
+        [0.62, 0.30, 0.08],
+        [0.05, 0.90, 0.05],
+        [0.35, 0.37, 0.28],
+        [0.95, 0.03, 0.02],
+        [0.50, 0.45, 0.05],
+        [0.20, 0.15, 0.65],
+    ]
+)
+ECE15_LABELS = np.array([0, 2, 0, 0, 1, 2])
+
+
+def test_ece_with_15_bins_by_hand() -> None:
+    # bin 9: 2 examples, acc 1, conf .635 -> 2/6 · .365 ; bins 13, 5, 14, 7: one each,
+    # gaps .90, .37, .05, .50 -> ECE = (.73 + .90 + .37 + .05 + .50) / 6 = 2.55 / 6 = .425
+    assert expected_calibration_error(ECE15_PROBS, ECE15_LABELS) == pytest.approx(0.425)
+    # Through logits (softmax(log p) = p), as the evaluation reports it.
+    logits = np.log(ECE15_PROBS)
+    assert classification_metrics(logits, ECE15_LABELS)["ece"] == pytest.approx(0.425)
+    assert calibration_metrics(logits, ECE15_LABELS)["ece"] == pytest.approx(0.425)
+    # One bin: |acc - mean conf| = |3/6 - 3.99/6| = .165
+    assert expected_calibration_error(ECE15_PROBS, ECE15_LABELS, n_bins=1) == pytest.approx(0.165)
+
+
+def test_aurc_with_unsorted_inputs_and_ties_by_hand() -> None:
+    """AURC is the mean selective risk over coverages k/N, k = 1..N, keeping the most confident
+    first; tied confidences keep their input order (a stable sort), so the earlier input is kept
+    first. Here both tie groups would give another value in the other order."""
+    correct = np.array([1, 0, 1, 1, 0], bool)
+    confidence = np.array([0.2, 0.9, 0.9, 0.5, 0.2])
+    # Kept order: #1 (.9, wrong), #2 (.9, right), #3 (.5, right), #0 (.2, right), #4 (.2, wrong)
+    # hits 0, 1, 2, 3, 3 -> risks 1, 1/2, 1/3, 1/4, 2/5 -> AURC = (149/60) / 5 = 149/300
+    out = selective_accuracy(correct, confidence, coverages=(0.4, 0.6, 0.8, 1.0))
+    assert out["aurc"] == pytest.approx(149 / 300)
+    assert out["acc@40"] == pytest.approx(1 / 2)
+    assert out["acc@60"] == pytest.approx(2 / 3)
+    assert out["acc@80"] == pytest.approx(3 / 4)
+    assert out["acc@100"] == pytest.approx(3 / 5)
+    # The same examples listed with each tie group reversed: #2 before #1, #4 before #0.
+    # hits 1, 1, 2, 2, 3 -> risks 0, 1/2, 1/3, 1/2, 2/5 -> AURC = (104/60) / 5 = 104/300
+    listed = [2, 1, 3, 4, 0]
+    reordered = selective_accuracy(correct[listed], confidence[listed], coverages=())
+    assert reordered["aurc"] == pytest.approx(104 / 300)
 
 
 def test_classification_input_validation() -> None:

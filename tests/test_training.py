@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_REALNVP
+
+from hybridflow.data import load_dataset
 
 from hybridflow.models import HybridModel
 from hybridflow.training import (
@@ -52,6 +56,69 @@ def test_train_writes_artifacts_and_loads(tmp_path: Path) -> None:
     assert all(r["ce"] and r["nll_nats"] for r in train_rows)
     model, cfg = load_run(run_dir)
     assert isinstance(model, HybridModel) and not model.training and cfg["max_steps"] == 12
+
+
+def _value(row: dict[str, str], key: str) -> float | None:
+    """A metrics.csv cell as a float, ``None`` where it is empty."""
+    return float(row[key]) if row[key] else None
+
+
+@pytest.mark.parametrize(("lam", "weight"), [("1/D", 1 / 64), (0.25, 0.25)])
+def test_every_metrics_row_obeys_the_loss_and_bits_per_dim_definitions(
+    tmp_path: Path, lam: str | float, weight: float
+) -> None:
+    """Oracle: the definitions ``loss = ce + λ·nll_nats`` and ``bpd = nll_nats / (D ln 2)``, with
+    D = 64 from the data's shape and λ written out by hand, on every row that has the columns;
+    the last validation row against ``model.pt`` scored directly on the validation split
+    (``F.cross_entropy``, a numpy Brier score, ``flow.log_prob`` with predict's noise seed)."""
+    val = load_dataset("digits", "val")
+    dim = math.prod(val.shape)
+    assert dim == 64
+    # 1257 // 256 = 4 steps per epoch: two epochs end with a validation row each.
+    cfg = _cfg(tmp_path, name="rows", lam=lam, batch_size=256, max_steps=8, log_every=2)
+    run_dir = train(cfg)
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = set(reader.fieldnames or ())
+        rows = list(reader)
+    assert {"split", "loss", "ce", "nll_nats", "bpd"} <= header
+    checked = {"loss": 0, "bpd": 0}
+    for row in rows:
+        loss, ce, nll, bpd = (_value(row, k) for k in ("loss", "ce", "nll_nats", "bpd"))
+        assert nll is not None and bpd is not None, row
+        # Cells keep 6 significant digits: each is off by at most 5e-6 of itself.
+        assert bpd == pytest.approx(nll / (dim * math.log(2)), rel=2e-5), row
+        checked["bpd"] += 1
+        if loss is not None:
+            assert ce is not None, row
+            tol = 1e-5 * (abs(loss) + abs(ce) + weight * abs(nll))
+            assert loss == pytest.approx(ce + weight * nll, abs=tol), row
+            checked["loss"] += 1
+    train_rows = [r for r in rows if r["split"] == "train"]
+    val_rows = [r for r in rows if r["split"] == "val"]
+    assert len(train_rows) == 4 and checked["loss"] == 4  # every train row has a loss
+    assert [r["step"] for r in val_rows] == ["4", "8"] and checked["bpd"] == 6
+    assert all(r["loss"] == "" for r in val_rows)  # validation logs no training loss
+
+    # The last validation ran on the weights model.pt holds (finalized EMA at step 8).
+    model, _ = load_run(run_dir)
+    x, y = val.images, val.labels
+    assert len(x) <= 512  # predict's one batch: its generator draws the noise for all of x
+    with torch.no_grad():
+        logits = model(x, dequant_noise=0.5).logits
+        log_prob = model.flow.log_prob(x, generator=torch.Generator().manual_seed(0))
+    probs = logits.double().softmax(1).numpy()
+    onehot = np.eye(probs.shape[1])[y.numpy()]
+    expected = {
+        "accuracy": (logits.argmax(1) == y).double().mean().item(),
+        "class_nll": torch.nn.functional.cross_entropy(logits.double(), y).item(),
+        "brier": float(((probs - onehot) ** 2).sum(1).mean()),
+        "nll_nats": -log_prob.mean().item(),
+        "bpd": -log_prob.mean().item() / (dim * math.log(2)),
+    }
+    last = val_rows[-1]
+    for key, value in expected.items():
+        assert _value(last, key) == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, monkeypatch) -> None:

@@ -31,7 +31,7 @@ from ..reports.study import (
 )
 from ..runs import resolve_config, save_config
 from .cell_eval import EVAL_FILE
-from .grid import RUNTIME_KEYS, expand_grid, run_cells
+from .grid import RUNTIME_KEYS, Cell, expand_grid, run_cells
 
 __all__ = ["SweepFailedError", "run_sweep", "sweep_baselines"]
 
@@ -65,6 +65,53 @@ def sweep_baselines(config: Mapping[str, Any]) -> dict[str, float]:
         ),
         f"uniform over {k} levels": uniform_bits_per_dim(k),
     }
+
+
+def _check_ood_sets(base: Mapping[str, Any], ood: Sequence[str]) -> None:
+    """Every OOD set must load and match the data's shape and alphabet."""
+    test_set = load_dataset(
+        base["dataset"],
+        "test",
+        data_root=base["data_root"],
+        seed=base["seed"],
+        val_fraction=base["val_fraction"],
+        download=base["download"],
+    )
+    for spec in ood:
+        set_name, _, split = spec.partition("@")
+        check_compatible(
+            set_name,
+            load_dataset(
+                set_name,
+                split or "all",
+                data_root=base["data_root"],
+                seed=base["seed"],
+                val_fraction=base["val_fraction"],
+            ),
+            test_set,
+        )
+
+
+def _split_settings(
+    base: Mapping[str, Any], cells: Sequence[Cell], grid: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The settings shared by every cell, and per backbone those that differ between backbones
+    (λ, seed, name and grid keys vary per cell and are in neither)."""
+    cfgs = {c.backbone: c.config for c in cells}
+    varying = {"lam", "seed", "name", "backbone", *(grid or {})}
+    varying |= {
+        k for k in base if len({json.dumps(c[k], sort_keys=True) for c in cfgs.values()}) > 1
+    }
+    shared = {k: v for k, v in base.items() if k not in varying | RUNTIME_KEYS}
+    per_backbone = {
+        b: {
+            k: c[k]
+            for k in sorted(varying - {"lam", "seed", "name", "backbone"})
+            if k in c and k not in (grid or {})
+        }
+        for b, c in cfgs.items()
+    }
+    return shared, {b: v for b, v in per_backbone.items() if v}
 
 
 def run_sweep(
@@ -144,28 +191,7 @@ def run_sweep(
         n_samples=n_samples,
         ood_dequant_samples=ood_dequant_samples,
     )
-    # Check the OOD sets before hours of training: they must load and match the data.
-    test_set = load_dataset(
-        base["dataset"],
-        "test",
-        data_root=base["data_root"],
-        seed=base["seed"],
-        val_fraction=base["val_fraction"],
-        download=base["download"],
-    )
-    for spec in ood:
-        set_name, _, split = spec.partition("@")
-        check_compatible(
-            set_name,
-            load_dataset(
-                set_name,
-                split or "all",
-                data_root=base["data_root"],
-                seed=base["seed"],
-                val_fraction=base["val_fraction"],
-            ),
-            test_set,
-        )
+    _check_ood_sets(base, ood)  # before hours of training
     statuses = run_cells(cells, evaluate, workers=workers, threads=threads, stream=stream)
     evaluations = {}
     for cell in cells:
@@ -173,23 +199,7 @@ def run_sweep(
         if statuses[cell.name].get("status") == "done" and path.exists():
             evaluations[cell.name] = json.loads(path.read_text())
     results = aggregate(cells, statuses, evaluations)
-
-    # Settings: shared ones once, keys that differ between backbones per backbone.
-    cfgs = {c.backbone: c.config for c in cells}
-    varying = {"lam", "seed", "name", "backbone", *(grid or {})}
-    varying |= {
-        k for k in base if len({json.dumps(c[k], sort_keys=True) for c in cfgs.values()}) > 1
-    }
-    shared = {k: v for k, v in base.items() if k not in varying | RUNTIME_KEYS}
-    per_backbone = {
-        b: {
-            k: c[k]
-            for k in sorted(varying - {"lam", "seed", "name", "backbone"})
-            if k in c and k not in (grid or {})
-        }
-        for b, c in cfgs.items()
-    }
-    per_backbone = {b: v for b, v in per_backbone.items() if v}
+    shared, per_backbone = _split_settings(base, cells, grid)
     out = Path(report_root) / name
     out.mkdir(parents=True, exist_ok=True)
     save_config(

@@ -163,6 +163,22 @@ def sample_run(
     return result
 
 
+def _explained(
+    model, target: str, x_cont: torch.Tensor, classes: torch.Tensor, seed: int
+) -> np.ndarray:
+    """The value an attribution explains, with the same deterministic log-dets as the
+    attributions (so that completeness can be checked)."""
+    from ..evaluation import attribution  # start-up time: captum is a heavy import
+
+    with torch.no_grad(), attribution.deterministic_logdets(model, seed=seed):
+        if target == "log_prob":
+            return attribution.continuous_log_prob(model, x_cont).double().cpu().numpy()
+        logits = attribution.continuous_logits(model, x_cont)
+        if target == "energy":
+            return (-torch.logsumexp(logits, 1)).double().cpu().numpy()
+        return logits.gather(1, classes[:, None])[:, 0].double().cpu().numpy()
+
+
 def explain_run(
     run_dir: str | Path,
     ood: Sequence[str] = (),
@@ -181,15 +197,7 @@ def explain_run(
     per panel, the explained value at the input and at the baseline and the sum of the
     attributions (for integrated gradients the two differences agree: completeness).
     """
-    from ..evaluation.attribution import (  # start-up time: captum is a heavy import
-        attribute,
-        blurred_baseline,
-        continuous_log_prob,
-        continuous_logits,
-        deterministic_logdets,
-        mean_baseline,
-        save_attribution_overlays,
-    )
+    from ..evaluation import attribution  # start-up time: captum is a heavy import
 
     run_dir = Path(run_dir)
     model, cfg = load_run(run_dir, device=device)
@@ -200,6 +208,8 @@ def explain_run(
         )
     if model.num_classes == 0 and set(targets) & {"logit", "energy"}:
         raise ValueError("the logit and energy targets need a classifier with classes")
+    if baseline not in ("blur", "mean"):
+        raise ValueError(f"baseline must be 'blur' or 'mean', got {baseline!r}")
     data_kw = run_data_kwargs(cfg, data_root)
     in_set = load_dataset(cfg["dataset"], "test", **data_kw)
     sets = {"test": in_set}
@@ -207,44 +217,30 @@ def explain_run(
         name, _, ood_split = spec.partition("@")
         sets[spec] = load_dataset(name, ood_split or "all", **data_kw)
         check_compatible(name, sets[spec], in_set)
-    if baseline not in ("blur", "mean"):
-        raise ValueError(f"baseline must be 'blur' or 'mean', got {baseline!r}")
+    data_mean = None
     if baseline == "mean":  # bin centres of the training mean image
         train_images = dataset_tensors(load_dataset(cfg["dataset"], "train", **data_kw))[0]
         data_mean = train_images.double().mean(0) + 0.5
     dtype = next(model.parameters()).dtype
     gen = torch.Generator().manual_seed(seed)
-
-    def explained(target: str, x_cont: torch.Tensor, classes: torch.Tensor) -> np.ndarray:
-        # The same deterministic log-dets as the attributions, so completeness can be checked.
-        with torch.no_grad(), deterministic_logdets(model, seed=seed):
-            if target == "log_prob":
-                return continuous_log_prob(model, x_cont).double().cpu().numpy()
-            logits = continuous_logits(model, x_cont)
-            if target == "energy":
-                return (-torch.logsumexp(logits, 1)).double().cpu().numpy()
-            return logits.gather(1, classes[:, None])[:, 0].double().cpu().numpy()
-
     out_dir = run_dir / "explain"
     result: dict[str, Any] = {"run": run_dir.name, "baseline": baseline, "panels": []}
     for set_name, dataset in sets.items():
         images = dataset_tensors(dataset)[0]
-        idx = torch.randperm(len(images), generator=gen)[:n]
-        x = images[idx].to(device=device, dtype=dtype)
+        x = images[torch.randperm(len(images), generator=gen)[:n]].to(device=device, dtype=dtype)
         x_cont = x + 0.5
-        base = (
-            blurred_baseline(x_cont)
-            if baseline == "blur"
-            else mean_baseline(x_cont, data_mean.to(x_cont))
-        )
-        with torch.no_grad(), deterministic_logdets(model, seed=seed):
-            predicted = continuous_logits(model, x_cont).argmax(1)  # the class explained
+        if data_mean is None:
+            base = attribution.blurred_baseline(x_cont)
+        else:
+            base = attribution.mean_baseline(x_cont, data_mean.to(x_cont))
+        with torch.no_grad(), attribution.deterministic_logdets(model, seed=seed):
+            predicted = attribution.continuous_logits(model, x_cont).argmax(1)  # class explained
         for target in targets:
-            f_x = explained(target, x_cont, predicted).tolist()
-            f_b = explained(target, base, predicted).tolist()
+            f_x = _explained(model, target, x_cont, predicted, seed).tolist()
+            f_b = _explained(model, target, base, predicted, seed).tolist()
             for method in methods:
                 # The baseline tensor itself, so f(baseline) above is exactly what IG integrates.
-                attr = attribute(
+                attr = attribution.attribute(
                     model,
                     x,
                     target=target,
@@ -255,7 +251,9 @@ def explain_run(
                     seed=seed,
                 )
                 path = out_dir / f"{_slug(set_name)}_{target}_{method}.png"
-                save_attribution_overlays(x.cpu(), attr, path, num_levels=model.flow.num_levels)
+                attribution.save_attribution_overlays(
+                    x.cpu(), attr, path, num_levels=model.flow.num_levels
+                )
                 result["panels"].append(
                     {
                         "set": set_name,

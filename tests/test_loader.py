@@ -10,7 +10,7 @@ import torch
 from test_training_scale import EPOCH_RUN, assert_same_run
 from torch.utils.data import Dataset
 
-import hybridflow.training.trainer as trainer
+import hybridflow.training.setup as training_setup
 from hybridflow.data import load_dataset
 from hybridflow.evaluation import predict
 from hybridflow.training import load_run, train
@@ -63,7 +63,9 @@ def test_torch_loader_trains_bit_identically_to_memory(memory_run: Path, tmp_pat
 def test_file_backed_dataset_trains_and_evaluates(
     memory_run: Path, digits_files: dict[str, NpyFiles], tmp_path: Path, monkeypatch
 ) -> None:
-    monkeypatch.setattr(trainer, "load_dataset", lambda name, split, **kw: digits_files[split])
+    monkeypatch.setattr(
+        training_setup, "load_dataset", lambda name, split, **kw: digits_files[split]
+    )
     with pytest.raises(ValueError, match="loader=memory, but dataset 'digits' is not held in"):
         train({**CONFIG, "loader": "memory", "out_dir": str(tmp_path), "name": "refused"})
     # loader=auto streams it, with worker processes; the same examples give the same run.

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import TINY_REALNVP
 
+import hybridflow.training.setup as training_setup
 import hybridflow.training.trainer as trainer
 from hybridflow.data import load_dataset
 from hybridflow.evaluation import predict
@@ -122,7 +123,7 @@ def test_compile_compiles_the_training_loss(tmp_path: Path, monkeypatch) -> None
         calls.append((module, kwargs))
         return module
 
-    monkeypatch.setattr(trainer, "prepare_model", spy)
+    monkeypatch.setattr(training_setup, "prepare_model", spy)
     train({**CONFIG, "compile": True, "max_steps": 1, "out_dir": str(tmp_path), "name": "c"})
     assert [kw for _, kw in calls] == [{"channels_last": False}, {"compile": True}]
     assert all(isinstance(module, LossModule) for module, _ in calls)

@@ -351,7 +351,13 @@ def _in_range(key: str, value: float) -> bool:
 
 def _check_choice(key: str, value: str) -> None:
     rule = KEY_CHOICES[key]
-    valid = (None if value in rule else list(rule)) if isinstance(rule, tuple) else rule(value)
+    if isinstance(rule, tuple):  # a few fixed values: name them all, in their order
+        if value not in rule:
+            guess = closest_name(value, rule)
+            hint = f" (did you mean {guess!r}?)" if guess else ""
+            raise ConfigError(f"{key} must be one of {', '.join(rule)}; got {value!r}{hint}")
+        return
+    valid = rule(value)
     if isinstance(valid, str):
         raise ConfigError(f"config key {key!r}: {valid}")
     if valid is not None:
@@ -374,11 +380,14 @@ def _check_keywords(key: str, given: Mapping[str, Any], accepted: Iterable[str] 
 
 def _check_values(config: Mapping[str, Any]) -> None:
     """Ranges, allowed names and nested keywords of a type-checked config (see the docstring)."""
-    for key in KEY_RANGES:
+    for key, interval in KEY_RANGES.items():
         if config[key] is not None and not _in_range(key, config[key]):
-            raise ConfigError(
-                f"config key {key!r} must lie in {KEY_RANGES[key]}, got {config[key]}"
-            )
+            low, high = interval[1:-1].split(", ")
+            if high == "inf":
+                bound = f"be {'>=' if interval[0] == '[' else '>'} {low}"
+            else:
+                bound = f"lie in {interval}"
+            raise ConfigError(f"{key} must {bound}, got {config[key]}")
     for key in KEY_CHOICES:
         _check_choice(key, config[key])
     if config["labelled_per_class"] is not None and config["labelled_fraction"] is not None:

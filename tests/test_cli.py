@@ -31,7 +31,9 @@ def test_train_then_eval_with_ood(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     # npz data has 256 levels, so the digits model must refuse it rather than mis-score it.
     assert main(["eval", str(run_dir), "--ood", f"npz:{noise}"]) == 1
-    assert "levels" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "levels" in err
+    assert f"error: OOD dataset npz:{noise} has 256 levels per pixel, the model reads 17" in err
 
     assert main(["eval", str(run_dir), "--ood", "digits@val"]) == 0
     result = json.loads((run_dir / "eval_test.json").read_text())
@@ -43,7 +45,7 @@ def test_train_then_eval_with_ood(tmp_path: Path, capsys) -> None:
     assert len(rows) == 3
 
 
-def test_eval_prints_the_bits_per_dim_of_flow_log_prob(tmp_path: Path, capsys) -> None:
+def test_eval_prints_the_bits_per_dim_of_flow_log_prob(tmp_path: Path, capsys, one_thread) -> None:
     """Oracle: ``-flow.log_prob`` of the test split computed directly from ``model.pt``.
 
     With predict's noise seed (0, one batch) the printed bits/dim and the per-example log-densities
@@ -114,7 +116,12 @@ def test_bad_options_fail_with_a_message(tmp_path: Path, capsys) -> None:
     assert main(["train", "--no_such_key=1", f"--out_dir={tmp_path}"]) == 1
     assert "unknown config key" in capsys.readouterr().err
     assert main(["train", *TINY, "--dataset=cifar", f"--out_dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert "error: config key 'dataset': unknown dataset 'cifar'; did you mean 'cifar10'?" in err
     assert main(["bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: hybridflow {train, eval, sweep,") and "Traceback" not in err
+    assert "error: unknown command 'bogus' (valid: calibrate, eval, explain," in err
     assert main(["trian"]) == 2
     assert "did you mean 'train'?" in capsys.readouterr().err
     assert main(["eval", str(tmp_path)]) == 1  # a folder, but no run in it

@@ -21,7 +21,7 @@ from torch import Tensor
 
 import hybridflow
 from hybridflow import transforms as T
-from hybridflow.models import create_backbone
+from hybridflow.models import create_backbone, list_backbones
 from hybridflow.nets import (
     MLP,
     ConvResNet,
@@ -30,6 +30,9 @@ from hybridflow.nets import (
     LipschitzMLP,
     refresh_lipschitz_layers,
 )
+
+# Tiny layers launch many small kernels: one intra-op thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass
@@ -364,6 +367,119 @@ CASES: list[Case] = [
         "multiscale-no-factor-out", lambda: _multiscale(False), _images(1, 4, 4), T.MultiscaleFlow
     ),
 ]
+
+
+# ---- every registered backbone, tiny ----------------------------------------------------------
+
+
+def _tight_inverses(flow: T.InvertibleModule) -> T.InvertibleModule:
+    """Bisection inverses to 1e-12 (builders without the keyword leave the 1e-6 default), so the
+    round trip can meet 1e-8."""
+    for module in flow.modules():
+        if hasattr(module, "inverse_tol"):
+            module.inverse_tol = 1e-12
+            module.inverse_max_iter = max(module.inverse_max_iter, 200)
+    return flow
+
+
+def _backbone(name: str, shape: tuple[int, ...], **kwargs) -> Case:
+    """A conformance case of ``create_backbone(name, shape, **kwargs)``."""
+    return Case(
+        name,
+        lambda: _tight_inverses(create_backbone(name, shape, **kwargs)),
+        lambda n: torch.randn(n, *shape),
+        T.MultiscaleFlow,
+    )
+
+
+#: Residual flows with exact log-dets (the paper's roulette estimator is stochastic) and a tight
+#: fixed-point inverse; tiny sizes for the named variants sized for MNIST and CIFAR-10.
+_RESFLOW_TINY = {
+    "num_scales": 2,
+    "blocks_per_scale": 1,
+    "hidden_channels": 8,
+    "fc_blocks": 1,
+    "fc_hidden": 8,
+    "logdet": "exact",
+    "inverse_atol": 1e-12,
+    "inverse_rtol": 0,
+}
+_FLOWPP_TINY = {
+    "checkerboard_steps": (1, 1),
+    "channel_steps": 1,
+    "hidden_channels": 4,
+    "num_blocks": 1,
+    "num_heads": 2,
+    "num_components": 2,
+    "dropout": 0.0,
+}
+_RESFLOW_FC_ONLY = {**_RESFLOW_TINY, "num_scales": 1, "blocks_per_scale": 0}
+_COUPLING_TINY = {"num_scales": 2, "blocks_per_scale": 2, "hidden_channels": 8}
+_REALNVP_TINY = {
+    "couplings_per_scale": 1,
+    "final_couplings": 1,
+    "hidden_channels": 8,
+    "num_res_blocks": 1,
+}
+_NAF_TINY = {"num_flows": 2, "num_units": 4, "hidden_features": 16, "made_layers": 1}
+_AR_TINY = {"num_flows": 2, "hidden_features": (16, 16)}
+
+#: (test id, case) for every name in ``list_backbones()``: images of 1×4×4 or 2×4×4 and vectors
+#: of 4 to 6 dimensions, so the autograd Jacobian stays at most 32×32.
+BACKBONE_CASES: list[tuple[str, Case]] = [
+    ("coupling", _backbone("coupling", (1, 4, 4), **_COUPLING_TINY)),
+    ("coupling-additive", _backbone("coupling", (2, 4, 4), additive=True, **_COUPLING_TINY)),
+    ("coupling-vector", _backbone("coupling", (5,), blocks_per_scale=2, hidden_channels=8)),
+    ("coupling+1x1", _backbone("coupling+1x1", (1, 4, 4), factor_out=True, **_COUPLING_TINY)),
+    ("flowpp", _backbone("flowpp", (1, 4, 4), **_FLOWPP_TINY)),
+    # Flow++ ablations (Ho et al. 2019, Table 2): affine couplings, no attention, no 1×1 conv.
+    ("flowpp-affine", _backbone("flowpp", (1, 4, 4), coupling="affine", **_FLOWPP_TINY)),
+    ("flowpp-no-attention", _backbone("flowpp", (1, 4, 4), attention=False, **_FLOWPP_TINY)),
+    ("flowpp-no-conv1x1", _backbone("flowpp", (2, 4, 4), conv1x1=False, **_FLOWPP_TINY)),
+    ("flowpp-cifar10", _backbone("flowpp-cifar10", (1, 4, 4), **_FLOWPP_TINY)),
+    ("flowpp-cpu", _backbone("flowpp-cpu", (1, 4, 4), **_FLOWPP_TINY)),
+    ("maf", _backbone("maf", (5,), **_AR_TINY)),
+    ("maf-tanh-actnorm", _backbone("maf", (5,), affine="tanh", actnorm=True, **_AR_TINY)),
+    ("iaf", _backbone("iaf", (4,), permutation="random", **_AR_TINY)),
+    ("iaf-softplus", _backbone("iaf", (4,), affine="softplus", **_AR_TINY)),
+    ("naf-dsf", _backbone("naf", (4,), transformer="dsf", **_NAF_TINY)),
+    ("naf-ddsf", _backbone("naf", (4,), transformer="ddsf", num_layers=2, **_NAF_TINY)),
+    ("naf-coupling", _backbone("naf-coupling", (1, 4, 4), num_units=4, **_COUPLING_TINY)),
+    ("naf-coupling-vector", _backbone("naf-coupling", (6,), num_units=4, hidden_channels=8)),
+    ("realnvp", _backbone("realnvp", (1, 4, 4), **_REALNVP_TINY)),
+    ("realnvp-vector", _backbone("realnvp-vector", (4,), num_couplings=3, hidden_features=8)),
+    ("resflow", _backbone("resflow", (1, 4, 4), **_RESFLOW_TINY)),
+    ("resflow-vector", _backbone("resflow", (6,), **_RESFLOW_TINY)),
+    ("resflow-cifar10", _backbone("resflow-cifar10", (2, 4, 4), **_RESFLOW_TINY)),
+    ("resflow-cpu", _backbone("resflow-cpu", (1, 4, 4), **_RESFLOW_TINY)),
+    # resflow-digits: fully connected blocks only, on the squeezed input.
+    ("resflow-digits", _backbone("resflow-digits", (1, 4, 4), **_RESFLOW_FC_ONLY)),
+    ("resflow-mnist", _backbone("resflow-mnist", (1, 4, 4), **_RESFLOW_TINY)),
+]
+
+
+def test_every_registered_backbone_has_a_conformance_case() -> None:
+    covered = {case.name for _, case in BACKBONE_CASES}
+    missing = sorted(set(list_backbones()) - covered)
+    assert not missing, f"backbones without a conformance case: {missing}"
+    assert len({key for key, _ in BACKBONE_CASES}) == len(BACKBONE_CASES)
+
+
+@pytest.mark.parametrize("case", [c for _, c in BACKBONE_CASES], ids=[k for k, _ in BACKBONE_CASES])
+def test_backbone_round_trip_and_logdet(case: Case) -> None:
+    """Oracle: the input itself, and ``slogdet`` of the autograd Jacobian, in float64."""
+    flow = _prepared(case)
+    x = case.sample(2)
+    assert x[0].numel() <= 64
+    z, logdet = flow(x)
+    assert logdet.shape == (2,) and torch.isfinite(z).all() and torch.isfinite(logdet).all()
+    torch.testing.assert_close(flow.inverse(z), x, atol=1e-8, rtol=1e-6)
+    expected = _per_example_jacobian_logdets(lambda v: flow(v)[0], x)
+    torch.testing.assert_close(logdet, expected, atol=1e-8, rtol=1e-6)
+    one_z, one_logdet = flow(x[1:])  # eval mode: an example's output ignores the batch
+    torch.testing.assert_close(one_z, z[1:])
+    torch.testing.assert_close(one_logdet, logdet[1:])
+
 
 # Surjective layers are checked separately below (round trip on the discrete data only).
 SURJECTIVE: set[type] = {T.UniformDequantization, T.VariationalDequantization}

@@ -37,7 +37,10 @@ from hybridflow.data.common import stratified_split
 __all__: list[str] = []
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
-MNIST10K = Path("/work/shared/data/mnist10k.npz")
+#: A 10k-example MNIST npz in the data folder shared beside the checkout (``../shared``), found
+#: from the repository root so that any checkout finds it (or the test skips).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MNIST10K = REPO_ROOT.parent / "shared" / "data" / "mnist10k.npz"
 SPLITS = ("train", "val", "test")
 
 

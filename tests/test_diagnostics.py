@@ -55,7 +55,7 @@ def test_calibrate_fits_on_val_and_reports_before_and_after(run_dir: Path, capsy
     assert (run_dir / "calibration/reliability_test.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_sample_writes_grids_and_reconstructs_exactly(run_dir: Path) -> None:
+def test_sample_writes_grids_and_reconstructs_exactly(run_dir: Path, capsys) -> None:
     assert main(["sample", str(run_dir), "--temperatures=0.5,1", "-n", "9"]) == 0
     result = json.loads((run_dir / "samples/samples.json").read_text())
     assert set(result["temperatures"]) == {"0.5", "1"}
@@ -63,11 +63,13 @@ def test_sample_writes_grids_and_reconstructs_exactly(run_dir: Path) -> None:
         assert (run_dir / f"samples/samples_T{t}.png").read_bytes()[:4] == b"\x89PNG"
     assert result["reconstruction"]["level_error_rate"] == 0.0
     assert result["reconstruction"]["max_abs_error"] < 1e-3
+    capsys.readouterr()
     assert main(["sample", str(run_dir), "--temperatures=0"]) == 1
+    assert capsys.readouterr().err == "error: temperatures must be positive, got 0.0\n"
 
 
 def test_explain_writes_overlays_with_complete_integrated_gradients(
-    run_dir: Path, tmp_path: Path
+    run_dir: Path, tmp_path: Path, capsys
 ) -> None:
     noise = tmp_path / "noise.npz"
     rng = np.random.default_rng(0)
@@ -84,4 +86,8 @@ def test_explain_writes_overlays_with_complete_integrated_gradients(
             tol = 0.05 * np.abs(gap) + 0.01
             assert np.all(np.abs(np.asarray(panel["attribution_sum"]) - gap) <= tol), panel
     assert {p["set"] for p in result["panels"]} == {"test", f"npz:{noise}"}
+    capsys.readouterr()
     assert main(["explain", str(run_dir), "--targets=nope"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: target must be a callable or one of ('logit', 'log_prob',")
+    assert err.endswith("got 'nope'\n") and err.count("\n") == 1

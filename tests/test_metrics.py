@@ -10,8 +10,8 @@ import torch
 from sklearn.metrics import brier_score_loss, log_loss
 
 from hybridflow.evaluation import baselines
-from hybridflow.evaluation.calibration import calibration_metrics
 from hybridflow.evaluation.baselines import categorical_bits_per_dim, uniform_bits_per_dim
+from hybridflow.evaluation.calibration import calibration_metrics
 from hybridflow.evaluation.metrics import (
     OOD_METRIC_DESCRIPTIONS,
     accuracy,

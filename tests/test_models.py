@@ -152,6 +152,7 @@ def test_hybrid_loss_convention(head: str) -> None:
 LAMBDA_WEIGHTS = [(0, 0.0), ("1/D", 1 / 16), (1, 1.0), (0.3, 0.3), ("0.3", 0.3)]
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("head", ["resflow", "dig"])
 @pytest.mark.parametrize(("lam", "weight"), LAMBDA_WEIGHTS, ids=lambda v: str(v))
 def test_hybrid_loss_against_cross_entropy_and_flow_log_prob(

@@ -234,6 +234,23 @@ def test_bf16_log_prob_within_bound(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))
+def test_bf16_training_loss_within_bound(name: str) -> None:
+    """Oracle: the float32 training loss of a twin model under the same seed (so the same
+    dequantization noise and log-det probes); the NLL that bf16 training minimises keeps to the
+    stated bits/dim bound (``BPD_BOUND``) per example and on the mean, like the eval pass."""
+    x, y = _digits(16)
+    model = _model(name)
+    f32 = _train_loss(copy.deepcopy(model), x, y, "none")
+    bf16 = _train_loss(model, x, y, "bf16")
+    diff_bpd = (bf16["nll"] - f32["nll"]) / (DIM * math.log(2))
+    torch.testing.assert_close(bf16["bpd"], bf16["nll"] / (DIM * math.log(2)))
+    per_example, mean = BPD_BOUND[name]
+    assert diff_bpd.abs().max() <= per_example, diff_bpd.abs().max()
+    assert diff_bpd.mean().abs() <= mean, diff_bpd.mean()
+    assert not torch.equal(bf16["nll"], f32["nll"])  # bf16 did run
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
 def test_bf16_training_gradients(name: str) -> None:
     """Loss terms float32; every gradient finite and aligned with the float32 gradient."""
     x, y = _digits(16)

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_REALNVP
+from torch.nn import functional as F
 
 from hybridflow.data import load_dataset
+from hybridflow.models import HybridModel
 from hybridflow.training import resolve_config, train
 from hybridflow.training.semisupervised import keep_labels
 from hybridflow.training.trainer import setup
@@ -86,6 +88,48 @@ def test_semi_supervised_training_runs(tmp_path: Path, one_thread) -> None:
     val_rows = [r for r in rows if r["split"] == "val"]
     assert train_rows and all(r["ce"] and r["accuracy"] for r in train_rows)
     assert len(val_rows) == 1 and val_rows[0]["accuracy"]
+
+
+def test_train_rows_score_the_labelled_examples_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread
+) -> None:
+    """Oracle: every step's logits and labels, recorded as ``HybridModel.loss`` returns them. With
+    one row per step, accuracy is the argmax hit rate among the batch's labelled examples (an
+    empty cell when it has none, not 0) and ``ce`` is ``F.cross_entropy`` summed over them and
+    divided by the batch size (unlabelled examples add 0 to the mean loss); the loss row keeps
+    ``loss = ce + nll_nats / D``."""
+    steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = HybridModel.loss
+
+    def recording(self, x, y, lam):
+        terms = original(self, x, y, lam)
+        steps.append((terms["logits"].detach().clone(), y.clone()))
+        return terms
+
+    monkeypatch.setattr(HybridModel, "loss", recording)
+    cfg = {**TINY, "labelled_per_class": 3, "max_steps": 12, "log_every": 1}
+    run_dir = train({**cfg, "out_dir": str(tmp_path), "name": "semi"})
+    with (run_dir / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "train"]
+    assert len(rows) == len(steps) == 12
+    counts = []
+    for row, (logits, y) in zip(rows, steps, strict=True):
+        labelled = y >= 0
+        counts.append(int(labelled.sum()))
+        assert counts[-1] < len(y)  # 30 of 1257 labels kept: every batch is mostly unlabelled
+        if labelled.any():
+            hits = (logits[labelled].argmax(1) == y[labelled]).double().mean().item()
+            assert float(row["accuracy"]) == pytest.approx(hits, rel=1e-5, abs=1e-6), row
+            ce = F.cross_entropy(logits[labelled], y[labelled], reduction="sum").item() / len(y)
+        else:
+            assert row["accuracy"] == "", row
+            ce = 0.0
+        assert float(row["ce"]) == pytest.approx(ce, rel=1e-5, abs=1e-6), row
+        nll = float(row["nll_nats"])
+        assert float(row["loss"]) == pytest.approx(float(row["ce"]) + nll / 64, rel=1e-5), row
+    assert 0 in counts and max(counts) >= 2  # both kinds of batch were met
+    # Some labelled example was classified right: a rate over the whole batch would differ there.
+    assert any(float(r["accuracy"]) > 0 for r in rows if r["accuracy"])
 
 
 def test_dropping_unlabelled_examples_gives_the_supervised_baseline(tmp_path: Path) -> None:

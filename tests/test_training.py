@@ -14,7 +14,6 @@ import torch
 from conftest import TINY_REALNVP
 
 from hybridflow.data import load_dataset
-
 from hybridflow.models import HybridModel
 from hybridflow.training import (
     CheckpointError,
@@ -65,7 +64,7 @@ def _value(row: dict[str, str], key: str) -> float | None:
 
 @pytest.mark.parametrize(("lam", "weight"), [("1/D", 1 / 64), (0.25, 0.25)])
 def test_every_metrics_row_obeys_the_loss_and_bits_per_dim_definitions(
-    tmp_path: Path, lam: str | float, weight: float
+    tmp_path: Path, lam: str | float, weight: float, one_thread
 ) -> None:
     """Oracle: the definitions ``loss = ce + λ·nll_nats`` and ``bpd = nll_nats / (D ln 2)``, with
     D = 64 from the data's shape and λ written out by hand, on every row that has the columns;

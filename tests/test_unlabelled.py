@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import TINY_REALNVP
 from sklearn.datasets import load_digits
+from sklearn.metrics import log_loss
 
-import hybridflow.training.trainer as trainer
+import hybridflow.training.setup as training_setup
 from hybridflow.data import load_dataset
 from hybridflow.evaluation import evaluate_predictions, predict
 from hybridflow.models import FlowModel, HybridModel, create_backbone
@@ -93,7 +94,7 @@ def test_partly_labelled_training_logs_accuracy_of_the_labelled_part(
     tmp_path: Path, monkeypatch, one_thread
 ) -> None:
     """Semi-supervised training: every other training label is hidden (-1)."""
-    tensors = trainer.dataset_tensors
+    tensors = training_setup.dataset_tensors
 
     def hide_half(dataset):
         images, labels = tensors(dataset)
@@ -101,7 +102,7 @@ def test_partly_labelled_training_logs_accuracy_of_the_labelled_part(
             return images, labels
         return images, torch.where(torch.arange(len(labels)) % 2 == 0, labels, -1)
 
-    monkeypatch.setattr(trainer, "dataset_tensors", hide_half)
+    monkeypatch.setattr(training_setup, "dataset_tensors", hide_half)
     run_dir = train(TINY, dataset="digits", lam="1/D", out_dir=str(tmp_path), name="semi")
     train_rows = [r for r in _rows(run_dir) if r["split"] == "train"]
     assert train_rows and all(0 <= float(r["accuracy"]) <= 1 for r in train_rows)
@@ -122,3 +123,24 @@ def test_evaluation_scores_only_the_labelled_examples() -> None:
     assert part["accuracy"] == labelled["accuracy"] and part["ece"] == labelled["ece"]
     none = evaluate_predictions({**pred, "labels": np.full(8, -1)})
     assert set(none) == {"nll_nats", "bpd"}
+
+
+def test_partly_labelled_evaluation_against_references() -> None:
+    """Oracle: numpy and scikit-learn on the labelled rows alone for the classification metrics
+    (argmax hit rate, ``log_loss``, the multi-class Brier sum), and the mean of ``-log_prob``
+    over all rows, labelled or not, for the density metrics (nats and bits/dim, D = 64)."""
+    rng = np.random.default_rng(1)
+    logits = 2.0 * rng.normal(size=(12, 4))
+    labels = np.array([0, -1, 3, 1, -1, -1, 2, 0, 3, -1, 1, 2])
+    log_prob = -rng.uniform(50, 150, size=12)
+    pred = {"logits": logits, "labels": labels, "log_prob": log_prob, "dim": 64}
+    out = evaluate_predictions(pred)
+    known = labels >= 0
+    probs = np.exp(logits[known]) / np.exp(logits[known]).sum(1, keepdims=True)
+    y = labels[known]
+    assert out["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == y))
+    assert out["accuracy"] != pytest.approx(np.mean(logits.argmax(1) == labels))
+    assert out["class_nll"] == pytest.approx(log_loss(y, probs, labels=range(4)), rel=1e-10)
+    assert out["brier"] == pytest.approx(np.mean(np.sum((probs - np.eye(4)[y]) ** 2, 1)))
+    assert out["nll_nats"] == pytest.approx(-log_prob.mean())
+    assert out["bpd"] == pytest.approx(-log_prob.mean() / (64 * math.log(2)))

@@ -70,7 +70,7 @@ h3{font-size:1.05em}
 table{border-collapse:collapse;margin:.6em 0 1em;font-size:.86em;display:block;overflow-x:auto}
 th,td{border:1px solid #d0d7de;padding:.3em .55em;text-align:right;white-space:nowrap}
 th{background:#f6f8fa}
-table.text td{white-space:normal;text-align:left;min-width:9em}
+table.text td,table.text th{white-space:normal;text-align:left;min-width:9em}
 td:first-child,th:first-child,td:nth-child(2){text-align:left}
 tbody tr:nth-child(even){background:#fafbfc}td.best{font-weight:700;background:#dafbe1}
 img{max-width:100%;border:1px solid #eaeef2;margin:.4em 0}

@@ -1,6 +1,8 @@
 """Image dataset families held in memory as integer pixel levels: digits, the MNIST family,
 SVHN, CIFAR-10, npz files and synthetic images.
 
+One idea over 500 lines: reading each image source's own file format into levels.
+
 Images are stored as uint8 ``N x C x H x W`` tensors of *levels* ``0..num_levels-1``; the
 dequantisation and scaling to floats belong to the model, not to the data. Splits are fixed and
 seeded (see :mod:`hybridflow.data.common`). Load them by name with

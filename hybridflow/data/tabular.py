@@ -1,5 +1,7 @@
 """Tabular density-estimation datasets: the UCI benchmarks of MAF and offline scikit-learn sets.
 
+One idea over 500 lines: the tables and each one's published preprocessing.
+
 UCI benchmarks (Papamakarios et al. 2017, "Masked Autoregressive Flow", preprocessing as in
 their public code; the same data are used by Huang et al. 2018, "Neural Autoregressive Flows").
 ``root`` must be laid out like the MAF paper's data archive (https://zenodo.org/record/1161203),

@@ -1,5 +1,8 @@
 """Lipschitz-constrained linear and convolutional layers for invertible residual blocks.
 
+One idea over 500 lines: normalizing a layer's operator norm (spectral and induced, linear and
+convolutional, their power iterations and the branches built from them).
+
 A residual block ``x + g(x)`` is invertible when ``Lip(g) < 1`` (Behrmann et al. 2019,
 "Invertible Residual Networks"). With 1-Lipschitz activations, ``Lip(g)`` is bounded by the
 product of the layers' operator norms, so each layer rescales its weight as

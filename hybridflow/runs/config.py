@@ -6,6 +6,7 @@ Configs are plain dicts (not dataclasses) so they load from checkpoints with
 config enters (command line, recipe, JSON or YAML file): its type, its range or allowed names
 (:data:`KEY_RANGES`, :data:`KEY_CHOICES`), and the keys under ``*_args`` against the
 constructor they go to, so a wrong value fails before any data is read or cell is started.
+One idea over 500 lines: what a config may hold.
 """
 
 from __future__ import annotations

@@ -237,8 +237,19 @@ def _cmd_explain(argv: Sequence[str]) -> int:
     return _run_folder_verb(argv, "explain", description, options, run, show)
 
 
+def _parse_launcher_value(arg: str):
+    """``--launcher_args.KEY=VALUE``: a number where it reads as one, else the text."""
+    if "=" not in arg:
+        raise SystemExit(f"error: expected --launcher_args.KEY=VALUE, got {arg!r}")
+    text = arg.split("=", 1)[1]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def _cmd_sweep(argv: Sequence[str]) -> int:
-    from .experiments import SweepFailedError, parse_grid, run_sweep
+    from .experiments import SweepFailedError, parse_grid, run_sweep, sweep_status
     from .reports.study import RESIDUAL_FLOWS_TABLE4
     from .runs import parse_overrides
 
@@ -248,7 +259,18 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
         "(accuracy, bits/dim, calibration, OOD, selective classification) and write "
         "reports/<name>/ (report.md, report.html, results.csv, results.json).",
     )
-    parser.add_argument("--name", required=True, help="study name: reports/<name>/")
+    parser.add_argument("--name", help="study name: reports/<name>/")
+    parser.add_argument(
+        "--status", metavar="NAME", help="print the state of study NAME's cells; run nothing"
+    )
+    parser.add_argument(
+        "--launcher",
+        default="local",
+        choices=["local", "submitit"],
+        help="local worker processes, or one cluster job per cell through submitit "
+        "(--launcher_args.partition=..., timeout_min, gpus_per_node, cpus_per_task, mem_gb, "
+        "array_parallelism, tasks_per_node, nodes, cluster)",
+    )
     parser.add_argument("--lams", default="0,1/D,1", help="comma-separated λ values")
     parser.add_argument("--backbones", default=None, help="comma-separated backbone names")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed)")
@@ -267,6 +289,25 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
     flags = {a for action in parser._actions for a in action.option_strings}
     own, rest = _split_known(argv, flags)
     args = parser.parse_args(own)
+    if args.status:
+        rows = sweep_status(Path(args.runs_root) / args.status)
+        for row in rows:
+            extra = f"  job {row['job_id']} ({row['log']})" if row["job_id"] else ""
+            error = f"  {row['error']}" if row["error"] else ""
+            print(f"{row['cell']:48} {row['status']:12}{extra}{error}")
+        counts = {
+            s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)
+        }
+        print(", ".join(f"{n} {s}" for s, n in counts.items()) or "no cells")
+        return 0
+    if not args.name:
+        parser.error("--name is required (or --status NAME)")
+    launcher_args = {
+        a.split("=", 1)[0].removeprefix("--launcher_args."): _parse_launcher_value(a)
+        for a in rest
+        if a.startswith("--launcher_args.")
+    }
+    rest = [a for a in rest if not a.startswith("--launcher_args.")]
     config = {**_base_config(args.config), **parse_overrides(rest)}
     try:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
@@ -289,6 +330,8 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
             threads=args.threads,
             n_samples=args.n_samples,
             checks=[RESIDUAL_FLOWS_TABLE4],  # left out of the report unless the grid has its cells
+            launcher=args.launcher,
+            launcher_args=launcher_args,
             command=" ".join(["hybridflow", "sweep", *argv]),
         )
     except SweepFailedError as failed:

@@ -7,7 +7,7 @@ process), :mod:`~.cell_eval` (one cell's evaluation) and :mod:`~.sweep` (``run_s
 """
 
 from .cell_eval import EVAL_FILE, evaluate_cell
-from .grid import Cell, cell_name, expand_grid, parse_grid, read_status, run_cells
+from .grid import Cell, cell_name, expand_grid, parse_grid, read_status, run_cells, sweep_status
 from .sweep import SweepFailedError, run_sweep, sweep_baselines
 
 __all__ = [
@@ -22,4 +22,5 @@ __all__ = [
     "run_cells",
     "run_sweep",
     "sweep_baselines",
+    "sweep_status",
 ]

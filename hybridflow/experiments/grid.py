@@ -43,6 +43,8 @@ __all__ = [
     "read_status",
     "run_cell",
     "run_cells",
+    "sweep_status",
+    "write_status",
 ]
 
 #: Config keys that change how a run is executed, not what it computes: a finished cell is
@@ -198,7 +200,7 @@ def check_reusable(cell: Cell) -> None:
 STATUS_FILE = "cell.json"
 
 
-def _write_status(run_dir: Path, status: Mapping[str, Any]) -> None:
+def write_status(run_dir: Path, status: Mapping[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / f"{STATUS_FILE}.tmp"
     tmp.write_text(json.dumps(dict(status), indent=2) + "\n")
@@ -242,8 +244,8 @@ def run_cell(
             evaluate_cell(run_dir, **evaluate)
             status["eval_s"] = time.time() - t
         status["status"] = "done"
-    except KeyboardInterrupt:
-        raise
+    except (KeyboardInterrupt, SystemExit):
+        raise  # Ctrl-C, or submitit requeueing a preempted job: the checkpoint resumes it
     except BaseException as err:  # one failing cell must not stop the others
         status |= {
             "status": "failed",
@@ -251,7 +253,7 @@ def run_cell(
             "traceback": traceback.format_exc(),
         }
     status["wall_s"] = time.time() - started
-    _write_status(run_dir, status)
+    write_status(run_dir, status)
     return status
 
 
@@ -421,7 +423,7 @@ def run_cells(
                         "error": f"worker process died (exit code {worker.proc.returncode}); "
                         f"see {worker.log_path}",
                     }
-                    _write_status(cell.run_dir, status)
+                    write_status(cell.run_dir, status)
                 worker.cell = None
                 results[cell.name] = status
                 progress.finished(cell.name, status)
@@ -433,3 +435,28 @@ def run_cells(
         for worker in pool:
             worker.close()
     return {c.name: results[c.name] for c in cells}
+
+
+def sweep_status(runs_dir: str | Path) -> list[dict[str, Any]]:
+    """The state of every cell folder of a study (``runs_root/NAME``), read without side effects:
+    ``done``, ``running``, ``failed`` (with the error) or ``queued`` (a submitted job that has not
+    started), with the job id and log of submitit cells."""
+    if not Path(runs_dir).is_dir():
+        raise FileNotFoundError(f"no study at {runs_dir}: give the name a sweep ran under")
+    rows = []
+    for folder in sorted(p for p in Path(runs_dir).iterdir() if p.is_dir()):
+        job_file = folder / "job.json"  # written by the submitit launcher
+        if not any((folder / f).exists() for f in (CONFIG_FILE, STATUS_FILE, "job.json")):
+            continue
+        status = read_status(folder) or {}
+        job = json.loads(job_file.read_text()) if job_file.exists() else {}
+        rows.append(
+            {
+                "cell": folder.name,
+                "status": status.get("status", "queued" if job else "not started"),
+                "error": status.get("error"),
+                "job_id": job.get("job_id"),
+                "log": job.get("log"),
+            }
+        )
+    return rows

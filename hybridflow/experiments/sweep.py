@@ -29,9 +29,10 @@ from ..reports.study import (
     git_commit,
     write_study_report,
 )
-from ..runs import resolve_config, save_config
+from ..runs import ConfigError, resolve_config, save_config
 from .cell_eval import EVAL_FILE
 from .grid import RUNTIME_KEYS, Cell, expand_grid, run_cells
+from .submitit_launcher import run_cells_submitit
 
 __all__ = ["SweepFailedError", "run_sweep", "sweep_baselines"]
 
@@ -136,6 +137,8 @@ def run_sweep(
     command: str | None = None,
     notes: Sequence[str | Callable[[Sequence[CellResult]], str]] = (),
     checks: Sequence[ReproductionCheck] = (),
+    launcher: str = "local",
+    launcher_args: Mapping[str, Any] | None = None,
     stream=None,
 ) -> Path:
     """Train and evaluate every cell of ``backbones × lams × seeds × grid``; write the report.
@@ -164,6 +167,11 @@ def run_sweep(
             computed from the aggregated results (``CellResult`` per cell).
         checks: A paper's claims checked on the results, one report section each (e.g.
             :data:`~hybridflow.reports.study.RESIDUAL_FLOWS_TABLE4`).
+        launcher: ``"local"`` (``workers`` processes on this machine) or ``"submitit"`` (one
+            cluster job per cell; see :mod:`~hybridflow.experiments.submitit_launcher`).
+        launcher_args: submitit settings: ``cluster``, ``partition``, ``timeout_min``,
+            ``gpus_per_node``, ``cpus_per_task``, ``mem_gb``, ``array_parallelism``,
+            ``tasks_per_node``, ``nodes`` (``threads`` is then the torch threads per job).
 
     Returns:
         The report folder, when every cell finished.
@@ -172,6 +180,9 @@ def run_sweep(
         ConfigError: A config value, λ or backbone name is wrong (before any cell starts).
         SweepFailedError: Some cells failed; the report of the others is written first.
     """
+    if launcher not in ("local", "submitit"):
+        raise ConfigError(f"launcher must be one of local, submitit; got {launcher!r}")
+    threads_per_job = threads
     started = time.time()
     commit = git_commit()  # before anything is written into the (tracked) report folder
     # Overrides reach every cell; the checks below (data_root, download, ...) must see them too.
@@ -192,7 +203,12 @@ def run_sweep(
         ood_dequant_samples=ood_dequant_samples,
     )
     _check_ood_sets(base, ood)  # before hours of training
-    statuses = run_cells(cells, evaluate, workers=workers, threads=threads, stream=stream)
+    if launcher == "submitit":
+        statuses = run_cells_submitit(
+            cells, evaluate, launcher_args or {}, threads=threads_per_job, stream=stream
+        )
+    else:
+        statuses = run_cells(cells, evaluate, workers=workers, threads=threads, stream=stream)
     evaluations = {}
     for cell in cells:
         path = cell.run_dir / EVAL_FILE

@@ -19,9 +19,16 @@ with the models SHRUNK (couplings: 1 step per scale, width 8; residual: the name
 with one fully connected residual block of width 16 in place of the conv blocks, whose power
 iterations alone take seconds per cell on CPU; head width 8): a check that the recipe runs, not
 a result. `--out=DIR` writes DIR/reports/... and DIR/runs/... instead.
+
+On a SLURM cluster (`pip install -e .[cluster]`), one job per cell, requeued and resumed from its
+checkpoint when preempted or timed out; rerun the same command later to collect the report:
+`python recipes/resflow_hybrid.py --data_root=DATA --launcher=submitit
+--launcher_args.partition=gpu` (per cell: 1 GPU, 8 CPUs, 32 GB, 12-hour jobs; the residual
+SVHN cells, ≈ 11.8 h each, may need one requeue). `hybridflow sweep --status
+resflow_hybrid/mnist` shows the grid's state.
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 from hybridflow.experiments import run_sweep
@@ -79,6 +86,8 @@ PAPER = {  # Table 4, accuracy % (/ bits/dim) at λ = 0, 1/D, 1 (NOTES.md)
 }
 SCORING = {"dequant_samples": 1, "n_samples": 64, "threads": None}
 WORKERS = 1  # cells trained at once (one GPU)
+# --launcher=submitit: resources per cell (job), from the cost estimate in recipes/README.md
+SLURM = {"timeout_min": 720, "gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 32}
 
 # ---- smoke: the same recipe on random images of the same shapes, models shrunk ----
 SMOKE_DATA = {"mnist": "synthetic:1x28x28", "svhn": "synthetic:3x32x32"}
@@ -94,20 +103,27 @@ SMOKE_RESFLOW = {
 }
 SMOKE_SCORING = {"dequant_samples": 1, "n_samples": 4, "threads": 1}  # tiny kernels: 1 thread
 
-args = sys.argv[1:]
-smoke = "--smoke" in args
-out = Path(next((a.split("=", 1)[1] for a in args if a.startswith("--out=")), "."))
-datasets = next((a.split("=", 1)[1].split(",") for a in args if a.startswith("--datasets=")), None)
-OVERRIDES = parse_overrides(
-    a for a in args if a != "--smoke" and not a.startswith(("--out=", "--datasets="))
-)
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+parser.add_argument("--smoke", action="store_true", help="2 steps per cell, models shrunk")
+parser.add_argument("--out", type=Path, default=Path("."), help="folder of reports/ and runs/")
+parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated")
+parser.add_argument("--launcher", default="local", choices=["local", "submitit"])
+args, rest = parser.parse_known_args()
+launcher_args = dict(SLURM)
+for arg in [a for a in rest if a.startswith("--launcher_args.")]:  # e.g. partition=gpu
+    key, text = arg.removeprefix("--launcher_args.").split("=", 1)
+    launcher_args[key] = int(text) if text.isdigit() else text
+OVERRIDES = parse_overrides(a for a in rest if not a.startswith("--launcher_args."))
+smoke, out, datasets = args.smoke, args.out, args.datasets.split(",")
 OUTPUT = {
     "seeds": SEEDS,
     "workers": WORKERS,
     "report_root": out / "reports",
     "runs_root": out / "runs",
+    "launcher": args.launcher,
+    "launcher_args": launcher_args if args.launcher == "submitit" else None,
 }
-for dataset in datasets or DATASETS:
+for dataset in datasets:
     data_config, residual, coupling = DATA[dataset]
     config = {**CONFIG, **data_config}
     backbones = {

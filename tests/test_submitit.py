@@ -163,3 +163,26 @@ def test_without_submitit_the_launcher_says_how_to_install_it(tmp_path: Path, mo
     monkeypatch.setattr(builtins, "__import__", no_submitit)
     with pytest.raises(ValueError, match=r"pip install -e '\.\[cluster\]'"):
         _sweep(tmp_path, "none", launcher="submitit", launcher_args=LOCAL_JOBS)
+
+
+def test_a_job_with_two_tasks_trains_its_cell_with_ddp(tmp_path: Path) -> None:
+    """tasks_per_node=2: the cell's two ranks train it as torchrun's would (gloo on CPU); the
+    result matches one process up to the order of DDP's gradient sums."""
+    torch.set_default_dtype(torch.float32)
+    kw = {"seeds": [0], "report_root": tmp_path / "reports", "runs_root": tmp_path / "runs"}
+    kw |= {"n_samples": 0, "threads": 1}
+    one = run_sweep("one", ["1/D"], ["realnvp"], TINY, **kw)
+    two = run_sweep(
+        "two",
+        ["1/D"],
+        ["realnvp"],
+        TINY,
+        launcher="submitit",
+        launcher_args={**LOCAL_JOBS, "tasks_per_node": 2},
+        **kw,
+    )
+    (a,), (b,) = _numbers(one), _numbers(two)
+    assert a["accuracy"] == b["accuracy"]
+    assert b["bpd"] == pytest.approx(a["bpd"], rel=1e-6)
+    log = next((tmp_path / "runs" / "two" / "submitit").glob("*_1_log.out")).read_text()
+    assert "global_rank=1(2)" in log  # the second task ran

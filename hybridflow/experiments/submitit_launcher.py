@@ -1,13 +1,15 @@
 """Cells of a grid as cluster jobs through submitit (SLURM; its local executor for tests).
 
 Each cell becomes one job, submitted as a job array where the scheduler has them
-(``executor.batch()``). A job runs :func:`~hybridflow.experiments.grid.run_cell`, the same function
-the local worker processes run, so a cell trains, evaluates and records ``cell.json`` the same
-way. On preemption or timeout submitit calls :meth:`CellJob.checkpoint`, which resubmits the same
-cell: the trainer resumes from its last ``checkpoint.pt`` (resumption is bit-identical), so the
-job's lost work is at most ``checkpoint_every_s``. A job that dies without recording its cell
-is reported with the scheduler's state and its log path. This is the one module that knows a
-scheduler; ``pip install -e .[cluster]`` brings submitit.
+(``executor.batch()``). A job runs :func:`~hybridflow.experiments.grid.run_cell`, the same
+function the local worker processes run, so a cell trains, evaluates and records ``cell.json``
+the same way. A job with several tasks (``tasks_per_node``, ``nodes``) trains its cell with DDP
+across them, as ``torchrun`` would (rank 0 records and evaluates it). On preemption or timeout
+submitit calls :meth:`CellJob.checkpoint`, which resubmits the same cell: the trainer resumes
+from its last ``checkpoint.pt`` (resumption is bit-identical), so the job's lost work is at most
+``checkpoint_every_s``. A job that dies without recording its cell is reported with the
+scheduler's state and its log path. This is the one module that knows a scheduler;
+``pip install -e .[cluster]`` brings submitit.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runs import ConfigError
+from ..training import train
 from .grid import Cell, GridProgress, check_reusable, read_status, run_cell, write_status
 
 __all__ = ["JOB_FILE", "LAUNCHER_ARGS", "CellJob", "run_cells_submitit"]
@@ -78,6 +81,13 @@ class CellJob:
                     os._exit(done.code if isinstance(done.code, int) else 1)
 
             signal.signal(usr_signal, requeue_and_exit)
+        job = _submitit().JobEnvironment()
+        if job.num_tasks > 1:  # one cell over the job's tasks: DDP, as under torchrun
+            _submitit().helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            if job.global_rank != 0:  # rank 0 records the cell and evaluates it
+                threads = self.threads or self.config["num_threads"]
+                train({**self.config, "progress": False, "num_threads": threads})
+                return {"name": self.config["name"], "rank": job.global_rank}
         return run_cell(self.config, self.evaluate, self.threads)
 
     def checkpoint(self, *args: Any, **kwargs: Any):

@@ -330,7 +330,10 @@ def parity_cases() -> list[ParityCase]:
         "seed 0 at 3.9934 vs 3.9344 test bits/dim (+0.059; +0.058 on validation); an A/B of "
         "ours with and without it (recipes/parity_resflow_ablation.py), same batches and "
         "initialisation, closed the gap at step 900 "
-        "(4.1273 with it, 4.0996 without, the reference 4.0978): revision 1 leaves it out",
+        "(4.1273 with it, 4.0996 without, the reference 4.0978): revision 1 leaves it out; "
+        "its two density seeds end 0.012 behind on test (validation, ours − reference, seeds "
+        "0 / 1: +0.0055 / +0.015 at step 900, +0.017 / +0.009 at 1,200, +0.014 / +0.014 at "
+        "1,500): a smaller gap that opens after step 900, not yet traced",
     )
     load = lambda smoke: image_data("fashion-mnist", smoke)  # noqa: E731
     # Revision 0: the per-feature layout (the per-channel runs were never finished or committed).

@@ -237,19 +237,9 @@ def _cmd_explain(argv: Sequence[str]) -> int:
     return _run_folder_verb(argv, "explain", description, options, run, show)
 
 
-def _parse_launcher_value(arg: str):
-    """``--launcher_args.KEY=VALUE``: a number where it reads as one, else the text."""
-    if "=" not in arg:
-        raise SystemExit(f"error: expected --launcher_args.KEY=VALUE, got {arg!r}")
-    text = arg.split("=", 1)[1]
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def _cmd_sweep(argv: Sequence[str]) -> int:
     from .experiments import SweepFailedError, parse_grid, run_sweep, sweep_status
+    from .experiments.submitit_launcher import parse_launcher_args
     from .reports.study import RESIDUAL_FLOWS_TABLE4
     from .runs import parse_overrides
 
@@ -302,12 +292,7 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
         return 0
     if not args.name:
         parser.error("--name is required (or --status NAME)")
-    launcher_args = {
-        a.split("=", 1)[0].removeprefix("--launcher_args."): _parse_launcher_value(a)
-        for a in rest
-        if a.startswith("--launcher_args.")
-    }
-    rest = [a for a in rest if not a.startswith("--launcher_args.")]
+    launcher_args, rest = parse_launcher_args(rest)
     config = {**_base_config(args.config), **parse_overrides(rest)}
     try:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None

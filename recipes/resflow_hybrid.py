@@ -32,6 +32,7 @@ import argparse
 from pathlib import Path
 
 from hybridflow.experiments import run_sweep
+from hybridflow.experiments.submitit_launcher import parse_launcher_args
 from hybridflow.training import parse_overrides
 
 NAME = "resflow_hybrid"
@@ -109,11 +110,9 @@ parser.add_argument("--out", type=Path, default=Path("."), help="folder of repor
 parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated")
 parser.add_argument("--launcher", default="local", choices=["local", "submitit"])
 args, rest = parser.parse_known_args()
-launcher_args = dict(SLURM)
-for arg in [a for a in rest if a.startswith("--launcher_args.")]:  # e.g. partition=gpu
-    key, text = arg.removeprefix("--launcher_args.").split("=", 1)
-    launcher_args[key] = int(text) if text.isdigit() else text
-OVERRIDES = parse_overrides(a for a in rest if not a.startswith("--launcher_args."))
+launcher_args, rest = parse_launcher_args(rest)  # e.g. --launcher_args.partition=gpu
+launcher_args = {**SLURM, **launcher_args}
+OVERRIDES = parse_overrides(rest)
 smoke, out, datasets = args.smoke, args.out, args.datasets.split(",")
 OUTPUT = {
     "seeds": SEEDS,

@@ -30,6 +30,7 @@ from ..training import train
 from .cell_eval import evaluate_cell
 
 __all__ = [
+    "JOB_FILE",
     "RUNTIME_KEYS",
     "STATUS_FILE",
     "Cell",
@@ -38,7 +39,6 @@ __all__ = [
     "check_reusable",
     "expand_grid",
     "finished_config",
-    "lam_label",
     "parse_grid",
     "read_status",
     "run_cell",
@@ -63,11 +63,6 @@ RUNTIME_KEYS = frozenset(
         "download",
     }
 )
-
-
-def lam_label(lam: str | float | Lambda) -> str:
-    """λ as written in names and tables: ``"1/D"``, ``"0"``, ``"0.5"``."""
-    return Lambda.parse(lam).label
 
 
 def cell_name(
@@ -198,6 +193,8 @@ def check_reusable(cell: Cell) -> None:
 
 #: File in each cell folder recording the cell's outcome (status, times, error).
 STATUS_FILE = "cell.json"
+#: File in a cell folder naming the cluster job that runs it (the submitit launcher writes it).
+JOB_FILE = "job.json"
 
 
 def write_status(run_dir: Path, status: Mapping[str, Any]) -> None:
@@ -445,8 +442,8 @@ def sweep_status(runs_dir: str | Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"no study at {runs_dir}: give the name a sweep ran under")
     rows = []
     for folder in sorted(p for p in Path(runs_dir).iterdir() if p.is_dir()):
-        job_file = folder / "job.json"  # written by the submitit launcher
-        if not any((folder / f).exists() for f in (CONFIG_FILE, STATUS_FILE, "job.json")):
+        job_file = folder / JOB_FILE
+        if not any((folder / f).exists() for f in (CONFIG_FILE, STATUS_FILE, JOB_FILE)):
             continue
         status = read_status(folder) or {}
         job = json.loads(job_file.read_text()) if job_file.exists() else {}

@@ -14,7 +14,6 @@ scheduler's state and its log path. This is the one module that knows a schedule
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -23,11 +22,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..runs import ConfigError
+from ..runs import MODEL_FILE, ConfigError
+from ..runs.config import parse_free_value
 from ..training import train
-from .grid import Cell, GridProgress, check_reusable, read_status, run_cell, write_status
+from .grid import (
+    JOB_FILE,
+    Cell,
+    GridProgress,
+    check_reusable,
+    read_status,
+    run_cell,
+    write_status,
+)
 
-__all__ = ["JOB_FILE", "LAUNCHER_ARGS", "CellJob", "run_cells_submitit"]
+__all__ = ["LAUNCHER_ARGS", "CellJob", "parse_launcher_args", "run_cells_submitit"]
 
 #: ``--launcher_args.KEY`` -> submitit's AutoExecutor parameter (its SLURM names).
 LAUNCHER_ARGS = {
@@ -42,8 +50,20 @@ LAUNCHER_ARGS = {
     "nodes": "nodes",
 }
 
-#: File in each cell folder naming the job that runs it (for ``hybridflow sweep --status``).
-JOB_FILE = "job.json"
+
+def parse_launcher_args(args: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """Split ``--launcher_args.KEY=VALUE`` options (values parsed as JSON where they are) from
+    the other command-line arguments."""
+    launcher_args, rest = {}, []
+    for arg in args:
+        if not arg.startswith("--launcher_args."):
+            rest.append(arg)
+            continue
+        key, sep, text = arg.removeprefix("--launcher_args.").partition("=")
+        if not sep:
+            raise ConfigError(f"expected --launcher_args.KEY=VALUE, got {arg!r}")
+        launcher_args[key] = parse_free_value(text)
+    return launcher_args, rest
 
 
 def _submitit():
@@ -112,13 +132,13 @@ def _executor(folder: Path, launcher_args: Mapping[str, Any]):
     return executor
 
 
-def _job_failure(cell: Cell, job) -> dict[str, Any]:
+def _job_failure(cell: Cell, job, error: Exception | None) -> dict[str, Any]:
     """The status of a cell whose job ended without recording one (killed, out of memory)."""
-    try:
-        job.result()
+    if error is None:
         reason = "the job finished but recorded no status"
-    except Exception as err:  # submitit's FailedJobError, UncompletedJobError, ...
-        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err) else ''}"
+    else:  # submitit's FailedJobError, UncompletedJobError, ...
+        lines = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {lines[-1] if lines else ''}"
     return {
         "name": cell.name,
         "status": "failed",
@@ -149,7 +169,7 @@ def run_cells_submitit(
     todo = []
     for cell in cells:
         status = read_status(cell.run_dir)
-        if status and status.get("status") == "done" and (cell.run_dir / "model.pt").exists():
+        if status and status.get("status") == "done" and (cell.run_dir / MODEL_FILE).exists():
             results[cell.name] = status
         else:
             todo.append(cell)
@@ -164,11 +184,14 @@ def run_cells_submitit(
         (cell.run_dir / JOB_FILE).write_text(json.dumps(record, indent=2) + "\n")
         progress.started(cell.name)
     for cell, job in zip(todo, jobs, strict=True):
-        with contextlib.suppress(Exception):  # the job's own failure is read below
+        error = None
+        try:
             job.result()  # blocks until the job (and any requeued run of it) has ended
+        except Exception as err:  # the job died; its cell may not have recorded why
+            error = err
         status = read_status(cell.run_dir)
         if status is None or status.get("status") == "running":
-            status = _job_failure(cell, job)
+            status = _job_failure(cell, job, error)
             write_status(cell.run_dir, status)
         elif status.get("status") == "failed" and "log" not in status:
             log = f"job {job.job_id}, log {job.paths.stderr}"

@@ -40,6 +40,7 @@ __all__ = [
     "ConfigError",
     "load_config",
     "optimizer_keywords",
+    "parse_free_value",
     "parse_overrides",
     "read_config_file",
     "resolve_config",
@@ -208,21 +209,22 @@ KEY_RANGES: dict[str, str] = {
 }
 
 
+def _optimizer_class(opt: str) -> type | None:
+    """timm optimizer ``opt``'s class, or ``None`` if timm has none of that name."""
+    try:  # timm's create_optimizer_v2 wraps "lookahead_NAME" around NAME
+        return get_optimizer_class(opt.removeprefix("lookahead_"), bind_defaults=False)
+    except (ValueError, ImportError):
+        return None
+
+
 def optimizer_keywords(opt: str) -> set[str]:
     """The keyword arguments of timm optimizer ``opt``'s class (empty if unknown)."""
-    try:
-        cls = get_optimizer_class(opt.removeprefix("lookahead_"), bind_defaults=False)
-    except (ValueError, ImportError):
-        return set()
-    return set(inspect.signature(cls).parameters)
+    cls = _optimizer_class(opt)
+    return set(inspect.signature(cls).parameters) if cls is not None else set()
 
 
 def _optimizer_name(name: str) -> list[str] | None:
-    try:  # timm's create_optimizer_v2 wraps "lookahead_NAME" around NAME
-        get_optimizer_class(name.removeprefix("lookahead_"), bind_defaults=False)
-    except (ValueError, ImportError):
-        return list_optimizers()
-    return None
+    return list_optimizers() if _optimizer_class(name) is None else None
 
 
 def _device_name(name: str) -> list[str] | None:
@@ -257,6 +259,9 @@ KEY_CHOICES: dict[str, tuple[str, ...] | Callable[[str], list[str] | str | None]
     "device": _device_name,
 }
 
+#: What ``dequantization_args`` may hold: the keywords of the variational dequantizer.
+_DEQUANTIZATION_KEYWORDS = accepted_keywords(VariationalDequantization, skip=2)
+
 # Names other tools use for the same settings; difflib finds typos but not synonyms.
 _SYNONYMS = {"learning_rate": "lr", "lambda": "lam", "model": "backbone", "threads": "num_threads"}
 _PATH_KEYS = frozenset({"data_root", "out_dir"})
@@ -278,7 +283,7 @@ def _wrong(key: str, value: Any) -> ConfigError:
     )
 
 
-def _parse_free(text: str) -> Any:
+def parse_free_value(text: str) -> Any:
     """A value of a free-form sub-key (``backbone_args.X``): JSON if it parses, else the text."""
     if text.strip().lower() in ("none", "null"):
         return None
@@ -309,7 +314,7 @@ def _parse_value(key: str, text: str) -> Any:
                 return float(text)
             except ValueError:
                 raise _wrong(key, text) from None
-    value = _parse_free(text)
+    value = parse_free_value(text)
     if not isinstance(value, dict):
         raise _wrong(key, text)
     return value
@@ -343,11 +348,18 @@ def _check_type(key: str, value: Any) -> Any:
     return value
 
 
-def _in_range(key: str, value: float) -> bool:
-    low, high = (float(end) for end in KEY_RANGES[key][1:-1].split(","))
-    above = value >= low if KEY_RANGES[key][0] == "[" else value > low
-    below = value <= high if KEY_RANGES[key][-1] == "]" else value < high
-    return math.isfinite(value) and above and below
+def _range_error(key: str, value: float) -> ConfigError | None:
+    """The refusal of ``value`` outside :data:`KEY_RANGES` ``[key]``, else ``None``."""
+    interval = KEY_RANGES[key]
+    low, high = interval[1:-1].split(", ")
+    above = value >= float(low) if interval[0] == "[" else value > float(low)
+    below = value <= float(high) if interval[-1] == "]" else value < float(high)
+    if math.isfinite(value) and above and below:
+        return None
+    bound = (
+        f"be {'>=' if interval[0] == '[' else '>'} {low}" if high == "inf" else f"lie in {interval}"
+    )
+    return ConfigError(f"{key} must {bound}, got {value}")
 
 
 def _check_choice(key: str, value: str) -> None:
@@ -381,14 +393,9 @@ def _check_keywords(key: str, given: Mapping[str, Any], accepted: Iterable[str] 
 
 def _check_values(config: Mapping[str, Any]) -> None:
     """Ranges, allowed names and nested keywords of a type-checked config (see the docstring)."""
-    for key, interval in KEY_RANGES.items():
-        if config[key] is not None and not _in_range(key, config[key]):
-            low, high = interval[1:-1].split(", ")
-            if high == "inf":
-                bound = f"be {'>=' if interval[0] == '[' else '>'} {low}"
-            else:
-                bound = f"lie in {interval}"
-            raise ConfigError(f"{key} must {bound}, got {config[key]}")
+    for key in KEY_RANGES:
+        if config[key] is not None and (error := _range_error(key, config[key])):
+            raise error
     for key in KEY_CHOICES:
         _check_choice(key, config[key])
     if config["labelled_per_class"] is not None and config["labelled_fraction"] is not None:
@@ -397,10 +404,10 @@ def _check_values(config: Mapping[str, Any]) -> None:
         )
     if config["min_lr"] > config["lr"]:
         raise ConfigError(f"min_lr {config['min_lr']} exceeds lr {config['lr']}")
-    backbone = config["backbone"]
+    backbone, keywords = config["backbone"], backbone_keywords(config["backbone"])
     coeff = config["backbone_args"].get("coeff")
     contraction = isinstance(coeff, int | float) and not isinstance(coeff, bool) and 0 < coeff < 1
-    if coeff is not None and "coeff" in (backbone_keywords(backbone) or ()) and not contraction:
+    if coeff is not None and "coeff" in (keywords or ()) and not contraction:
         raise ConfigError(
             f"config key 'backbone_args.coeff' must lie in (0, 1), got {coeff!r}: a residual "
             "block x + g(x) is invertible, and its log-det series converges, only when "
@@ -409,7 +416,7 @@ def _check_values(config: Mapping[str, Any]) -> None:
     _check_keywords(
         "backbone_args",
         config["backbone_args"],
-        backbone_keywords(backbone),
+        keywords,
         f"backbone {backbone!r}",
     )
     _check_keywords(
@@ -417,11 +424,10 @@ def _check_values(config: Mapping[str, Any]) -> None:
     )
     if config["dequantization_args"] and config["dequantization"] != "variational":
         raise ConfigError("dequantization_args are read only by --dequantization=variational")
-    variational = set(accepted_keywords(VariationalDequantization, skip=2) or ())
     _check_keywords(
         "dequantization_args",
         config["dequantization_args"],
-        variational,
+        _DEQUANTIZATION_KEYWORDS,
         "VariationalDequantization",
     )
     _check_keywords("opt_args", config["opt_args"], _opt_keywords(config["opt"]), config["opt"])
@@ -470,7 +476,7 @@ def resolve_config(
             if sub:
                 if not isinstance(config[top], dict):
                     raise ConfigError(f"{top!r} has no sub-keys")
-                config[top][sub] = _parse_free(value) if isinstance(value, str) else value
+                config[top][sub] = parse_free_value(value) if isinstance(value, str) else value
             elif isinstance(value, str) and (KEY_TYPES[top] is not str or DEFAULTS[top] is None):
                 config[top] = _parse_value(top, value)
             else:

@@ -118,7 +118,7 @@ class _ConstantContext(T.InvertibleModule):
         return self.layer.inverse(z, self._ctx(z))
 
 
-def _dequant_noise_flow() -> T.InvertibleModule:
+def _dequant_noise_flow(checkerboard_layout: str = "masked") -> T.InvertibleModule:
     """The ε → u flow of variational dequantization, with a fixed context."""
     deq = T.VariationalDequantization(
         17,
@@ -131,6 +131,7 @@ def _dequant_noise_flow() -> T.InvertibleModule:
         num_components=3,
         inverse_tol=1e-12,
         inverse_max_iter=200,
+        checkerboard_layout=checkerboard_layout,
     )
     return _ConstantContext(deq.noise_flow, torch.randn(1, 3, 4, 4))
 
@@ -188,6 +189,14 @@ CASES: list[Case] = [
         T.NAFCoupling,
     ),
     Case(
+        "naf-coupling-checkerboard-gathered",
+        lambda: T.NAFCoupling(
+            2, 4, "checkerboard", 0, _small_conv, inverse_tol=1e-12, checkerboard_layout="gathered"
+        ),
+        _images(2, 3, 4),
+        T.NAFCoupling,
+    ),
+    Case(
         "naf-coupling-channel-vector",
         lambda: T.NAFCoupling(4, 3, "channel", 0, _small_mlp, spatial=False, inverse_tol=1e-12),
         _vectors(4),
@@ -210,6 +219,12 @@ CASES: list[Case] = [
         lambda n: 0.5 * torch.randn(n, 2, 4, 4),
         latent_step=lambda u: u * (1 - u),
     ),
+    Case(
+        "variational-dequantization-noise-flow-gathered",
+        lambda: _dequant_noise_flow("gathered"),
+        lambda n: 0.5 * torch.randn(n, 2, 4, 4),
+        latent_step=lambda u: u * (1 - u),
+    ),
     Case("actnorm-image", lambda: T.ActNorm(3), _images(3, 2, 2), T.ActNorm),
     Case("actnorm-vector", lambda: T.ActNorm(5), lambda n: torch.randn(n, 5), T.ActNorm),
     Case(
@@ -223,6 +238,14 @@ CASES: list[Case] = [
         "coupling-checkerboard",
         lambda: T.AffineCoupling(2, "checkerboard", 1, _small_conv),
         _images(2, 3, 3),
+        T.AffineCoupling,
+    ),
+    Case(
+        "coupling-checkerboard-gathered",
+        lambda: T.AffineCoupling(
+            2, "checkerboard", 1, _small_conv, checkerboard_layout="gathered"
+        ),
+        _images(2, 3, 4),
         T.AffineCoupling,
     ),
     Case(
@@ -247,6 +270,12 @@ CASES: list[Case] = [
         "mixlogistic-checkerboard",
         lambda: _mixlogistic(2, 3, "checkerboard", 1, _small_conv),
         _images(2, 3, 3),
+        T.MixLogisticCoupling,
+    ),
+    Case(
+        "mixlogistic-checkerboard-gathered",
+        lambda: _mixlogistic(2, 3, "checkerboard", 0, _small_conv, checkerboard_layout="gathered"),
+        _images(2, 3, 4),
         T.MixLogisticCoupling,
     ),
     Case(

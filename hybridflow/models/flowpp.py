@@ -68,6 +68,7 @@ def flowpp(
     float64_mixture: bool = False,
     inverse_tol: float = 1e-6,
     inverse_max_iter: int = 100,
+    checkerboard_layout: str = "masked",
 ) -> MultiscaleFlow:
     """Flow++ for images ``(C, H, W)`` with even ``H`` and ``W``.
 
@@ -83,6 +84,9 @@ def flowpp(
             conditioner; the paper's Table 2 ablation).
         float64_mixture, inverse_tol, inverse_max_iter: See
             :class:`~hybridflow.transforms.MixLogisticCoupling`.
+        checkerboard_layout: ``"gathered"`` (the reference code's: the conditioner sees the
+            kept sites packed into ``H × W/2``) or ``"masked"`` (the full board, moved sites
+            zeroed), see :class:`~hybridflow.transforms.coupling.MaskedCoupling`.
     """
     if len(input_shape) != 3 or input_shape[1] % 2 or input_shape[2] % 2:
         raise ValueError(f"flowpp expects image inputs (C, H, W) with even H, W; got {input_shape}")
@@ -90,6 +94,11 @@ def flowpp(
         raise ValueError(f"coupling must be 'mixlogistic' or 'affine', got {coupling!r}")
     if len(checkerboard_steps) != 2:
         raise ValueError("checkerboard_steps needs two counts: full and half resolution")
+    if checkerboard_layout == "gathered" and input_shape[2] % 4 and checkerboard_steps[1]:
+        raise ValueError(
+            f"gathered checkerboards at half resolution need a width divisible by 4, got "
+            f"{input_shape}: use checkerboard_layout='masked'"
+        )
     coupling_kw = dict(
         float64_mixture=float64_mixture,
         inverse_tol=inverse_tol,
@@ -97,9 +106,10 @@ def flowpp(
     )
 
     def step(c: int, size: tuple[int, int], mask: str, parity: int) -> list[nn.Module]:
+        gathered = mask == "checkerboard" and checkerboard_layout == "gathered"
         factory = partial(
             FlowppConditioner,
-            input_size=size,
+            input_size=(size[0], size[1] // 2) if gathered else size,
             hidden_channels=hidden_channels,
             num_blocks=num_blocks,
             num_heads=num_heads,
@@ -109,11 +119,12 @@ def flowpp(
         layers: list[nn.Module] = [ActNorm(c)]
         if conv1x1:
             layers.append(InvertibleConv1x1(c))
+        layout = dict(checkerboard_layout=checkerboard_layout)
         if coupling == "affine":
-            return [*layers, AffineCoupling(c, mask, parity, factory)]
+            return [*layers, AffineCoupling(c, mask, parity, factory, **layout)]
         return [
             *layers,
-            MixLogisticCoupling(c, num_components, mask, parity, factory, **coupling_kw),
+            MixLogisticCoupling(c, num_components, mask, parity, factory, **coupling_kw, **layout),
         ]
 
     c, h, w = input_shape

@@ -18,8 +18,12 @@ from .registry import register_backbone
 __all__ = ["realnvp", "realnvp_vector"]
 
 
-def _coupling(channels: int, mask: str, parity: int, factory, actnorm: bool) -> list:
-    layers = [AffineCoupling(channels, mask, parity, factory)]
+def _coupling(
+    channels: int, mask: str, parity: int, factory, actnorm: bool, checkerboard_layout: str
+) -> list:
+    layers = [
+        AffineCoupling(channels, mask, parity, factory, checkerboard_layout=checkerboard_layout)
+    ]
     return [*layers, ActNorm(channels)] if actnorm else layers
 
 
@@ -34,6 +38,7 @@ def realnvp(
     dropout: float = 0.0,
     factor_out: bool = True,
     actnorm: bool = True,
+    checkerboard_layout: str = "masked",
 ) -> MultiscaleFlow:
     """Multiscale affine coupling flow for images ``(C, H, W)``.
 
@@ -48,28 +53,39 @@ def realnvp(
         dropout: Dropout inside conditioners.
         factor_out: Factor out half the channels after every scale but the last.
         actnorm: Follow every coupling with ActNorm.
+        checkerboard_layout: ``"gathered"`` (the conditioner convolves the kept sites packed
+            into ``H × W/2``, as the Flow++ reference code does; every checkerboard scale needs
+            an even width) or ``"masked"`` (RealNVP's own: the full board, moved sites zeroed),
+            see :class:`~hybridflow.transforms.coupling.MaskedCoupling`.
     """
     if len(input_shape) != 3:
         raise ValueError(f"realnvp expects image inputs (C, H, W), got {input_shape}")
     c, h, w = input_shape
     if h % 2 ** (num_scales - 1) or w % 2 ** (num_scales - 1):
         raise ValueError(f"{h}x{w} inputs cannot be squeezed {num_scales - 1} times")
+    if checkerboard_layout == "gathered" and (w // 2 ** (num_scales - 1)) % 2:
+        raise ValueError(
+            f"gathered checkerboards need an even width at every scale; {w} is "
+            f"{w // 2 ** (num_scales - 1)} wide at scale {num_scales}: use "
+            "checkerboard_layout='masked' or fewer scales"
+        )
     factory = partial(
         ConvResNet, hidden_channels=hidden_channels, num_blocks=num_res_blocks, dropout=dropout
     )
+    layout = checkerboard_layout
     blocks, shapes = [], []
     for scale in range(num_scales):
         layers: list = []
         if scale == num_scales - 1:
             for i in range(final_couplings):
-                layers += _coupling(c, "checkerboard", i % 2, factory, actnorm)
+                layers += _coupling(c, "checkerboard", i % 2, factory, actnorm, layout)
         else:
             for i in range(couplings_per_scale):
-                layers += _coupling(c, "checkerboard", i % 2, factory, actnorm)
+                layers += _coupling(c, "checkerboard", i % 2, factory, actnorm, layout)
             layers.append(Squeeze(2))
             c, h, w = 4 * c, h // 2, w // 2
             for i in range(couplings_per_scale):
-                layers += _coupling(c, "channel", i % 2, factory, actnorm)
+                layers += _coupling(c, "channel", i % 2, factory, actnorm, layout)
         blocks.append(InvertibleSequential(layers))
         shapes.append((c, h, w))
         if factor_out and scale < num_scales - 1:

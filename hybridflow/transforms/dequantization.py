@@ -20,6 +20,8 @@ interface compatibility; the variational dequantizer computes its own context fr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -146,6 +148,8 @@ class VariationalDequantization(InvertibleModule):
             the width, depth and dropout.
         num_components: Logistics per mixture.
         float64_mixture, inverse_tol, inverse_max_iter: See :class:`MixLogisticCoupling`.
+        checkerboard_layout: ``"gathered"`` or ``"masked"`` checkerboard couplings, see
+            :class:`~hybridflow.transforms.coupling.MaskedCoupling` (gathered needs an even width).
     """
 
     surjective = True
@@ -166,6 +170,7 @@ class VariationalDequantization(InvertibleModule):
         float64_mixture: bool = False,
         inverse_tol: float = 1e-6,
         inverse_max_iter: int = 100,
+        checkerboard_layout: str = "masked",
     ) -> None:
         super().__init__()
         if num_levels < 2:
@@ -176,6 +181,11 @@ class VariationalDequantization(InvertibleModule):
             )
         if num_couplings < 1 or context_channels < 1:
             raise ValueError("num_couplings and context_channels must be >= 1")
+        if checkerboard_layout == "gathered" and input_shape[2] % 2:
+            raise ValueError(
+                f"gathered checkerboard couplings need an even width, got {tuple(input_shape)}: "
+                "use checkerboard_layout='masked'"
+            )
         self.num_levels, self.input_shape = num_levels, tuple(input_shape)
         c, h, w = input_shape
         net_kw = dict(
@@ -188,8 +198,10 @@ class VariationalDequantization(InvertibleModule):
         )
         self.context_net = FlowppConditioner(c, context_channels, **{**net_kw, "attention": False})
 
-        def factory(c_in: int, c_out: int) -> FlowppConditioner:
-            return FlowppConditioner(c_in, c_out, **net_kw)
+        def factory(mask: str) -> Callable[[int, int], FlowppConditioner]:
+            gathered = mask == "checkerboard" and checkerboard_layout == "gathered"
+            size = (h, w // 2) if gathered else (h, w)  # the positions the conditioner sees
+            return partial(FlowppConditioner, **{**net_kw, "input_size": size})
 
         masks = [("checkerboard", 0), ("checkerboard", 1)]
         if c >= 2:
@@ -198,14 +210,16 @@ class VariationalDequantization(InvertibleModule):
             MixLogisticCoupling(
                 c,
                 num_components,
-                *masks[i % len(masks)],
-                factory,
+                mask,
+                parity,
+                factory(mask),
                 context_channels=context_channels,
                 float64_mixture=float64_mixture,
                 inverse_tol=inverse_tol,
                 inverse_max_iter=inverse_max_iter,
+                checkerboard_layout=checkerboard_layout,
             )
-            for i in range(num_couplings)
+            for mask, parity in (masks[i % len(masks)] for i in range(num_couplings))
         ]
         self.noise_flow = InvertibleSequential(*couplings, Sigmoid())
 

@@ -163,7 +163,7 @@ class MixLogisticCoupling(MaskedCoupling):
 
     The conditioner outputs, per transformed element, a log-scale ``a`` (bounded as
     ``scale·tanh``), a shift ``b`` and ``K`` mixture weight logits, means and log-scales.
-    Masking follows :class:`~hybridflow.transforms.coupling.AffineCoupling` exactly.
+    Masking and layouts follow :class:`~hybridflow.transforms.coupling.AffineCoupling`.
 
     Args:
         num_channels: Channels ``C`` of the input (features for vector inputs).
@@ -176,6 +176,8 @@ class MixLogisticCoupling(MaskedCoupling):
         float64_mixture: Evaluate the mixture CDF/pdf and its inverse in float64.
         context_channels: Channels of a conditioning input (0: unconditional); variational
             dequantization conditions its couplings on features of the data this way.
+        checkerboard_layout: ``"gathered"`` or ``"masked"``, see
+            :class:`~hybridflow.transforms.coupling.MaskedCoupling`.
         inverse_tol: Bisection tolerance (in ``x`` units) of :meth:`inverse`.
         inverse_max_iter: Maximum bisection steps of :meth:`inverse`.
     """
@@ -193,8 +195,9 @@ class MixLogisticCoupling(MaskedCoupling):
         inverse_tol: float = 1e-6,
         inverse_max_iter: int = 100,
         context_channels: int = 0,
+        checkerboard_layout: str = "masked",
     ) -> None:
-        super().__init__(num_channels, mask, parity, spatial, context_channels)
+        super().__init__(num_channels, mask, parity, spatial, context_channels, checkerboard_layout)
         if num_components < 1:
             raise ValueError(f"num_components must be >= 1, got {num_components}")
         self.num_components = num_components
@@ -242,7 +245,8 @@ class MixLogisticCoupling(MaskedCoupling):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x)
-        if self.mask == "checkerboard":
+        context = self._context_for(x, context)
+        if self.masked:
             m, inp = self._mask_input(x)
             y, ld = self._transform(x, self._params(inp, context))
             # Kept sites pass through and contribute nothing to log|det J|.
@@ -253,7 +257,8 @@ class MixLogisticCoupling(MaskedCoupling):
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         self._check(z)
-        if self.mask == "checkerboard":
+        context = self._context_for(z, context)
+        if self.masked:
             m, inp = self._mask_input(z)
             x = self._untransform(z, self._params(inp, context))
             return z * m + (1 - m) * x

@@ -393,6 +393,8 @@ class NAFCoupling(MaskedCoupling):
         inverse_tol: Bisection tolerance (absolute) of :meth:`inverse`.
         inverse_max_iter: Maximum bisection steps of :meth:`inverse`.
         context_channels: Channels of a conditioning input (0: unconditional).
+        checkerboard_layout: ``"gathered"`` or ``"masked"``, see
+            :class:`~hybridflow.transforms.coupling.MaskedCoupling`.
     """
 
     def __init__(
@@ -408,8 +410,9 @@ class NAFCoupling(MaskedCoupling):
         inverse_tol: float = 1e-6,
         inverse_max_iter: int = 100,
         context_channels: int = 0,
+        checkerboard_layout: str = "masked",
     ) -> None:
-        super().__init__(num_channels, mask, parity, spatial, context_channels)
+        super().__init__(num_channels, mask, parity, spatial, context_channels, checkerboard_layout)
         self.tau = _Transformer("dsf", num_units, 1, delta)
         self.num_units = num_units
         self.inverse_tol, self.inverse_max_iter = inverse_tol, inverse_max_iter
@@ -432,7 +435,8 @@ class NAFCoupling(MaskedCoupling):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x)
-        if self.mask == "checkerboard":
+        context = self._context_for(x, context)
+        if self.masked:
             m, inp = self._mask_input(x)
             y, ld = self.tau(x, self._raw(inp, context))
             # Kept sites pass through and contribute nothing to log|det J|.
@@ -443,7 +447,8 @@ class NAFCoupling(MaskedCoupling):
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         self._check(z)
-        if self.mask == "checkerboard":
+        context = self._context_for(z, context)
+        if self.masked:
             m, inp = self._mask_input(z)
             x = self._solve(z, self._raw(inp, context))
             return z * m + (1 - m) * x

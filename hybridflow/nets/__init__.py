@@ -9,6 +9,7 @@ from .activations import (
 )
 from .conv import ConvResNet, ResidualConvBlock
 from .flowpp import FlowppConditioner, GatedAttention, GatedConv, WNConv2d, concat_elu
+from .fused import fused_kernels_enabled, set_fused_kernels
 from .lipschitz import (
     InducedNormConv2d,
     InducedNormLinear,
@@ -48,6 +49,8 @@ __all__ = [
     "WNConv2d",
     "concat_elu",
     "create_lipschitz_activation",
+    "fused_kernels_enabled",
     "lipschitz_layers",
     "refresh_lipschitz_layers",
+    "set_fused_kernels",
 ]

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fused import SWISH_LIPSCHITZ, LipSwishFunction, use_fused_lipswish
+
 __all__ = [
     "LIPSCHITZ_ACTIVATIONS",
     "LipELU",
@@ -25,16 +27,14 @@ __all__ = [
 
 LIPSCHITZ_ACTIVATIONS: tuple[str, ...] = ("lipswish", "elu", "softplus")
 
-# sup_z d/dz [z·sigmoid(z)] ≈ 1.0998, attained at z ≈ 2.4; dividing by 1.1 makes Swish
-# 1-Lipschitz for every beta because the derivative depends on x only through beta·x.
-_SWISH_LIPSCHITZ = 1.1
-
 
 class LipSwish(nn.Module):
     """``x·sigmoid(beta·x) / 1.1`` with learnable ``beta = softplus(raw_beta) > 0``.
 
     Chen et al. 2019, "Residual Flows", §4.3: unlike ELU/softplus, Swish's second derivative
     does not vanish near the origin, which avoids saturation of the Jacobian-gradient terms.
+    Large float32/bfloat16 maps use hand-written, compiled first and second derivatives
+    (:mod:`hybridflow.nets.fused`); the values are the same function's.
     """
 
     def __init__(self) -> None:
@@ -51,7 +51,9 @@ class LipSwish(nn.Module):
         # x·sigmoid(βx) = silu(βx)/β: one fused op (and fused backward) instead of four
         # elementwise ones, which dominate the cost of the residual branches on CPU.
         beta = self.beta
-        return F.silu(beta * x) * (1.0 / (_SWISH_LIPSCHITZ * beta))
+        if use_fused_lipswish(x):
+            return LipSwishFunction.apply(x, beta)
+        return F.silu(beta * x) * (1.0 / (SWISH_LIPSCHITZ * beta))
 
 
 class LipELU(nn.Module):

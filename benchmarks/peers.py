@@ -8,6 +8,9 @@ alike; the result is the median over ``--rounds`` rounds after ``--warmup`` unti
 ratio ours / peer (< 1: ours is faster). Peak memory of a training step is measured for each
 model in a fresh subprocess (peak RSS, ``VmHWM``). For every mode that misses its target
 the json holds a ``torch.profiler`` table of both models (top operators by self CPU time).
+With ``--bf16`` each pair is also timed at its training batch under bfloat16 autocast, ours
+(log-dets kept float32) against the peer under plain ``torch.autocast``, with the bits/dim error
+each side's autocast makes and the CPU's bf16 flags (``peer_pairs/mixed_precision.py``).
 
 Peers: ``pip install -e .[bench]`` installs zuko, nflows and normflows; the Residual Flows
 reference and chrischute/flowplusplus are not on the registry and are given as checkouts with
@@ -19,6 +22,7 @@ A missing peer skips its pairs with a message.
     python benchmarks/peers.py --only maf-affine --merge   # some pairs, merged into the json
     python benchmarks/peers.py --table                     # the README table from the json
     python benchmarks/peers.py --tiny --out /tmp/p.json    # CI: one round at batch 2
+    python benchmarks/peers.py --bf16 --only realnvp --merge  # + bf16 autocast, both sides
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch
 from _common import RESULTS, cpu_model, environment, load_average, timed
 from _common import peak_rss_of_this_process_gib as peak_rss_gib
 from peer_pairs import Case, PeerMissing, Side, all_cases, count_parameters, set_peer_paths
+from peer_pairs.mixed_precision import bf16_comparison
 
 from hybridflow.reports import git_commit
 
@@ -215,6 +220,13 @@ def run_case(case: Case, args: argparse.Namespace) -> dict:
             file=sys.stderr,
             flush=True,
         )
+    if args.bf16:
+        # The training batch: 64 where the pair times it (images), else its largest.
+        batch = TINY_BATCH if args.tiny else (64 if 64 in case.batches else max(case.batches))
+        try:
+            entry["bf16"] = bf16_comparison(sides, case.make_input(batch), rounds, warmup, timed)
+        except Exception:  # e.g. a peer op without a bf16 kernel: recorded, not fatal
+            entry["bf16"] = {"error": traceback.format_exc(limit=4)}
     if case.memory_batch and not args.tiny and not args.no_memory:
         entry["memory"] = measure_memory(case, args)
     entry["misses"] = misses(entry)
@@ -325,6 +337,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="one round at batch 2 (CI)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="also time bf16 autocast, both sides")
     parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)

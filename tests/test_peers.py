@@ -67,3 +67,32 @@ def test_tiny_mode_runs_and_writes_the_table(tmp_path: Path) -> None:
             assert {"eval", "train"} <= set(modes)
             assert all(m["ours_s"] > 0 and m["peer_s"] > 0 for m in modes.values())
     assert proc.stdout.startswith("| pair | setting |")
+
+
+def test_bf16_comparison_times_both_sides_and_measures_the_error() -> None:
+    import torch
+    from _common import timed
+    from peer_pairs import Side
+    from peer_pairs.mixed_precision import BF16_FLAGS, bf16_comparison
+
+    def side(protect: bool) -> Side:
+        torch.manual_seed(0)
+        net = torch.nn.Linear(16, 16).float()
+
+        def log_prob(x: torch.Tensor) -> torch.Tensor:
+            h = net(x.float())
+            if protect:  # as ours: the per-example sum in float32
+                h = h.float()
+            return -(h * h).sum(1)
+
+        return Side("toy", net, log_prob, None)
+
+    x = torch.randn(8, 16, dtype=torch.float32)
+    out = bf16_comparison({"ours": side(True), "peer": side(False)}, x, 2, 0, timed)
+    assert set(out["cpu_bf16_flags"]) <= set(BF16_FLAGS) and out["batch"] == 8
+    for name in ("ours", "peer"):
+        entry = out[name]
+        assert entry["train_s_float32"] > 0 and entry["train_s_bf16"] > 0
+        assert entry["non_finite"] == 0
+        assert 0 < entry["median_abs_bpd_error"] <= entry["max_abs_bpd_error"] < 1
+    assert out["ratio_ours_bf16_to_peer_float32"] > 0

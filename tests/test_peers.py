@@ -96,3 +96,34 @@ def test_bf16_comparison_times_both_sides_and_measures_the_error() -> None:
         assert entry["non_finite"] == 0
         assert 0 < entry["median_abs_bpd_error"] <= entry["max_abs_bpd_error"] < 1
     assert out["ratio_ours_bf16_to_peer_float32"] > 0
+
+
+def test_fast_paths_script_writes_its_ratios(tmp_path: Path) -> None:
+    out = tmp_path / "fast_paths.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "fast_paths.py"),
+            "--only",
+            "realnvp",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    group = json.loads(out.read_text())["groups"]["realnvp"]
+    if "skipped" in group:
+        pytest.skip(group["skipped"])
+    assert set(group["seconds"]) == {"masked", "gathered", "gathered+cl", "peer"}
+    assert group["ratio_to_baseline"]["masked"] == {"train": 1.0, "eval": 1.0}
+    assert all(t > 0 for modes in group["seconds"].values() for t in modes.values())

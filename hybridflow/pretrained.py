@@ -31,6 +31,7 @@ from .runs import (
     build_model_for,
     load_checkpoint,
     resolve_config,
+    restore_model,
     save_checkpoint,
     save_config,
 )
@@ -103,10 +104,11 @@ def load_pretrained(
         ValueError: Unknown name (the message suggests the closest one).
         CheckpointError: Missing file, or a checksum that differs from the index.
     """
-    state = load_checkpoint(_verified_file(name, weights_dir), map_location=device)
-    model = build_model_for(resolve_config(base=state["config"]), state["data"]).to(device)
-    model.load_state_dict(state["model"])
-    return model.eval()
+    path = _verified_file(name, weights_dir)
+    state = load_checkpoint(path, map_location=device)
+    config = resolve_config(base=state["config"])
+    model, _ = restore_model(config, state["data"], state["model"], path)
+    return model.to(device).eval()
 
 
 def _cache_root() -> Path:

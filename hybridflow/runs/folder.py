@@ -14,14 +14,16 @@ Every folder name comes from :func:`run_name`: ``[<dataset>-]<backbone>-lam<λ>[
 
 from __future__ import annotations
 
+import copy
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..models import HybridModel, Lambda, create_hybrid_model
+from ..models import HybridModel, Lambda, backbone_keywords, create_hybrid_model
 from ..naming import path_slug
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import resolve_config
@@ -29,12 +31,15 @@ from .config import resolve_config
 __all__ = [
     "CHECKPOINT_FILE",
     "CONFIG_FILE",
+    "LEGACY_BUILD_DEFAULTS",
     "METRICS_FILE",
     "MODEL_FILE",
     "build_model_for",
     "data_info",
     "finished_config",
+    "legacy_config",
     "load_run",
+    "restore_model",
     "run_dir_for",
     "run_name",
 ]
@@ -43,6 +48,13 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.csv"
+
+#: Builder keywords whose default changed (or will: issue 25 switches checkerboards to the
+#: gathered layout), with the value a model saved before the change was built with. A saved
+#: model that does not fit the model its config describes is rebuilt with these where the
+#: config leaves them unset (:func:`restore_model`): the layouts' weights have different
+#: shapes, so a wrong guess cannot load.
+LEGACY_BUILD_DEFAULTS: dict[str, Any] = {"checkerboard_layout": "masked"}
 
 
 def _part(value: Any) -> str:
@@ -93,6 +105,64 @@ def build_model_for(config: Mapping[str, Any], info: Mapping[str, Any]) -> Hybri
     )
 
 
+def legacy_config(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``config`` with :data:`LEGACY_BUILD_DEFAULTS` filled in where its builders take them and
+    it leaves them unset, or ``None`` when there is nothing to fill."""
+    legacy = copy.deepcopy(dict(config))
+    changed = False
+    accepted = backbone_keywords(config["backbone"]) or frozenset()
+    args = {"backbone_args": accepted}
+    if config.get("dequantization") == "variational":
+        args["dequantization_args"] = frozenset(LEGACY_BUILD_DEFAULTS)  # its couplings take all
+    for key, keywords in args.items():
+        for name, value in LEGACY_BUILD_DEFAULTS.items():
+            if name in keywords and name not in legacy[key]:
+                legacy[key] = {**legacy[key], name: value}
+                changed = True
+    return legacy if changed else None
+
+
+def restore_model(
+    config: Mapping[str, Any], info: Mapping[str, Any], weights: Mapping[str, Any], source: Path
+) -> tuple[HybridModel, dict[str, Any]]:
+    """The model ``config`` describes with ``weights`` loaded, and the config it was built with.
+
+    A model saved before a default of :data:`LEGACY_BUILD_DEFAULTS` changed is rebuilt with the
+    old value (with a warning naming the keyword to set); anything else that does not fit
+    raises :class:`CheckpointError`.
+    """
+    model = build_model_for(config, info)
+    try:
+        model.load_state_dict(weights)
+        return model, dict(config)
+    except RuntimeError as err:
+        mismatch = err
+    legacy = legacy_config(config)
+    if legacy is not None:
+        model = build_model_for(legacy, info)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError:
+            pass
+        else:
+            added = [
+                f"--{key}.{name}={value}"
+                for key in ("backbone_args", "dequantization_args")
+                for name, value in legacy[key].items()
+                if name not in config[key]
+            ]
+            warnings.warn(
+                f"{source} was saved before a default layout changed; rebuilt with "
+                f"{' '.join(added)} (set it in the config to silence this)",
+                UserWarning,
+                stacklevel=2,
+            )
+            return model, legacy
+    raise CheckpointError(
+        f"{source} does not match the model its config describes: {mismatch}"
+    ) from mismatch
+
+
 def finished_config(run_dir: Path) -> dict[str, Any] | None:
     """The config of a finished run folder (``model.pt`` present), else ``None``."""
     if not (run_dir / MODEL_FILE).exists():
@@ -122,11 +192,5 @@ def load_run(
     cfg = resolve_config(base=state["config"])
     if "data" not in state:
         raise CheckpointError(f"{path} lacks the 'data' entry (shape, levels, classes)")
-    model = build_model_for(cfg, state["data"]).to(device)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"{path} does not match the model its config describes: {err}"
-        ) from err
-    return model.eval(), cfg
+    model, cfg = restore_model(cfg, state["data"], state["model"], path)
+    return model.to(device).eval(), cfg

@@ -24,8 +24,10 @@ from ..runs import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
     MODEL_FILE,
+    CheckpointError,
     build_model_for,
     data_info,
+    legacy_config,
     load_checkpoint,
     remove_temporaries,
     run_dir_for,
@@ -311,7 +313,26 @@ def _wrap_for_training(state: TrainState, loss_module: nn.Module) -> None:
 
 def _restore(state: TrainState, saved: Mapping[str, Any]) -> None:
     """Model, optimizer, schedule, counters and RNG from a checkpoint (the EMA comes after)."""
-    state.model.load_state_dict(saved["model"])
+    try:
+        state.model.load_state_dict(saved["model"])
+    except RuntimeError as err:
+        legacy = legacy_config(state.cfg)
+        hint = (
+            ""
+            if legacy is None
+            else (
+                "; if it was written before a default layout changed, resume with "
+                + " ".join(
+                    f"--{key}.{name}={value}"
+                    for key in ("backbone_args", "dequantization_args")
+                    for name, value in legacy[key].items()
+                    if name not in state.cfg[key]
+                )
+            )
+        )
+        raise CheckpointError(
+            f"{state.checkpoint_path} does not fit the model its config describes{hint}: {err}"
+        ) from err
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
     state.step = int(saved["step"])

@@ -38,6 +38,7 @@ __all__ = [
     "data_info",
     "finished_config",
     "legacy_config",
+    "legacy_flags",
     "load_run",
     "restore_model",
     "run_dir_for",
@@ -122,6 +123,16 @@ def legacy_config(config: Mapping[str, Any]) -> dict[str, Any] | None:
     return legacy if changed else None
 
 
+def legacy_flags(config: Mapping[str, Any], legacy: Mapping[str, Any]) -> str:
+    """The command-line flags that turn ``config`` into ``legacy`` (:func:`legacy_config`)."""
+    return " ".join(
+        f"--{key}.{name}={value}"
+        for key in ("backbone_args", "dequantization_args")
+        for name, value in legacy[key].items()
+        if name not in config[key]
+    )
+
+
 def restore_model(
     config: Mapping[str, Any], info: Mapping[str, Any], weights: Mapping[str, Any], source: Path
 ) -> tuple[HybridModel, dict[str, Any]]:
@@ -145,15 +156,9 @@ def restore_model(
         except RuntimeError:
             pass
         else:
-            added = [
-                f"--{key}.{name}={value}"
-                for key in ("backbone_args", "dequantization_args")
-                for name, value in legacy[key].items()
-                if name not in config[key]
-            ]
             warnings.warn(
                 f"{source} was saved before a default layout changed; rebuilt with "
-                f"{' '.join(added)} (set it in the config to silence this)",
+                f"{legacy_flags(config, legacy)} (set it in the config to silence this)",
                 UserWarning,
                 stacklevel=2,
             )

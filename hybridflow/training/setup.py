@@ -28,6 +28,7 @@ from ..runs import (
     build_model_for,
     data_info,
     legacy_config,
+    legacy_flags,
     load_checkpoint,
     remove_temporaries,
     run_dir_for,
@@ -320,15 +321,8 @@ def _restore(state: TrainState, saved: Mapping[str, Any]) -> None:
         hint = (
             ""
             if legacy is None
-            else (
-                "; if it was written before a default layout changed, resume with "
-                + " ".join(
-                    f"--{key}.{name}={value}"
-                    for key in ("backbone_args", "dequantization_args")
-                    for name, value in legacy[key].items()
-                    if name not in state.cfg[key]
-                )
-            )
+            else "; if it was written before a default layout changed, resume with "
+            + legacy_flags(state.cfg, legacy)
         )
         raise CheckpointError(
             f"{state.checkpoint_path} does not fit the model its config describes{hint}: {err}"

@@ -37,6 +37,7 @@ from peer_pairs import PeerMissing, set_peer_paths
 from peer_pairs import coupling as coupling_pairs
 from peer_pairs import flowpp as flowpp_pairs
 from peer_pairs.mixed_precision import cpu_bf16_flags
+from peers import make_step
 
 from hybridflow.nets import ConvResNet, fused
 from hybridflow.reports import git_commit
@@ -58,20 +59,12 @@ def _in_turns(variants: dict[str, Variant], rounds: int, warmup: int) -> dict[st
 
 
 def _side_calls(side, x: torch.Tensor, sample_batch: int | None = None) -> Variant:
-    opt = torch.optim.Adam(side.module.parameters(), lr=1e-5)
-
-    def train() -> None:
-        side.module.train()
-        opt.zero_grad(set_to_none=True)
-        side.loss(x).backward()
-        opt.step()
-
     def evaluate() -> None:
         side.module.eval()
         with torch.no_grad():
             side.log_prob(x)
 
-    calls = {"train": train, "eval": evaluate}
+    calls = {"train": make_step(side, x), "eval": evaluate}
     if sample_batch:
 
         def sample() -> None:

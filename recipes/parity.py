@@ -10,7 +10,7 @@ batches, dequantization noise, optimizer, schedule, clipping and EMA
 those recorded in the committed results.json are restored into a fresh checkout's runs folder.
 
     python recipes/parity.py --peer-path residual-flows=../peers/residual-flows \\
-        --peer-path flowplusplus=../peers/flowplusplus        # every pair, ~6 h on 2 cores
+        --peer-path flowplusplus=../peers/flowplusplus    # every pair, ~13 h on 2 cores
     python recipes/parity.py --only maf --threads 1            # one family (run one such
                                                                # command per core: a run
                                                                # another process holds is left)

@@ -51,7 +51,8 @@ parser.add_argument("--threads", type=int, default=2)
 parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "parity_train_img")
 parser.add_argument("--out", type=Path, default=ROOT / "reports" / "parity" / "train_img")
 args = parser.parse_args()
-runs, out = args.runs, args.out
+# Absolute: the reference runs from its checkout, and a relative PYTHONPATH would not follow.
+peer_path, runs, out = args.peer_path.resolve(), args.runs.resolve(), args.out.resolve()
 runs.mkdir(parents=True, exist_ok=True)
 commit = git_commit()
 
@@ -65,7 +66,7 @@ for path in _locate_idx("fashion-mnist", None, download=False).values():
             target.write_bytes(f.read())
 
 # A copy of train_img.py whose "mnist" reads Fashion-MNIST: the only change to the reference.
-source = (args.peer_path / "train_img.py").read_text()
+source = (peer_path / "train_img.py").read_text()
 assert source.count("datasets.MNIST(") == 2, "unexpected train_img.py: update this recipe"
 (runs / "train_img_fashion.py").write_text(
     "import torchvision\n" + source.replace("datasets.MNIST(", "torchvision.datasets.FashionMNIST(")
@@ -89,7 +90,7 @@ ours_cmd = [
     "--eval_every=1", "--seed=0", f"--num_threads={args.threads}",
     f"--out_dir={runs}", "--name=ours", "--progress=false",
 ]  # fmt: skip
-env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(args.peer_path)}
+env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(peer_path)}
 TRAIN_LINE = re.compile(  # its running bits/dim (EMA 0.97 of batches) and accuracy (epoch so far)
     r"Epoch: \[(\d+)\]\[(\d+)/(\d+)\].*?Bits/dim [\d.]+\(([\d.]+)\).*?CE ([\d.]+) \| Acc ([\d.]+)"
 )
@@ -104,7 +105,7 @@ def reference_log() -> list[tuple[int, float, float]]:
 
 
 seconds = {}
-for name, cmd, cwd in (("reference", reference_cmd, args.peer_path), ("ours", ours_cmd, ROOT)):
+for name, cmd, cwd in (("reference", reference_cmd, peer_path), ("ours", ours_cmd, ROOT)):
     done = runs / f"{name}.done"
     if done.exists():
         seconds[name] = float(done.read_text())

@@ -396,3 +396,65 @@ def test_resflow_ablation_recipe_trains_both_arms(neumann: str, tmp_path: Path) 
     result = json.loads(result_path.read_text())
     assert result["parameters"]["ours"] == result["parameters"]["peer"] + 1
     assert all(math.isfinite(result["test"][side]["bpd"]) for side in ("ours", "peer"))
+
+
+def test_report_lists_every_miss_with_its_trace(tmp_path: Path) -> None:
+    """A pair behind its peer appears under the misses with its case's finding, one without a
+    finding says it was not traced; the cost table counts both sides' training hours."""
+    runs, out = tmp_path / "runs", tmp_path / "report"
+    traced = replace(_case(_coupling_side, _coupling_side), findings=("The trace found X.",))
+    untraced = replace(traced, setting="other levels", findings=())
+    for case in (traced, untraced):
+        for seed in range(2):
+            folder = runs / case.folder_name / f"seed{seed}"
+            run_seed(case, seed, folder, log=lambda _: None)
+            result = json.loads((folder / "result.json").read_text())
+            result["test"]["ours"]["bpd"] += 1.0  # ours far behind on test
+            (folder / "result.json").write_text(json.dumps(result))
+    write_parity_report([traced, untraced], runs, out, command="test")
+    text = (out / "report.md").read_text()
+    misses = text.split("## Misses and their traces")[1].split("## Cost")[0]
+    assert "**a/b levels** (behind at equal steps): The trace found X." in misses
+    assert "**a/b other levels** (behind at equal steps): not traced yet." in misses
+    hours = sum(
+        json.loads(p.read_text())["train_s"][side]
+        for p in runs.glob("*/seed*/result.json")
+        for side in ("ours", "peer")
+    )
+    assert f"{hours / 3600:.2f} h in all" in text
+    assert "| a/b | levels | 2 |" in text.split("## Cost")[1]
+
+
+def test_dsf_trace_recipe_trains_both_arms(tmp_path: Path) -> None:
+    """The DSF trace trains the matched model against a narrower one on the breast-cancer
+    table; the narrower arm has fewer parameters."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "recipes" / "parity_dsf_trace.py"),
+            "--smoke",
+            "--seeds=1",
+            "--variant=width=16",
+            f"--out={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result_path,) = tmp_path.glob("*/seed0/result.json")
+    result = json.loads(result_path.read_text())
+    assert result["parameters"]["peer"] < result["parameters"]["ours"]
+    assert all(math.isfinite(result["test"][side]["bpd"]) for side in ("ours", "peer"))
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "parity_dsf_trace.py"), "--variant=depth=3"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert (
+        bad.returncode == 2
+        and "--variant must be one of width=..., units=..., evals=..." in bad.stderr
+    )

@@ -289,6 +289,16 @@ def parity_cases() -> list[ParityCase]:
                 "resolution), normflows gathers the kept half (H×W/2 grid) and alternates the "
                 "pattern across channels",
             ),
+            findings=(
+                "Equal steps level (medians 3.732 vs 3.765 bits/dim; the peer's mean is carried "
+                "by a few divergent test examples). At equal wall time the cost per step: our "
+                "masked checkerboard conditioners see [x·mask, mask] at full resolution and "
+                "convolve 1.73× the positions normflows' gathered half does (convolutions are 74% "
+                "of our step; benchmarks/README.md), 1.66× its step time here. The gathered "
+                "layout (checkerboard_layout='gathered', issue 25; benchmarks/fast_paths.py) "
+                "trains at about 0.94× normflows' step time on a 2-core Xeon and becomes the "
+                "default when issue 25 regenerates the reports it changes, this pair included.",
+            ),
         ),
         ParityCase(
             "coupling+1x1/normflows",

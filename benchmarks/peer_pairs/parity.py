@@ -168,6 +168,8 @@ class ParityCase:
         differences: Every remaining difference between the two sides, for the report.
         revision: Bumped when a side changes (a library default, the pair's configuration):
             runs of an older revision are neither resumed, restored nor reported.
+        findings: Where ours is behind: what the trace found and the measurement behind it
+            (the report lists every miss, with this or "not traced yet").
     """
 
     pair: str
@@ -180,6 +182,7 @@ class ParityCase:
     seeds: int = 3
     differences: tuple[str, ...] = ()
     revision: int = 0
+    findings: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:

@@ -30,6 +30,8 @@ from hybridflow.runs import CheckpointError, load_checkpoint
 
 from .parity import SIDES, ParityCase, current_result, retire_stale
 
+BUDGET_HOURS = 6  # issue 24: the whole report on 2 CPU cores
+
 __all__ = ["BPD_FLOOR", "restore_results", "summarise", "verdict", "write_parity_report"]
 
 BPD_FLOOR = 0.005  # bits/dim: the smallest difference the targets count
@@ -247,6 +249,61 @@ def _figure(
 def _pm(stat: tuple[float, float], digits: int = 3) -> str:
     mean, std = stat
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if math.isfinite(std) else "")
+
+
+def _misses(doc: Document, status: Sequence[tuple], summaries: Mapping[str, dict]) -> None:
+    """Every "behind" verdict, with what its case's trace found (or that none was made)."""
+    rows = []
+    for case, _, _ in status:
+        sm = summaries.get(case.key)
+        if sm is None:
+            continue
+        behind = [
+            name
+            for name, key in (
+                ("equal steps", "verdict_steps"),
+                ("equal wall time", "verdict_time"),
+                ("accuracy", "verdict_acc"),
+            )
+            if sm.get(key) == "behind"
+        ]
+        if behind:
+            found = " ".join(case.findings) or "not traced yet."
+            rows.append(f"**{case.key}** (behind at {', '.join(behind)}): {found}")
+    if rows:
+        doc.heading("Misses and their traces")
+        doc.para(
+            'Each verdict "behind" above, and what was found when it was traced (a miss is a '
+            "finding: the trace either changed the library or measured why it stays)."
+        )
+        doc.bullets(rows)
+
+
+def _cost(doc: Document, status: Sequence[tuple], all_results: Mapping[str, list]) -> None:
+    """Training hours per case (both sides, all seeds) on this report's CPU."""
+    rows, total, per_seed = [], 0.0, []
+    for case, _, _ in status:
+        done = all_results.get(case.key) or []
+        if not done:
+            continue
+        hours = sum(r["train_s"][s] for r in done for s in SIDES) / 3600
+        total += hours
+        per_seed.append((hours / len(done), case.key))
+        rows.append([case.pair, case.setting, str(len(done)), f"{hours:.2f}",
+                     f"{hours / len(done):.2f}"])  # fmt: skip
+    if not rows:
+        return
+    dearest = max(per_seed)
+    fits = "fits in" if total <= BUDGET_HOURS else "does not fit in"
+    doc.heading("Cost")
+    doc.para(
+        f"Training time of the finished runs, both sides, on the CPU above: {total:.2f} h in "
+        "all (checkpoint evaluations not included; runs that shared their cores with other work "
+        f"count their slower seconds), so the report {fits} the {BUDGET_HOURS} h budget of 2 "
+        f"cores here. The dearest seed: {dearest[0]:.2f} h ({dearest[1]}). Runs resume from their "
+        "run folders; `--only` and `--seeds` select pairs and seeds."
+    )
+    doc.table(Table(["pair", "data", "seeds", "hours, both sides", "hours per seed"], rows))
 
 
 def write_parity_report(
@@ -470,6 +527,8 @@ def write_parity_report(
                 ],
             )
         )
+    _misses(doc, status, summaries)
+    _cost(doc, status, all_results)
     doc.heading("Pairs")
     by_pair: dict[str, list[tuple[ParityCase, int, list]]] = {}
     for item in status:

@@ -153,6 +153,7 @@ def reference_weights_test(n: int = 2000) -> dict[str, float]:
 
     resflow.ALPHA = 1e-6  # train_img.py's MNIST logit transform
     set_peer_paths({"residual-flows": str(peer_path)})
+    resflow._import_reference()  # its checkpoint pickles the reference's own classes
     checkpoint = torch.load(runs / "reference" / "models" / "most_recent.pth",
                             map_location="cpu", weights_only=False)  # fmt: skip
     model = resflow._reference_model(64)

@@ -157,10 +157,12 @@ def reference_weights_test(n: int = 2000) -> dict[str, float]:
     checkpoint = torch.load(runs / "reference" / "models" / "most_recent.pth",
                             map_location="cpu", weights_only=False)  # fmt: skip
     model = resflow._reference_model(64)
-    model.load_state_dict(checkpoint["state_dict"])
     data = image_data("fashion-mnist", False)
     x = data.test_x[:n]
     u = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # sizes the lazy power-iteration vectors (then overwritten)
+        resflow._reference_forward(model.train(), x[:64], u[:64], classify=True)
+    model.load_state_dict(checkpoint["state_dict"])
     out = {}
     for name in ("raw", "ema"):
         if name == "ema":

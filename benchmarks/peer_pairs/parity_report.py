@@ -527,6 +527,12 @@ def write_parity_report(
                 ],
             )
         )
+    if (out / "train_img" / "report.md").exists():
+        doc.para(
+            "Recipe-level parity (the Residual Flows reference's own train_img.py against "
+            "hybridflow train, hybrid λ = 1/D on Fashion-MNIST): train_img/report.md, written "
+            "by recipes/parity_train_img.py."
+        )
     _misses(doc, status, summaries)
     _cost(doc, status, all_results)
     doc.heading("Pairs")

@@ -59,7 +59,7 @@ def variant(data, seed, smoke):
     if key == "width":
         width, units = value, ar.DSF_UNITS
     else:  # the matched width, fewer units
-        width = ar._matched_dsf_model(data.dim, ar._zuko_naf_size(data.dim), seed)[1]
+        width = ar._matched_dsf_model(data.dim, ar.dsf_target(data.dim), seed)[1]
         units = value
     model = ar._ours(data.dim, "naf", seed, transformer="dsf", num_units=units,
                      hidden_features=width)  # fmt: skip

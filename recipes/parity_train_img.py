@@ -151,12 +151,11 @@ def reference_weights_test(n: int = 2000) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     from peer_pairs import set_peer_paths
 
-    resflow.ALPHA = 1e-6  # train_img.py's MNIST logit transform
     set_peer_paths({"residual-flows": str(peer_path)})
     resflow._import_reference()  # its checkpoint pickles the reference's own classes
     checkpoint = torch.load(runs / "reference" / "models" / "most_recent.pth",
                             map_location="cpu", weights_only=False)  # fmt: skip
-    model = resflow._reference_model(64)
+    model = resflow._reference_model(64, alpha=1e-6)  # train_img.py's MNIST logit
     data = image_data("fashion-mnist", False)
     x = data.test_x[:n]
     u = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))

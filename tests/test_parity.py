@@ -374,26 +374,29 @@ def test_median_verdict_is_not_carried_by_a_few_examples(tmp_path: Path) -> None
     assert summary["median_diff"] == pytest.approx(3.401 - 3.61)
 
 
+def _run_recipe(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+
+
+def _smoke_recipe(script: str, *args: str, out: Path) -> dict:
+    """Run a parity trace recipe with ``--smoke`` into ``out``: its one seed's result."""
+    proc = _run_recipe(script, "--smoke", *args, f"--out={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result_path,) = out.glob("*/seed0/result.json")
+    return json.loads(result_path.read_text())
+
+
 @pytest.mark.parametrize("neumann", ["library", "theorem2"])
 def test_resflow_ablation_recipe_trains_both_arms(neumann: str, tmp_path: Path) -> None:
     """Ours against ours one difference apart: the arm with the first pre-activation has one
     LipSwish (one parameter) more, and both train and score."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "recipes" / "parity_resflow_ablation.py"),
-            "--smoke",
-            f"--neumann={neumann}",
-            f"--out={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (result_path,) = tmp_path.glob("*/seed0/result.json")
-    result = json.loads(result_path.read_text())
+    result = _smoke_recipe("parity_resflow_ablation.py", f"--neumann={neumann}", out=tmp_path)
     assert result["parameters"]["ours"] == result["parameters"]["peer"] + 1
     assert all(math.isfinite(result["test"][side]["bpd"]) for side in ("ours", "peer"))
 
@@ -428,32 +431,10 @@ def test_report_lists_every_miss_with_its_trace(tmp_path: Path) -> None:
 def test_dsf_trace_recipe_trains_both_arms(tmp_path: Path) -> None:
     """The DSF trace trains the matched model against a narrower one on the breast-cancer
     table; the narrower arm has fewer parameters."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "recipes" / "parity_dsf_trace.py"),
-            "--smoke",
-            "--seeds=1",
-            "--variant=width=16",
-            f"--out={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (result_path,) = tmp_path.glob("*/seed0/result.json")
-    result = json.loads(result_path.read_text())
+    result = _smoke_recipe("parity_dsf_trace.py", "--seeds=1", "--variant=width=16", out=tmp_path)
     assert result["parameters"]["peer"] < result["parameters"]["ours"]
     assert all(math.isfinite(result["test"][side]["bpd"]) for side in ("ours", "peer"))
-    bad = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "parity_dsf_trace.py"), "--variant=depth=3"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    bad = _run_recipe("parity_dsf_trace.py", "--variant=depth=3", timeout=120)
     assert (
         bad.returncode == 2
         and "--variant must be one of width=..., units=..., evals=..." in bad.stderr

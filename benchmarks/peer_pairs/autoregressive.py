@@ -147,6 +147,11 @@ def _zuko_naf_size(d: int) -> int:
     return count_parameters(zuko.flows.NAF(d, transforms=FLOWS, signal=16))
 
 
+def dsf_target(d: int) -> int:
+    """The parameter count our MAF-DSF is matched to: zuko's NAF's (100,000 without zuko)."""
+    return _zuko_naf_size(d) or 100_000
+
+
 def cases(tiny: bool) -> list[Case]:
     del tiny  # the same models; the harness shrinks rounds and batches
     out = []
@@ -171,7 +176,7 @@ def cases(tiny: bool) -> list[Case]:
                 pair="maf-dsf/zuko-naf",
                 setting=f"D={d}",
                 make_input=_vector_input(d),
-                build_ours=lambda d=d: _matched_dsf(d, _zuko_naf_size(d) or 100_000),
+                build_ours=lambda d=d: _matched_dsf(d, dsf_target(d)),
                 build_peer=lambda d=d: _zuko_naf(d),
                 batches=(64, 1024),
                 # zuko inverts its monotonic networks by bisection, one feature at a time:
@@ -220,7 +225,7 @@ def _parity_ours_maf(data: ParityData, seed: int, smoke: bool) -> ParitySide:
 
 
 def _parity_ours_dsf(data: ParityData, seed: int, smoke: bool) -> ParitySide:
-    model, width = _matched_dsf_model(data.dim, _zuko_naf_size(data.dim) or 100_000, seed)
+    model, width = _matched_dsf_model(data.dim, dsf_target(data.dim), seed)
     label = f"hybridflow naf (DSF, {DSF_UNITS} units, MADE width {width})"
     return _density_side(label, model, _flow_log_prob)
 

@@ -131,16 +131,19 @@ def _import_reference() -> tuple[object, object]:
     raise PeerMissing(f"residual-flows: neither resflows nor lib importable from {root}")
 
 
-def _reference_model(init_batch: int, classification: bool = True) -> torch.nn.Module:
+def _reference_model(
+    init_batch: int, classification: bool = True, alpha: float = ALPHA
+) -> torch.nn.Module:
     """The reference ``ResidualFlow`` as ``train_img.py`` builds it (see the module docstring);
-    ``classification=False`` is its ``--task density`` model (no head)."""
+    ``classification=False`` is its ``--task density`` model (no head); ``alpha`` its logit
+    transform's (``train_img.py`` uses 1e-6 for MNIST)."""
     layers, resflow = _import_reference()
     return resflow.ResidualFlow(
         (init_batch, *INPUT_SHAPE),
         n_blocks=[2, 2, 2],
         intermediate_dim=64,
         factor_out=False,
-        init_layer=layers.LogitTransform(ALPHA),
+        init_layer=layers.LogitTransform(alpha),
         actnorm=True,
         coeff=0.98,
         vnorms="2222",

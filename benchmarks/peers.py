@@ -49,7 +49,6 @@ from peer_pairs.mixed_precision import bf16_comparison
 from hybridflow.reports import git_commit
 
 MODES = ("eval", "train", "sample")
-PARAM_TOLERANCE = 0.05  # equal parameter count within 5%
 RESULT_PREFIX = "RESULT "
 TINY_BATCH = 2
 

@@ -44,6 +44,8 @@ BACKBONES = {
             "final_couplings": 4,
             "hidden_channels": 32,
             "num_res_blocks": 1,
+            # the layout the committed report was trained with (default "gathered", issue 25)
+            "checkerboard_layout": "masked",
         },
         "epochs": 150,
         "lr": 1e-3,

@@ -35,6 +35,8 @@ CONFIG = {
         "final_couplings": 3,
         "hidden_channels": 32,
         "num_res_blocks": 1,
+        # 7 wide at the third scale: gathered checkerboards need even widths
+        "checkerboard_layout": "masked",
     },
     "head": "resflow",
     "head_args": {"width": 64, "dropout": 0.2},

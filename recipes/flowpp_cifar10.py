@@ -36,7 +36,7 @@ PAPER = {"bpd (final model, IW 4096)": 3.08, "bpd (ablation 'full', 400 epochs)"
 CONFIG = {
     "dataset": "cifar10",  # 50,000 train (10% held out for validation, seeded), 10,000 test
     "val_fraction": 0.1,
-    "backbone": "flowpp-cifar10",  # the paper's flow: 28.2 M parameters
+    "backbone": "flowpp-cifar10",  # the paper's flow: 28.0 M parameters
     "backbone_args": {},
     "dequantization": "variational",
     "dequantization_args": FLOWPP_CIFAR10_DEQUANTIZATION,  # 3.7 M parameters

@@ -146,3 +146,25 @@ def test_backbones_refuse_gathered_odd_widths() -> None:
         create_backbone("flowpp-cpu", (1, 6, 6), checkerboard_layout="gathered")
     with pytest.raises(ValueError, match="even width"):
         T.VariationalDequantization(4, (1, 4, 5), checkerboard_layout="gathered")
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: T.AffineCoupling(2, "checkerboard", 0),
+        lambda: T.MixLogisticCoupling(2, 3, "checkerboard", 0),
+        lambda: T.NAFCoupling(2, 4, "checkerboard", 0),
+        lambda: T.VariationalDequantization(4, (1, 4, 4), num_couplings=1, context_channels=2),
+        lambda: create_backbone("realnvp", (1, 8, 8)),
+        lambda: create_backbone("flowpp-cpu", (1, 8, 8)),
+    ],
+    ids=["affine", "mixlogistic", "naf", "variational-dequantization", "realnvp", "flowpp"],
+)
+def test_checkerboards_are_gathered_by_default(build) -> None:
+    """Issue 25: the gathered layout is every checkerboard's default (the masked one is opt-in)."""
+    checkerboards = [
+        m
+        for m in build().modules()
+        if isinstance(getattr(m, "mask", None), str) and m.mask == "checkerboard"
+    ]
+    assert checkerboards and {m.checkerboard_layout for m in checkerboards} == {"gathered"}

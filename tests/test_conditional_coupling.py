@@ -22,8 +22,15 @@ def _mlp(i: int, o: int) -> MLP:
 
 
 LAYERS: dict[str, tuple[Callable, tuple[int, ...], tuple[int, ...]]] = {
-    "affine-checkerboard": (
+    "affine-checkerboard": (  # gathered, the default: even widths
         lambda: AffineCoupling(2, "checkerboard", 1, _conv, context_channels=3),
+        (2, 3, 4),
+        (3, 3, 4),
+    ),
+    "affine-checkerboard-masked": (
+        lambda: AffineCoupling(
+            2, "checkerboard", 1, _conv, context_channels=3, checkerboard_layout="masked"
+        ),
         (2, 3, 3),
         (3, 3, 3),
     ),
@@ -49,6 +56,21 @@ LAYERS: dict[str, tuple[Callable, tuple[int, ...], tuple[int, ...]]] = {
             context_channels=1,
             inverse_tol=1e-12,
             inverse_max_iter=200,
+        ),
+        (1, 3, 4),
+        (1, 3, 4),
+    ),
+    "mixlogistic-checkerboard-masked": (
+        lambda: MixLogisticCoupling(
+            1,
+            2,
+            "checkerboard",
+            1,
+            _conv,
+            context_channels=1,
+            inverse_tol=1e-12,
+            inverse_max_iter=200,
+            checkerboard_layout="masked",
         ),
         (1, 3, 3),
         (1, 3, 3),

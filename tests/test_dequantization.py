@@ -50,6 +50,7 @@ def _variational(shape=(1, 1, 1), std: float = 0.3) -> T.VariationalDequantizati
         num_components=3,
         inverse_tol=1e-12,
         inverse_max_iter=200,
+        checkerboard_layout="masked",  # 1 pixel wide: the gathered layout needs even widths
     )
     deq.train()
     deq(torch.randint(0, LEVELS, (16, *shape)))  # weight-norm data-dependent init
@@ -64,7 +65,10 @@ def _one_dim_flow(dequantization: str) -> FlowModel:
         return ConvResNet(c_in, c_out, hidden_channels=4, num_blocks=1)
 
     layers = T.InvertibleSequential(
-        T.ActNorm(1), T.MixLogisticCoupling(1, 3, "checkerboard", 1, net, inverse_tol=1e-12)
+        T.ActNorm(1),
+        T.MixLogisticCoupling(
+            1, 3, "checkerboard", 1, net, inverse_tol=1e-12, checkerboard_layout="masked"
+        ),
     )
     backbone = T.MultiscaleFlow([layers], (1, 1, 1), [(1, 1, 1)], factor_out=False)
     args = (
@@ -75,6 +79,7 @@ def _one_dim_flow(dequantization: str) -> FlowModel:
             num_blocks=1,
             num_heads=2,
             num_components=3,
+            checkerboard_layout="masked",  # 1 pixel wide
         )
         if dequantization == "variational"
         else None

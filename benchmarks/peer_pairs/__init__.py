@@ -81,6 +81,8 @@ class Case:
         memory_batch: Batch of the training step whose peak memory is measured (``None``: no
             memory measurement).
         note: What differs between the two sides and anything a reader must know.
+        param_tolerance: Largest relative difference of the parameter counts (5%; a case
+            allowed more says why in its note).
     """
 
     pair: str
@@ -93,6 +95,7 @@ class Case:
     sample_batches: tuple[int, ...] = ()
     memory_batch: int | None = 64
     note: str = ""
+    param_tolerance: float = 0.05
 
     @property
     def key(self) -> str:

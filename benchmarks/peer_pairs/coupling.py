@@ -11,12 +11,12 @@ data-initialised in the builder, outside timed calls.
 
 * ``realnvp/normflows``: ``realnvp(num_scales=2, hidden_channels=32, num_res_blocks=1)``: 3
   checkerboard couplings, squeeze, 3 channel couplings, factor out half, 4 checkerboard couplings,
-  ActNorm after every coupling. normflows' checkerboard split *gathers* the kept sites into a
-  ``[B, C, H, W/2]`` tensor (index lists rebuilt in Python on every call) and its conditioner
-  convolves that compressed grid (C inputs, half the positions); ours multiplies by a mask and feeds
-  ``[x·mask, mask]`` (C + 1 inputs) at full resolution, so our checkerboard conditioners do about
-  twice the convolution work. normflows' checkerboard also alternates across channels (ours is
-  the same on every channel).
+  ActNorm after every coupling. Both checkerboard splits *gather* the kept sites into a
+  ``[B, C, H, W/2]`` tensor whose conditioner convolves that compressed grid (ours by default
+  since issue 25; normflows rebuilds its index lists in Python on every call). normflows'
+  checkerboard also alternates across channels (ours is the same on every channel). The parity
+  runs (:func:`parity_cases`) keep our former masked layout (``[x·mask, mask]``, C + 1 inputs, at
+  full resolution) they were trained with until their gathered revision has run.
 * ``coupling+1x1/normflows``: ``coupling+1x1(num_scales=2, blocks_per_scale=4,
   hidden_channels=64)``: squeeze, 4 × (ActNorm → LU 1×1 conv → channel coupling), squeeze, 4 more
   steps and a closing ActNorm, no factor-out; the peer stacks normflows' ``ActNorm``,
@@ -24,7 +24,8 @@ data-initialised in the builder, outside timed calls.
 
 Scales: ours ``log s = scale · tanh(raw)`` (a learned per-channel ``scale``, RealNVP §4.1), the
 peer ``scale_map="exp"`` (``log s = raw``, unbounded), the closest of normflows' maps; the
-``scale`` vectors and the extra mask input channel are the only parameters the peer lacks (< 1%).
+``scale`` vectors (and, in the masked parity layout, the mask input channel) are the only
+parameters the peer lacks (< 1%).
 """
 
 from __future__ import annotations
@@ -171,9 +172,9 @@ def cases(tiny: bool) -> list[Case]:
             pair="realnvp/normflows",
             build_ours=lambda: _our_side("realnvp", REALNVP),
             build_peer=lambda: _peer_side(*_peer_realnvp()),
-            note="same ConvResNet conditioners; normflows' checkerboard conditioners see a "
-            "gathered H×W/2 grid (half the conv work of ours, C vs C+1 inputs); "
-            "scale_map='exp' vs our scale·tanh log-scale",
+            note="same ConvResNet conditioners, both on the gathered H×W/2 checkerboard grid; "
+            "normflows alternates the pattern across channels; scale_map='exp' vs our "
+            "scale·tanh log-scale",
             **common,
         ),
         Case(
@@ -279,7 +280,8 @@ def parity_cases() -> list[ParityCase]:
             "fashion-mnist",
             "density",
             load,
-            _parity_ours("realnvp", REALNVP),
+            # the layout these runs were trained with; the gathered default is a new revision
+            _parity_ours("realnvp", {**REALNVP, "checkerboard_layout": "masked"}),
             _parity_peer(_peer_realnvp),
             PARITY_SETTINGS,
             3,
@@ -296,8 +298,9 @@ def parity_cases() -> list[ParityCase]:
                 "convolve 1.73× the positions normflows' gathered half does (convolutions are 74% "
                 "of our step; benchmarks/README.md), 1.66× its step time here. The gathered "
                 "layout (checkerboard_layout='gathered', issue 25; benchmarks/fast_paths.py) "
-                "trains at about 0.94× normflows' step time on a 2-core Xeon and becomes the "
-                "default when issue 25 regenerates the reports it changes, this pair included.",
+                "trains at about 0.94× normflows' step time on a 2-core Xeon and is the default "
+                "since issue 25; this pair keeps the masked layout it was run with until its "
+                "gathered revision has run.",
             ),
         ),
         ParityCase(

@@ -11,11 +11,11 @@ Named configurations:
 
 * ``flowpp-cifar10``: the paper's CIFAR-10 model (§4: 4 checkerboard couplings at 32×32, 2 channel
   couplings and 3 checkerboard couplings at 16×16; 10 conv-attention blocks of 96 filters; 32
-  logistics; dropout 0.2). GPU-sized: 28.2 M parameters at 3×32×32. The reference code reports
-  31.4 M including its 3.5 M dequantization flow, i.e. 28.0 M for the main flow; the rest of the
-  difference is our masked (rather than column-split) checkerboard and per-channel ActNorm. The
-  paper's model adds ``dequantization="variational"`` with :data:`FLOWPP_CIFAR10_DEQUANTIZATION`
-  (3.7 M parameters here).
+  logistics; dropout 0.2). GPU-sized: 27,991,884 parameters at 3×32×32 against the reference
+  code's 27,976,464 for its main flow (its 31.4 M include a 3.5 M dequantization flow); the
+  difference is our per-channel ActNorm and weight-norm gains (``benchmarks/peer_pairs/flowpp.py``).
+  The paper's model adds ``dequantization="variational"`` with
+  :data:`FLOWPP_CIFAR10_DEQUANTIZATION` (3.7 M parameters here).
 * ``flowpp-cpu``: the same layout with 2 + 2 + 2 couplings, 2 blocks of 32 filters, 4 logistics.
 """
 
@@ -68,7 +68,7 @@ def flowpp(
     float64_mixture: bool = False,
     inverse_tol: float = 1e-6,
     inverse_max_iter: int = 100,
-    checkerboard_layout: str = "masked",
+    checkerboard_layout: str = "gathered",
 ) -> MultiscaleFlow:
     """Flow++ for images ``(C, H, W)`` with even ``H`` and ``W``.
 

@@ -38,7 +38,7 @@ def realnvp(
     dropout: float = 0.0,
     factor_out: bool = True,
     actnorm: bool = True,
-    checkerboard_layout: str = "masked",
+    checkerboard_layout: str = "gathered",
 ) -> MultiscaleFlow:
     """Multiscale affine coupling flow for images ``(C, H, W)``.
 

@@ -106,7 +106,7 @@ class MaskedCoupling(InvertibleModule):
         parity: int,
         spatial: bool,
         context_channels: int = 0,
-        checkerboard_layout: str = "masked",
+        checkerboard_layout: str = "gathered",
     ) -> None:
         super().__init__()
         if mask not in ("checkerboard", "channel"):
@@ -233,7 +233,7 @@ class AffineCoupling(MaskedCoupling):
         spatial: bool = True,
         additive: bool = False,
         context_channels: int = 0,
-        checkerboard_layout: str = "masked",
+        checkerboard_layout: str = "gathered",
     ) -> None:
         super().__init__(num_channels, mask, parity, spatial, context_channels, checkerboard_layout)
         self.additive = additive

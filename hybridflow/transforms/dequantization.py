@@ -170,7 +170,7 @@ class VariationalDequantization(InvertibleModule):
         float64_mixture: bool = False,
         inverse_tol: float = 1e-6,
         inverse_max_iter: int = 100,
-        checkerboard_layout: str = "masked",
+        checkerboard_layout: str = "gathered",
     ) -> None:
         super().__init__()
         if num_levels < 2:

@@ -195,7 +195,7 @@ class MixLogisticCoupling(MaskedCoupling):
         inverse_tol: float = 1e-6,
         inverse_max_iter: int = 100,
         context_channels: int = 0,
-        checkerboard_layout: str = "masked",
+        checkerboard_layout: str = "gathered",
     ) -> None:
         super().__init__(num_channels, mask, parity, spatial, context_channels, checkerboard_layout)
         if num_components < 1:

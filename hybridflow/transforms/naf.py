@@ -410,7 +410,7 @@ class NAFCoupling(MaskedCoupling):
         inverse_tol: float = 1e-6,
         inverse_max_iter: int = 100,
         context_channels: int = 0,
-        checkerboard_layout: str = "masked",
+        checkerboard_layout: str = "gathered",
     ) -> None:
         super().__init__(num_channels, mask, parity, spatial, context_channels, checkerboard_layout)
         self.tau = _Transformer("dsf", num_units, 1, delta)

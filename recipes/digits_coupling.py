@@ -46,11 +46,8 @@ BACKBONES = {
     "coupling": {"backbone_args": COUPLING},
     "coupling+1x1": {"backbone_args": COUPLING},
     "flowpp-cpu": {
-        # 2 + 2 + 2 MixLogCDF couplings, 2 conv-attention blocks of 32; the checkerboard layout the
-        # committed report was trained with (the default is "gathered" since issue 25)
-        "backbone_args": {"checkerboard_layout": "masked"},
+        "backbone_args": {},  # 2 + 2 + 2 MixLogCDF couplings, 2 conv-attention blocks of 32
         "dequantization": "variational",
-        "dequantization_args": {"checkerboard_layout": "masked"},
         "weight_decay": 0.0,
     },
 }

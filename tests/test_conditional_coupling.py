@@ -21,8 +21,23 @@ def _mlp(i: int, o: int) -> MLP:
     return MLP(i, o, hidden_features=16, num_layers=2)
 
 
+def _mixlogistic_checkerboard(layout: str) -> MixLogisticCoupling:
+    return MixLogisticCoupling(
+        1,
+        2,
+        "checkerboard",
+        1,
+        _conv,
+        context_channels=1,
+        inverse_tol=1e-12,
+        inverse_max_iter=200,
+        checkerboard_layout=layout,
+    )
+
+
+# Checkerboards: gathered (the default) needs even widths; masked runs on odd ones too.
 LAYERS: dict[str, tuple[Callable, tuple[int, ...], tuple[int, ...]]] = {
-    "affine-checkerboard": (  # gathered, the default: even widths
+    "affine-checkerboard": (
         lambda: AffineCoupling(2, "checkerboard", 1, _conv, context_channels=3),
         (2, 3, 4),
         (3, 3, 4),
@@ -47,31 +62,12 @@ LAYERS: dict[str, tuple[Callable, tuple[int, ...], tuple[int, ...]]] = {
         (2, 2, 2),
     ),
     "mixlogistic-checkerboard": (
-        lambda: MixLogisticCoupling(
-            1,
-            2,
-            "checkerboard",
-            1,
-            _conv,
-            context_channels=1,
-            inverse_tol=1e-12,
-            inverse_max_iter=200,
-        ),
+        lambda: _mixlogistic_checkerboard("gathered"),
         (1, 3, 4),
         (1, 3, 4),
     ),
     "mixlogistic-checkerboard-masked": (
-        lambda: MixLogisticCoupling(
-            1,
-            2,
-            "checkerboard",
-            1,
-            _conv,
-            context_channels=1,
-            inverse_tol=1e-12,
-            inverse_max_iter=200,
-            checkerboard_layout="masked",
-        ),
+        lambda: _mixlogistic_checkerboard("masked"),
         (1, 3, 3),
         (1, 3, 3),
     ),

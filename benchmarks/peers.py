@@ -44,7 +44,7 @@ import torch
 from _common import RESULTS, cpu_model, environment, load_average, timed
 from _common import peak_rss_of_this_process_gib as peak_rss_gib
 from peer_pairs import Case, PeerMissing, Side, all_cases, count_parameters, set_peer_paths
-from peer_pairs.mixed_precision import bf16_comparison
+from peer_pairs.mixed_precision import bf16_comparison, cpu_bf16_flags
 
 from hybridflow.reports import git_commit
 
@@ -182,8 +182,21 @@ def measure_memory(case: Case, args: argparse.Namespace) -> dict:
     return out
 
 
+def measured_on() -> dict:
+    """Where and when one pair was timed: ``--merge`` keeps entries from earlier runs, which may
+    have run on another CPU or commit, so every entry carries its own."""
+    return {
+        "cpu": cpu_model(),
+        "cpu_bf16_flags": cpu_bf16_flags(),
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "load_average": load_average(),
+    }
+
+
 def run_case(case: Case, args: argparse.Namespace) -> dict:
     entry: dict = {"pair": case.pair, "setting": case.setting, "note": case.note}
+    entry["measured_on"] = measured_on()
     try:
         ours, peer = build(case)
     except PeerMissing as missing:
@@ -289,6 +302,7 @@ def table(result: dict) -> str:
         "| pair | setting | parameters ours / peer | batch | eval | train | sample | peak memory |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    cpus = sorted({e.get("measured_on", {}).get("cpu", "unrecorded") for e in result["cases"]})
     for entry in result["cases"]:
         if "skipped" in entry:
             lines.append(
@@ -298,8 +312,10 @@ def table(result: dict) -> str:
         p, t = entry["parameters"], entry.get("targets", {})
         memory = entry.get("memory", {}).get("ratio")
         for i, (batch, res) in enumerate(entry["batches"].items()):
+            where = entry.get("measured_on", {}).get("cpu", "unrecorded")
+            setting = f"{entry['setting']} ({where})" if len(cpus) > 1 else entry["setting"]
             head = (
-                f"| {entry['pair']} | {entry['setting']} | {p['ours']:,} / {p['peer']:,}"
+                f"| {entry['pair']} | {setting} | {p['ours']:,} / {p['peer']:,}"
                 if i == 0
                 else "| | |"
             )
@@ -309,6 +325,8 @@ def table(result: dict) -> str:
             cells = [cell(res.get(m, {}).get("ratio"), t.get(m)) for m in MODES]
             mem = cell(memory, t.get("memory")) if i == 0 else ""
             lines.append(f"{head} | {batch} | {' | '.join(cells)} | {mem} |")
+    if len(cpus) == 1:
+        lines.append(f"\nAll pairs measured on: {cpus[0]}.")
     return "\n".join(lines)
 
 
@@ -360,7 +378,8 @@ def main() -> None:
         "what": "ours / peer median time per mode (< 1: ours faster), float32, same process",
         "command": " ".join(["python", "benchmarks/peers.py", *sys.argv[1:]]),
         "commit": git_commit(),
-        "cpu": cpu_model(),
+        "cpu": cpu_model(),  # of this invocation; merged entries carry their own "measured_on"
+        "cpu_bf16_flags": cpu_bf16_flags(),
         "peer_versions": peer_versions(),
         "peer_paths": args.peer_paths,
         "rounds": 1 if args.tiny else args.rounds,

@@ -63,6 +63,7 @@ def test_tiny_mode_runs_and_writes_the_table(tmp_path: Path) -> None:
     assert result["rounds"] == 1 and result["cases"]
     for entry in result["cases"]:
         assert "error" not in entry, entry
+        assert entry["measured_on"]["cpu"] and entry["measured_on"]["commit"]
         if "skipped" in entry:
             continue
         for batch, modes in entry["batches"].items():
@@ -70,6 +71,27 @@ def test_tiny_mode_runs_and_writes_the_table(tmp_path: Path) -> None:
             assert {"eval", "train"} <= set(modes)
             assert all(m["ours_s"] > 0 and m["peer_s"] > 0 for m in modes.values())
     assert proc.stdout.startswith("| pair | setting |")
+
+
+def test_table_names_the_cpu_of_each_row_when_merged_runs_differ() -> None:
+    from peers import table
+
+    def entry(pair: str, cpu: str) -> dict:
+        timing = {"eval": {"ratio": 0.5}, "train": {"ratio": 0.9}}
+        return {
+            "pair": pair,
+            "setting": "D=8",
+            "parameters": {"ours": 10, "peer": 10},
+            "targets": {"train": 0.8},
+            "batches": {"64": timing},
+            "measured_on": {"cpu": cpu},
+        }
+
+    mixed = table({"cases": [entry("a/x", "Xeon"), entry("b/y", "EPYC")]})
+    assert "| a/x | D=8 (Xeon) |" in mixed and "| b/y | D=8 (EPYC) |" in mixed
+    assert "0.90 ✗" in mixed and "0.50" in mixed
+    same = table({"cases": [entry("a/x", "Xeon"), entry("b/y", "Xeon")]})
+    assert "| a/x | D=8 |" in same and same.endswith("All pairs measured on: Xeon.")
 
 
 def test_bf16_comparison_times_both_sides_and_measures_the_error() -> None:

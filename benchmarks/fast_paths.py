@@ -7,8 +7,10 @@ Every variant of a pair is built from the same seed and timed in turns in one pr
 alternating every round), medians, float32:
 
 * ``realnvp``: ``checkerboard_layout="masked"`` (the former default), ``"gathered"``, and gathered
-  with channels-last conditioner convolutions, against normflows (``peer_pairs/coupling.py``),
-  batch 64: a training step and eval ``log_prob``.
+  with channels-last conditioner convolutions (both defaults since issue 25; the first two run
+  the conditioners NCHW), against normflows (``peer_pairs/coupling.py``, NCHW conditioners as a
+  normflows user's own) and normflows handed our channels-last conditioners (``peer+cl``: what
+  the layout alone is worth), batch 64: a training step and eval ``log_prob``.
 * ``flowpp``: masked and gathered ``flowpp-cpu`` against chrischute/flowplusplus
   (``peer_pairs/flowpp.py``), batch 16: training step, eval and sampling.
 * ``resflow``: the ``resflow-cpu`` hybrid training step (λ = 1/D, batch 64) with LipSwish
@@ -77,33 +79,33 @@ def _side_calls(side, x: torch.Tensor, sample_batch: int | None = None) -> Varia
     return calls
 
 
-def _channels_last_conditioners(module: torch.nn.Module) -> None:
-    """Make every ConvResNet of ``module`` run its convolutions channels-last."""
+def _conditioner_layout(module: torch.nn.Module, channels_last: bool) -> None:
+    """Run every ConvResNet of ``module`` channels-last (our default) or in the NCHW layout."""
     for net in module.modules():
         if isinstance(net, ConvResNet):
-            net.to(memory_format=torch.channels_last)
-            net.register_forward_pre_hook(
-                lambda m, args: (args[0].contiguous(memory_format=torch.channels_last),)
-            )
+            net.channels_last = channels_last
+            net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def realnvp_variants() -> dict[str, Variant]:
     x = coupling_pairs._image_input(64)
     out = {}
-    for name, layout in (
-        ("masked", "masked"),
-        ("gathered", "gathered"),
-        ("gathered+cl", "gathered"),
+    for name, layout, channels_last in (
+        ("masked", "masked", False),
+        ("gathered", "gathered", False),
+        ("gathered+cl", "gathered", True),
     ):
         torch.manual_seed(0)
         side = coupling_pairs._our_side(
             "realnvp", {**coupling_pairs.REALNVP, "checkerboard_layout": layout}
         )
-        if name.endswith("+cl"):
-            _channels_last_conditioners(side.module)
+        _conditioner_layout(side.module, channels_last)
         out[name] = _side_calls(side, x)
-    torch.manual_seed(0)
-    out["peer"] = _side_calls(coupling_pairs._peer_side(*coupling_pairs._peer_realnvp()), x)
+    for name, channels_last in (("peer", False), ("peer+cl", True)):
+        torch.manual_seed(0)
+        side = coupling_pairs._peer_side(*coupling_pairs._peer_realnvp())
+        _conditioner_layout(side.module, channels_last)
+        out[name] = _side_calls(side, x)
     return out
 
 

@@ -43,7 +43,15 @@ import torch
 # The script's own folder is on sys.path when it runs as `python benchmarks/...`.
 from _common import RESULTS, cpu_model, environment, load_average, timed
 from _common import peak_rss_of_this_process_gib as peak_rss_gib
-from peer_pairs import Case, PeerMissing, Side, all_cases, count_parameters, set_peer_paths
+from peer_pairs import (
+    Case,
+    PeerMissing,
+    Side,
+    all_cases,
+    count_parameters,
+    set_peer_paths,
+    target_at,
+)
 from peer_pairs.mixed_precision import bf16_comparison, cpu_bf16_flags
 
 from hybridflow.reports import git_commit
@@ -250,14 +258,16 @@ def run_case(case: Case, args: argparse.Namespace) -> dict:
 def misses(entry: dict) -> list[str]:
     """``"mode@batch"`` for every timed mode above its target (and ``"memory"``)."""
     out = []
-    for mode, target in entry.get("targets", {}).items():
+    targets = entry.get("targets", {})
+    for mode in targets:
         if mode == "memory":
             ratio = entry.get("memory", {}).get("ratio")
-            if ratio is not None and ratio > target:
+            if ratio is not None and ratio > targets[mode]:
                 out.append("memory")
             continue
         for batch, result in entry["batches"].items():
-            if mode in result and result[mode]["ratio"] > target:
+            target = target_at(targets, mode, batch)
+            if mode in result and target is not None and result[mode]["ratio"] > target:
                 out.append(f"{mode}@{batch}")
     return out
 
@@ -322,7 +332,7 @@ def table(result: dict) -> str:
             if "error" in res:
                 lines.append(f"{head} | {batch} | error | | | |")
                 continue
-            cells = [cell(res.get(m, {}).get("ratio"), t.get(m)) for m in MODES]
+            cells = [cell(res.get(m, {}).get("ratio"), target_at(t, m, batch)) for m in MODES]
             mem = cell(memory, t.get("memory")) if i == 0 else ""
             lines.append(f"{head} | {batch} | {' | '.join(cells)} | {mem} |")
     if len(cpus) == 1:

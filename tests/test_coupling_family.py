@@ -35,6 +35,24 @@ def test_lu_weight_stays_invertible_and_logdet_matches_slogdet_after_updates() -
     assert torch.allclose(layer.inverse(z), x, atol=1e-10)
 
 
+def test_conv_resnet_channels_last_is_the_nchw_function_in_the_default_layout() -> None:
+    torch.manual_seed(0)
+    fast = ConvResNet(3, 4, hidden_channels=8, num_blocks=2).double()
+    plain = ConvResNet(3, 4, hidden_channels=8, num_blocks=2, channels_last=False).double()
+    plain.load_state_dict(fast.state_dict())  # old NCHW checkpoints load the same way
+    assert fast.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert plain.stem.weight.is_contiguous()
+    torch.nn.init.normal_(fast.out[1].weight)  # a non-zero output, so the test can fail
+    plain.out[1].weight.data.copy_(fast.out[1].weight)
+    x = torch.randn(5, 3, 6, 7, dtype=torch.float64, requires_grad=True)
+    y_fast, y_plain = fast(x), plain(x)
+    assert y_fast.is_contiguous() and y_fast.abs().max() > 0.1
+    torch.testing.assert_close(y_fast, y_plain, rtol=1e-12, atol=1e-12)
+    g_fast, g_plain = (torch.autograd.grad(y.square().sum(), x)[0] for y in (y_fast, y_plain))
+    torch.testing.assert_close(g_fast, g_plain, rtol=1e-12, atol=1e-12)
+    assert fast(x[0]).shape == (4, 6, 7)  # unbatched input keeps working
+
+
 def test_plain_and_lu_start_as_rotations() -> None:
     for lu in (True, False):
         _, logdet = InvertibleConv1x1(6, lu=lu)(torch.randn(2, 6, 4, 4))

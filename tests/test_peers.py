@@ -149,6 +149,6 @@ def test_fast_paths_script_writes_its_ratios(tmp_path: Path) -> None:
     group = json.loads(out.read_text())["groups"]["realnvp"]
     if "skipped" in group:
         pytest.skip(group["skipped"])
-    assert set(group["seconds"]) == {"masked", "gathered", "gathered+cl", "peer"}
+    assert set(group["seconds"]) == {"masked", "gathered", "gathered+cl", "peer", "peer+cl"}
     assert group["ratio_to_baseline"]["masked"] == {"train": 1.0, "eval": 1.0}
     assert all(t > 0 for modes in group["seconds"].values() for t in modes.values())

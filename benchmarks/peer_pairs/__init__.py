@@ -31,7 +31,9 @@ __all__ = [
     "import_peer",
     "peer_checkout",
     "set_peer_paths",
+    "speed_targets",
     "standard_normal_log_prob",
+    "target_at",
 ]
 
 MODULES = ("autoregressive", "coupling", "resflow", "flowpp")
@@ -75,8 +77,10 @@ class Case:
         build_ours: Builds our side.
         build_peer: Builds the peer's side (raises :class:`PeerMissing`).
         batches: Batch sizes timed (full run).
-        targets: Ours / peer time at or below which a mode passes, per mode
-            (``"eval"``, ``"train"``, ``"sample"``, ``"memory"``); a mode without one is recorded.
+        targets: Ours / peer time at or below which a mode passes, per mode (``"eval"``,
+            ``"train"``, ``"sample"``, ``"memory"``): one number for every batch, or a dict
+            ``{"batch": target}`` (:func:`speed_targets`); a mode or batch without one is
+            recorded only.
         sample_batches: Batch sizes at which sampling is timed (a subset of ``batches``).
         memory_batch: Batch of the training step whose peak memory is measured (``None``: no
             memory measurement).
@@ -91,7 +95,7 @@ class Case:
     build_ours: Callable[[], Side]
     build_peer: Callable[[], Side]
     batches: tuple[int, ...] = (1, 64, 1024)
-    targets: dict[str, float] = field(default_factory=dict)
+    targets: dict[str, float | dict[str, float]] = field(default_factory=dict)
     sample_batches: tuple[int, ...] = ()
     memory_batch: int | None = 64
     note: str = ""
@@ -100,6 +104,24 @@ class Case:
     @property
     def key(self) -> str:
         return f"{self.pair} {self.setting}"
+
+
+def speed_targets(
+    training_batches: tuple[int, ...],
+    training: float = 0.8,
+    single: float = 1.0,
+    **others: float | dict[str, float],
+) -> dict[str, float | dict[str, float]]:
+    """The speed issue's targets: train and eval at most ``training`` × the peer's time at the
+    pair's training batches and ``single`` × at batch 1; ``others`` add or replace modes."""
+    per_batch = {"1": single, **{str(b): training for b in training_batches}}
+    return {"eval": dict(per_batch), "train": dict(per_batch), **others}
+
+
+def target_at(targets: dict, mode: str, batch: int | str) -> float | None:
+    """The target of ``mode`` at ``batch`` (``None``: recorded, no target)."""
+    target = targets.get(mode)
+    return target.get(str(batch)) if isinstance(target, dict) else target
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from hybridflow.models import FlowModel, create_backbone
 
-from . import Case, PeerMissing, Side, count_parameters, import_peer
+from . import Case, PeerMissing, Side, count_parameters, import_peer, speed_targets
 from .parity import ParityCase, ParityData, ParitySide, TrainSettings, vector_data
 
 __all__ = ["cases", "parity_cases"]
@@ -166,7 +166,7 @@ def cases(tiny: bool) -> list[Case]:
                     build_peer=lambda d=d, build=build: build(d),
                     batches=(1, 64, 1024),
                     sample_batches=(64,) if d <= 64 else (),  # D sequential passes
-                    targets={"eval": 0.8, "train": 0.8},
+                    targets=speed_targets((64, 1024)),
                     note=f"{FLOWS} affine MADE layers, hidden (64, 64), reversals",
                 )
             )
@@ -182,6 +182,7 @@ def cases(tiny: bool) -> list[Case]:
                 # zuko inverts its monotonic networks by bisection, one feature at a time:
                 # sampling 64 examples at D = 64 takes ~10 s there, so only D = 8 times it
                 sample_batches=(64,) if d <= 8 else (),
+                targets=speed_targets((64, 1024)),
                 note="nearest equivalent: zuko's NAF is a UMNN-style monotonic MLP, ours a DSF",
             )
         )

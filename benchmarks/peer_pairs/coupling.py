@@ -2,7 +2,10 @@
 
 Both sides run the same conditioner: our :class:`~hybridflow.nets.ConvResNet` at the same widths
 is handed to normflows' ``AffineCouplingBlock`` as its ``param_map``, so what differs is the flow
-machinery (masking, splitting, scale maps, 1×1 convolutions, ActNorm, bookkeeping). Comparison is
+machinery (masking, splitting, scale maps, 1×1 convolutions, ActNorm, bookkeeping) and the
+conditioners' memory layout: ours run channels-last (their default since issue 25), the peer's in
+PyTorch's default NCHW layout, as a normflows user's own conditioner would
+(``benchmarks/fast_paths.py`` times normflows handed channels-last ones too). Comparison is
 at the backbone level: ``log_prob(x) = log N(z; 0, I) + log|det|`` on a continuous
 ``[B, 1, 28, 28]`` input, ``sample(n)`` inverts the map from ``z ~ N(0, I)``. normflows layers run
 with ``inverse`` in the density direction (its ``forward`` samples); the glue below chains them
@@ -31,15 +34,17 @@ parameters the peer lacks (< 1%).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from hybridflow.models import FlowModel, create_backbone
-from hybridflow.models.coupling import conditioner_factory
+from hybridflow.nets import ConvResNet
 from hybridflow.transforms import LogitTransform, UniformDequantization
 
-from . import Case, Side, import_peer, standard_normal_log_prob
+from . import Case, Side, import_peer, speed_targets, standard_normal_log_prob
 from .parity import ParityCase, ParityData, ParitySide, TrainSettings, image_data
 
 __all__ = ["cases", "parity_cases"]
@@ -115,9 +120,20 @@ def _peer_side(label: str, flow: _NormflowsMultiscale) -> Side:
     return Side(f"normflows {nf.__version__} {label}", flow, flow.log_prob, flow.sample)
 
 
+def _default_layout_conditioner(kw: dict) -> Callable[[int, int], nn.Module]:
+    """Our ConvResNet in PyTorch's default (NCHW) layout, as a normflows user's own conditioner
+    runs: channels-last is a fast path of our coupling flows, not of the peer's."""
+    return partial(
+        ConvResNet,
+        hidden_channels=kw["hidden_channels"],
+        num_blocks=kw["num_res_blocks"],
+        channels_last=False,
+    )
+
+
 def _peer_realnvp(seed: int = 0) -> tuple[str, _NormflowsMultiscale]:
     nf = import_peer("normflows")
-    net = conditioner_factory(True, REALNVP["hidden_channels"], REALNVP["num_res_blocks"])
+    net = _default_layout_conditioner(REALNVP)
     torch.manual_seed(seed)
 
     def coupling(c: int, mask: str, i: int) -> list[nn.Module]:
@@ -137,7 +153,7 @@ def _peer_realnvp(seed: int = 0) -> tuple[str, _NormflowsMultiscale]:
 
 def _peer_glow(seed: int = 0) -> tuple[str, _NormflowsMultiscale]:
     nf = import_peer("normflows")
-    net = conditioner_factory(True, GLOW["hidden_channels"], GLOW["num_res_blocks"])
+    net = _default_layout_conditioner(GLOW)
     torch.manual_seed(seed)
 
     def step(c: int) -> list[nn.Module]:
@@ -165,14 +181,15 @@ def cases(tiny: bool) -> list[Case]:
         "batches": (1, 64),  # batch 1024: one realnvp step takes ~20 s on 2 cores
         "sample_batches": (1, 64),
         "memory_batch": 64,
-        "targets": {"eval": 0.5, "train": 0.5},
+        "targets": speed_targets((64,)),
     }
     return [
         Case(
             pair="realnvp/normflows",
             build_ours=lambda: _our_side("realnvp", REALNVP),
             build_peer=lambda: _peer_side(*_peer_realnvp()),
-            note="same ConvResNet conditioners, both on the gathered H×W/2 checkerboard grid; "
+            note="same ConvResNet conditioners (ours channels-last, the peer's NCHW), both on "
+            "the gathered H×W/2 checkerboard grid; "
             "normflows alternates the pattern across channels; scale_map='exp' vs our "
             "scale·tanh log-scale",
             **common,
@@ -181,7 +198,8 @@ def cases(tiny: bool) -> list[Case]:
             pair="coupling+1x1/normflows",
             build_ours=lambda: _our_side("coupling+1x1", GLOW),
             build_peer=lambda: _peer_side(*_peer_glow()),
-            note="same ConvResNet conditioners and LU 1x1 convs; scale_map='exp' vs our "
+            note="same ConvResNet conditioners (ours channels-last, the peer's NCHW) and LU 1x1 "
+            "convs; scale_map='exp' vs our "
             "scale·tanh log-scale",
             **common,
         ),

@@ -80,7 +80,7 @@ from torch import Tensor
 from hybridflow.models import FlowModel, create_backbone
 from hybridflow.nets import FlowppConditioner
 
-from . import Case, PeerMissing, Side, peer_checkout, standard_normal_log_prob
+from . import Case, PeerMissing, Side, peer_checkout, speed_targets, standard_normal_log_prob
 from .parity import ParityCase, ParityData, ParitySide, TrainSettings, image_data
 
 __all__ = ["cases", "parity_cases"]
@@ -193,7 +193,7 @@ def cases(tiny: bool) -> list[Case]:
                 batches=(1, 16),
                 sample_batches=(1, 16),
                 memory_batch=16,
-                targets={"train": 0.7, "sample": 0.5},
+                targets=speed_targets((16,), sample={"16": 0.5}),
                 param_tolerance=0.07 if shape == (3, 32, 32) else 0.05,
                 note=(
                     f"width {ours} (ours) vs {peer} (peer), the closest parameter counts; the peer "

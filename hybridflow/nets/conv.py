@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["ConvResNet", "ResidualConvBlock"]
@@ -36,6 +37,10 @@ class ConvResNet(nn.Module):
         hidden_channels: Width of the hidden layers.
         num_blocks: Number of residual blocks.
         dropout: Dropout inside residual blocks.
+        channels_last: Run the convolutions on channels-last (NHWC) tensors and weights; the
+            output is returned in the default layout. oneDNN's NHWC kernels are 10–55% faster
+            for these narrow maps on CPU (``benchmarks/fast_paths.py``); the values are the same
+            up to float rounding.
     """
 
     def __init__(
@@ -45,8 +50,10 @@ class ConvResNet(nn.Module):
         hidden_channels: int = 64,
         num_blocks: int = 2,
         dropout: float = 0.0,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
+        self.channels_last = channels_last
         self.stem = nn.Conv2d(in_channels, hidden_channels, 3, padding=1)
         self.blocks = nn.Sequential(
             *[ResidualConvBlock(hidden_channels, dropout) for _ in range(num_blocks)]
@@ -54,6 +61,12 @@ class ConvResNet(nn.Module):
         self.out = nn.Sequential(nn.ReLU(), nn.Conv2d(hidden_channels, out_channels, 3, padding=1))
         nn.init.zeros_(self.out[1].weight)
         nn.init.zeros_(self.out[1].bias)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out(self.blocks(self.stem(x)))
+        if not (self.channels_last and x.dim() == 4):
+            return self.out(self.blocks(self.stem(x)))
+        # The callers slice, view and chunk the output: hand it back in the default layout.
+        x = x.contiguous(memory_format=torch.channels_last)
+        return self.out(self.blocks(self.stem(x))).contiguous()

@@ -123,6 +123,30 @@ def test_bf16_comparison_times_both_sides_and_measures_the_error() -> None:
     assert out["ratio_ours_bf16_to_peer_float32"] > 0
 
 
+def test_bf16_comparison_keeps_the_pair_when_one_side_fails_under_autocast() -> None:
+    import torch
+    from _common import timed
+    from peer_pairs import Side
+    from peer_pairs.mixed_precision import bf16_comparison
+
+    torch.manual_seed(0)
+    nets = {n: torch.nn.Linear(4, 4) for n in ("ours", "peer")}
+
+    def log_prob(name: str):
+        def f(x: torch.Tensor) -> torch.Tensor:
+            if name == "peer" and torch.is_autocast_enabled("cpu"):
+                raise RuntimeError("dot : expected both vectors to have same dtype")
+            return -nets[name](x).float().square().sum(1)
+
+        return f
+
+    sides = {n: Side(n, nets[n], log_prob(n), None) for n in nets}
+    out = bf16_comparison(sides, torch.randn(8, 4), 2, 0, timed)
+    assert "same dtype" in out["peer"]["bf16_error"] and out["peer"]["train_s_float32"] > 0
+    assert out["ours"]["train_s_bf16"] > 0 and out["ratio_ours_bf16_to_peer_float32"] > 0
+    assert "ratio_ours_bf16_to_peer_bf16" not in out
+
+
 def test_fast_paths_script_writes_its_ratios(tmp_path: Path) -> None:
     out = tmp_path / "fast_paths.json"
     proc = subprocess.run(

@@ -327,3 +327,11 @@ def test_cli_lists_and_uses_pretrained_models(capsys, tmp_path, monkeypatch) -> 
         assert (
             tmp_path / "pretrained" / "digits" / "coupling-lam1overD" / "eval_test.json"
         ).exists()
+
+
+def test_tradeoff_axis_is_log_only_when_bits_per_dim_span_more_than_a_few_times() -> None:
+    from hybridflow.reports.study.figures import bits_per_dim_axis_is_log
+
+    assert not bits_per_dim_axis_is_log([2.025, 2.031, 1.98])  # one λ: log ticks were unreadable
+    assert bits_per_dim_axis_is_log([1.9, 2.1, 14.2])  # a λ = 0 cell far above the others
+    assert not bits_per_dim_axis_is_log([])

@@ -74,7 +74,17 @@ def bf16_comparison(
         loss.float().backward()
         opts[name].step()
 
-    times: dict[tuple[str, bool], list[float]] = {(n, b): [] for n in sides for b in (False, True)}
+    # A side whose code fails under autocast (e.g. a float32 buffer meeting a bf16 product in a
+    # dtype-strict op) is recorded with the error and timed in float32 only.
+    failed: dict[str, str] = {}
+    for name in sides:
+        try:
+            step(name, True)
+        except RuntimeError as error:
+            failed[name] = f"{type(error).__name__}: {error}"
+    times: dict[tuple[str, bool], list[float]] = {
+        (n, b): [] for n in sides for b in (False, True) if not (b and n in failed)
+    }
     keys = list(times)
     for r in range(warmup + rounds):
         for name, bf16 in keys if r % 2 == 0 else keys[::-1]:
@@ -84,13 +94,17 @@ def bf16_comparison(
     med = {k: statistics.median(v) for k, v in times.items()}
     out: dict = {"cpu_bf16_flags": cpu_bf16_flags(), "batch": x.shape[0]}
     for name in sides:
+        if name in failed:
+            out[name] = {"train_s_float32": med[(name, False)], "bf16_error": failed[name]}
+            continue
         out[name] = {
             "train_s_float32": med[(name, False)],
             "train_s_bf16": med[(name, True)],
             "bf16_speedup": med[(name, False)] / med[(name, True)],
             **_bits_per_dim_error(sides[name], x),
         }
-    if {"ours", "peer"} <= set(sides):
+    if {"ours", "peer"} <= set(sides) and "ours" not in failed:
         out["ratio_ours_bf16_to_peer_float32"] = med[("ours", True)] / med[("peer", False)]
+    if {"ours", "peer"} <= set(sides) and not failed:
         out["ratio_ours_bf16_to_peer_bf16"] = med[("ours", True)] / med[("peer", True)]
     return out

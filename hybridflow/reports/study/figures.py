@@ -14,12 +14,22 @@ from ...evaluation.calibration import reliability_bins
 from ...runs import METRICS_FILE
 from .results import _backbones, _lams, _point_label, _points, _series
 
-__all__ = ["FIGURES"]
+__all__ = ["FIGURES", "bits_per_dim_axis_is_log"]
+
+LOG_AXIS_SPAN = 5.0  # largest / smallest bits/dim above which the trade-off plot goes log
+MIN_GRID_WIDTH = 4.6  # inches: a one-cell grid still fits its title
+
+
+def bits_per_dim_axis_is_log(values: list[float]) -> bool:
+    """Whether the trade-off plot's bits/dim axis is logarithmic: only where the points span
+    more than :data:`LOG_AXIS_SPAN` (λ = 0 cells far above the rest)."""
+    return bool(values) and max(values) / min(values) > LOG_AXIS_SPAN
 
 
 def _fig_tradeoff(results, path: Path) -> None:
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot()
+    drawn_x: list[float] = []
     for backbone in _backbones(results):
         for point in _points(results):
             rows = _series(results, backbone, point)
@@ -31,6 +41,7 @@ def _fig_tradeoff(results, path: Path) -> None:
             ye = [100 * r.stat("accuracy")["std"] for r in rows]
             label = backbone + (f" ({_point_label(point)})" if point else "")
             line = ax.errorbar(x, y, xerr=xe, yerr=ye, marker="o", capsize=3, label=label)
+            drawn_x += [v for v in x if math.isfinite(v) and v > 0]
             for r, xi, yi in zip(rows, x, y, strict=True):
                 ax.annotate(
                     f"λ={r.lam}",
@@ -40,8 +51,13 @@ def _fig_tradeoff(results, path: Path) -> None:
                     fontsize=8,
                     color=line[0].get_color(),
                 )
-    ax.set_xscale("log")
-    ax.set_xlabel("test bits/dim (log scale; lower is better)")
+    # λ = 0 cells can sit orders of magnitude above the rest: a log axis then, a linear one
+    # where all points share a decade (log ticks there read "2.025×10⁰").
+    if bits_per_dim_axis_is_log(drawn_x):
+        ax.set_xscale("log")
+        ax.set_xlabel("test bits/dim (log scale; lower is better)")
+    else:
+        ax.set_xlabel("test bits/dim (lower is better)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Accuracy against bits/dim across λ (mean ± std over seeds)")
     ax.legend(fontsize=8)
@@ -102,7 +118,8 @@ def _grid_axes(results, width=2.6, height=2.4):
     """A figure with one panel per (backbone, λ) cell of the first grid point and seed."""
     backbones, lams = _backbones(results), _lams(results)
     fig = Figure(
-        figsize=(width * len(lams) + 0.6, height * len(backbones) + 0.6), layout="constrained"
+        figsize=(max(width * len(lams) + 0.6, MIN_GRID_WIDTH), height * len(backbones) + 0.6),
+        layout="constrained",
     )
     panels = {}
     for i, b in enumerate(backbones):

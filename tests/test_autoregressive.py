@@ -315,6 +315,20 @@ def test_maf_learns_toy_density():
     assert after > before + 0.7, (before, after)
 
 
+@pytest.mark.parametrize("params, context_features", [(2, 0), (3, 5)])
+def test_made_split_output_is_the_interleaved_output_per_parameter(params, context_features):
+    torch.manual_seed(0)
+    made = MADE(6, params, (16, 16), context_features=context_features, zero_init_output=False)
+    made = made.double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    context = torch.randn(4, context_features, dtype=torch.float64) if context_features else None
+    whole = made(x, context)
+    parts = made.forward_split(x, context)
+    assert len(parts) == params and all(p.is_contiguous() for p in parts)
+    for p, part in enumerate(parts):
+        torch.testing.assert_close(part, whole[..., p], rtol=1e-12, atol=1e-12)
+
+
 def test_softplus_affine_is_nflows_scale_and_shift():
     """``affine="softplus"``: ``z = s·x + t`` with ``s = softplus(raw) + 1e-3`` and ``(t, raw)``
     the MADE's two outputs per dimension (nflows' form), log-det ``Σ log s``; unknown forms are

@@ -133,6 +133,13 @@ class _AffineAutoregressive(InvertibleModule):
         s = F.softplus(out[..., 1]) + SOFTPLUS_EPS
         return -out[..., 0] / s, -torch.log(s)
 
+    def _scale_shift(self, h: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(s, t)`` of the ``"softplus"`` form, ``z = s·x + t``, without the ``(mu, alpha)``
+        detour of :meth:`_params` (four elementwise operations fewer per call)."""
+        shift, raw = self.made.forward_split(h, context if self.context_features else None)
+        # In place: softplus's backward reads its input, not its output.
+        return F.softplus(raw.to(h.dtype)).add_(SOFTPLUS_EPS), shift.to(h.dtype)
+
     def _one_pass(self, v: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(z, alpha)`` with ``z = (v - mu(v)) * exp(-alpha(v))``: the conditioner reads ``v``."""
         mu, alpha = self._params(v, context)
@@ -155,8 +162,12 @@ class _AffineAutoregressive(InvertibleModule):
         """Solve ``z = (x - mu(x)) * exp(-alpha(x))`` for ``x`` by ``D`` sequential passes."""
         x = torch.zeros_like(z)
         for _ in range(self.features):
-            mu, alpha = self._params(x, context)
-            x = z * torch.exp(alpha) + mu
+            if self.affine == "softplus":
+                s, t = self._scale_shift(x, context)
+                x = (z - t) / s
+            else:
+                mu, alpha = self._params(x, context)
+                x = z * torch.exp(alpha) + mu
         return x
 
 
@@ -187,6 +198,9 @@ class MaskedAutoregressiveFlow(_AffineAutoregressive):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x)
+        if self.affine == "softplus":  # z = s·x + t directly: the hot path of density estimation
+            s, t = self._scale_shift(x, context)
+            return torch.addcmul(t, s, x), torch.log(s).sum(dim=1)
         z, alpha = self._one_pass(x, context)
         return z, -alpha.sum(dim=1)
 

@@ -4,8 +4,9 @@ For every pair in ``benchmarks/peer_pairs/`` (our model and a peer's at equal ar
 parameter count) this times, at each batch size of the pair: evaluation ``log_prob`` without
 gradients, a training step (loss, backward, Adam step) and sampling. Both models of a pair are
 timed in turns in the same process (the order alternates every round), so machine load hits them
-alike; the result is the median over ``--rounds`` rounds after ``--warmup`` untimed ones, and the
-ratio ours / peer (< 1: ours is faster). Peak memory of a training step is measured for each
+alike, and every pair gets a fresh process (state left by earlier pairs moved later ratios); the
+result is the median over ``--rounds`` rounds after ``--warmup`` untimed ones, and the ratio
+ours / peer (< 1: ours is faster). Peak memory of a training step is measured for each
 model in a fresh subprocess (peak RSS, ``VmHWM``). For every mode that misses its target
 the json holds a ``torch.profiler`` table of both models (top operators by self CPU time).
 With ``--bf16`` each pair is also timed at its training batch under bfloat16 autocast, ours
@@ -160,6 +161,39 @@ def memory_child(args: argparse.Namespace) -> None:
     for _ in range(3):
         step()
     print(RESULT_PREFIX + json.dumps({"peak_rss_gib": peak_rss_gib(), "built_rss_gib": built}))
+
+
+def case_child(args: argparse.Namespace) -> None:
+    """Time one case (``--case-child KEY``) and print its entry: :func:`isolated_case`'s child."""
+    torch.set_num_threads(args.threads)
+    (case,) = [c for c in all_cases(args.tiny) if c.key == args.case_child]
+    print(RESULT_PREFIX + json.dumps(run_case(case, args)))
+
+
+def isolated_case(case: Case, args: argparse.Namespace) -> dict:
+    """:func:`run_case` in a fresh process. In one process the pairs timed earlier changed the
+    later ones' ratios (the Flow++ pair at 1×28×28: train 0.74× after the other pairs, 0.59×
+    alone, same machine and commit); the cause was not isolated, a process per pair removes it."""
+    flags = ("tiny", "no_memory", "no_profile", "bf16")
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        *("--case-child", case.key, "--threads", str(args.threads)),
+        *("--rounds", str(args.rounds), "--warmup", str(args.warmup)),
+        *("--" + flag.replace("_", "-") for flag in flags if getattr(args, flag)),
+        *(
+            arg
+            for name, path in args.peer_paths.items()
+            for arg in ("--peer-path", f"{name}={path}")
+        ),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    sys.stderr.write(proc.stderr)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if proc.returncode or not lines:
+        entry = {"pair": case.pair, "setting": case.setting, "note": case.note}
+        return {**entry, "error": (proc.stderr or proc.stdout)[-3000:]}
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
 def measure_memory(case: Case, args: argparse.Namespace) -> dict:
@@ -366,7 +400,13 @@ def main() -> None:
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="also time bf16 autocast, both sides")
     parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="time every pair in this process (default: each in a fresh one; --tiny: in process)",
+    )
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--case-child", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=("ours", "peer"), help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -379,13 +419,18 @@ def main() -> None:
     if args.memory_child:
         memory_child(args)
         return
+    if args.case_child:
+        case_child(args)
+        return
 
     torch.set_num_threads(args.threads)
     started = time.time()
     load_start = load_average()
-    entries = [run_case(case, args) for case in all_cases(args.tiny, args.only)]
+    timing = run_case if args.in_process or args.tiny else isolated_case
+    entries = [timing(case, args) for case in all_cases(args.tiny, args.only)]
     result = {
-        "what": "ours / peer median time per mode (< 1: ours faster), float32, same process",
+        "what": "ours / peer median time per mode (< 1: ours faster), float32, both models of a "
+        "pair in one process (each pair in its own unless --in-process or --tiny)",
         "command": " ".join(["python", "benchmarks/peers.py", *sys.argv[1:]]),
         "commit": git_commit(),
         "cpu": cpu_model(),  # of this invocation; merged entries carry their own "measured_on"

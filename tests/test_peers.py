@@ -73,6 +73,18 @@ def test_tiny_mode_runs_and_writes_the_table(tmp_path: Path) -> None:
     assert proc.stdout.startswith("| pair | setting |")
 
 
+def test_each_pair_is_timed_in_its_own_process_by_default(tmp_path: Path) -> None:
+    out = tmp_path / "peers.json"
+    cmd = [sys.executable, str(BENCHMARKS / "peers.py"), "--only", "maf-affine/zuko D=8"]
+    cmd += ["--rounds", "1", "--warmup", "0", "--no-memory", "--no-profile", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (entry,) = json.loads(out.read_text())["cases"]
+    assert entry["setting"] == "D=8" and "error" not in entry, entry.get("error")
+    assert set(entry["batches"]) == {"1", "64", "1024"}
+    assert entry["measured_on"]["cpu"] and "maf-affine/zuko D=8" in proc.stderr  # the child's log
+
+
 def test_table_names_the_cpu_of_each_row_when_merged_runs_differ() -> None:
     from peers import table
 

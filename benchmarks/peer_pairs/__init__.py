@@ -183,12 +183,13 @@ def all_parity_cases() -> list:
 
 
 def all_cases(tiny: bool, only: str | None = None) -> list[Case]:
-    """Every case of every module, in order; ``only`` keeps the pairs whose name contains it.
+    """Every case of every module, in order; ``only`` keeps the cases whose key (pair and
+    setting, e.g. ``"maf-affine/zuko D=8"``) contains it.
 
     ``tiny`` keeps the first setting of each pair (the harness's CI mode).
     """
     cases = [c for m in _family_modules() for c in m.cases(tiny)]
-    cases = [c for c in cases if only is None or only in c.pair]
+    cases = [c for c in cases if only is None or only in c.key]
     if tiny:  # CI: the first setting of every pair keeps the harness from rotting, in seconds
         firsts: dict[str, Case] = {}
         for case in cases:

@@ -374,6 +374,39 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def bf16_table(result: dict) -> str:
+    """Markdown table of the ``--bf16`` comparisons (empty when the run had none)."""
+    lines = [
+        "| pair | setting | batch | ours: bf16 / float32 time | peer: bf16 / float32 time "
+        "| ours bf16 / peer float32 | ours bits/dim error, median / max "
+        "| peer bits/dim error, median / max |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def slowdown(side: dict) -> str:
+        if "train_s_bf16" not in side:
+            return "fails"
+        return f"{side['train_s_bf16'] / side['train_s_float32']:.2f}"
+
+    def error(side: dict) -> str:
+        if "median_abs_bpd_error" not in side:
+            return "fails: " + side.get("bf16_error", "?").split(",")[0].replace("|", "/")[:70]
+        return f"{side['median_abs_bpd_error']:.1e} / {side['max_abs_bpd_error']:.1e}"
+
+    for entry in result["cases"]:
+        bf16 = entry.get("bf16")
+        if not bf16 or "error" in bf16:
+            continue
+        ours, peer = bf16["ours"], bf16["peer"]
+        ratio = bf16.get("ratio_ours_bf16_to_peer_float32")
+        lines.append(
+            f"| {entry['pair']} | {entry['setting']} | {bf16['batch']} | {slowdown(ours)} "
+            f"| {slowdown(peer)} | {'' if ratio is None else f'{ratio:.2f}'} | {error(ours)} "
+            f"| {error(peer)} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def parse_peer_paths(items: list[str]) -> dict[str, str]:
     paths = {}
     for item in items:
@@ -414,7 +447,10 @@ def main() -> None:
     args.peer_paths = parse_peer_paths(args.peer_path)
     set_peer_paths(args.peer_paths)
     if args.table:
-        print(table(json.loads(args.out.read_text())))
+        result = json.loads(args.out.read_text())
+        print(table(result))
+        if bf16 := bf16_table(result):
+            print("\n" + bf16)
         return
     if args.memory_child:
         memory_child(args)

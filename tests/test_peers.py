@@ -106,6 +106,18 @@ def test_table_names_the_cpu_of_each_row_when_merged_runs_differ() -> None:
     assert "| a/x | D=8 |" in same and same.endswith("All pairs measured on: Xeon.")
 
 
+def test_bf16_table_shows_slowdowns_errors_and_a_side_that_fails() -> None:
+    from peers import bf16_table
+
+    ours = {"train_s_float32": 1.0, "train_s_bf16": 0.5}
+    ours |= {"median_abs_bpd_error": 1e-6, "max_abs_bpd_error": 2e-6}
+    peer = {"train_s_float32": 2.0, "bf16_error": "RuntimeError: dot : expected same dtype"}
+    bf16 = {"batch": 64, "ours": ours, "peer": peer, "ratio_ours_bf16_to_peer_float32": 0.25}
+    text = bf16_table({"cases": [{"pair": "r/x", "setting": "1x28x28", "bf16": bf16}]})
+    assert "| r/x | 1x28x28 | 64 | 0.50 | fails | 0.25 | 1.0e-06 / 2.0e-06 | fails: Runtime" in text
+    assert bf16_table({"cases": [{"pair": "a", "setting": "b"}]}) == ""
+
+
 def test_bf16_comparison_times_both_sides_and_measures_the_error() -> None:
     import torch
     from _common import timed

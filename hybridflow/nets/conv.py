@@ -38,9 +38,9 @@ class ConvResNet(nn.Module):
         num_blocks: Number of residual blocks.
         dropout: Dropout inside residual blocks.
         channels_last: Run the convolutions on channels-last (NHWC) tensors and weights; the
-            output is returned in the default layout. oneDNN's NHWC kernels are 10–55% faster
-            for these narrow maps on CPU (``benchmarks/fast_paths.py``); the values are the same
-            up to float rounding.
+            output is returned in the default layout. oneDNN's NHWC kernels take 10–55% less
+            time for these narrow maps on CPU (``benchmarks/fast_paths.py``); the values are the
+            same up to float rounding.
     """
 
     def __init__(

@@ -44,10 +44,10 @@ BACKBONES = {
             "final_couplings": 4,
             "hidden_channels": 32,
             "num_res_blocks": 1,
-            # the layout the committed report was trained with (default "gathered", issue 25)
-            "checkerboard_layout": "masked",
         },
-        "epochs": 150,
+        # 150 epochs with the former masked layout took ~134 s; the gathered, channels-last
+        # default (issue 25) steps faster, so more epochs keep the two budgets about equal
+        "epochs": 240,
         "lr": 1e-3,
         "weight_decay": 5e-4,
     },

@@ -44,8 +44,13 @@ class MaskedLinear(nn.Linear):
         # A bool buffer: it moves with the module across devices but never changes dtype.
         self.register_buffer("mask", mask.detach().to(torch.bool).clone())
 
+    @property
+    def masked_weight(self) -> Tensor:
+        """The weight with the masked connections zeroed (what the layer applies)."""
+        return self.weight * self.mask
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight * self.mask, self.bias)
+        return F.linear(x, self.masked_weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, connections={int(self.mask.sum())}"
@@ -201,16 +206,12 @@ class MADE(nn.Module):
         CPU kernels such as ``softplus`` run unvectorised, ~15× slower).
         """
         h = self._hidden_features(x, context)
-        weight, bias, p_all = (
-            self.output.weight * self.output.mask,
-            self.output.bias,
-            self.params_per_dim,
-        )
+        weight, bias, n = self.output.masked_weight, self.output.bias, self.params_per_dim
         outs = []
-        for p in range(p_all):
-            out = F.linear(h, weight[p::p_all], None if bias is None else bias[p::p_all])
+        for p in range(n):
+            out = F.linear(h, weight[p::n], None if bias is None else bias[p::n])
             if self.context_output is not None:
-                out = out + F.linear(context, self.context_output.weight[p::p_all])
+                out = out + F.linear(context, self.context_output.weight[p::n])
             outs.append(out)
         return tuple(outs)
 

@@ -124,21 +124,27 @@ class _AffineAutoregressive(InvertibleModule):
 
     def _params(self, h: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(mu, alpha)`` of every dimension, each depending only on earlier ``h``."""
-        # The MADE may run in bf16 under autocast; its output enters the flow in h's dtype.
-        out = self.made(h, context if self.context_features else None).to(h.dtype)
         if self.affine == "tanh":
-            return out[..., 0], self.scale * torch.tanh(out[..., 1])
+            mu, raw = self._made_outputs(h, context)
+            return mu, self.scale * torch.tanh(raw)
         # z = s·x + t with s = softplus(raw) + ε, written as (x - mu)·exp(-alpha): the MADE
         # predicts the shift t itself, so scale and shift learn independently.
-        s = F.softplus(out[..., 1]) + SOFTPLUS_EPS
-        return -out[..., 0] / s, -torch.log(s)
+        s, t = self._scale_shift(h, context)
+        return -t / s, -torch.log(s)
+
+    def _made_outputs(self, h: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The MADE's two outputs per dimension as contiguous ``[N, D]`` tensors in ``h``'s dtype
+        (the MADE may run in bf16 under autocast; strided slices of its interleaved output
+        would run the elementwise maps after it unvectorised on CPU)."""
+        first, second = self.made.forward_split(h, context if self.context_features else None)
+        return first.to(h.dtype), second.to(h.dtype)
 
     def _scale_shift(self, h: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(s, t)`` of the ``"softplus"`` form, ``z = s·x + t``, without the ``(mu, alpha)``
         detour of :meth:`_params` (four elementwise operations fewer per call)."""
-        shift, raw = self.made.forward_split(h, context if self.context_features else None)
+        shift, raw = self._made_outputs(h, context)
         # In place: softplus's backward reads its input, not its output.
-        return F.softplus(raw.to(h.dtype)).add_(SOFTPLUS_EPS), shift.to(h.dtype)
+        return F.softplus(raw).add_(SOFTPLUS_EPS), shift
 
     def _one_pass(self, v: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(z, alpha)`` with ``z = (v - mu(v)) * exp(-alpha(v))``: the conditioner reads ``v``."""

@@ -175,48 +175,42 @@ def isolated_case(case: Case, args: argparse.Namespace) -> dict:
     later ones' ratios (the Flow++ pair at 1×28×28: train 0.74× after the other pairs, 0.59×
     alone, same machine and commit); the cause was not isolated, a process per pair removes it."""
     flags = ("tiny", "no_memory", "no_profile", "bf16")
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        *("--case-child", case.key, "--threads", str(args.threads)),
-        *("--rounds", str(args.rounds), "--warmup", str(args.warmup)),
+    result, failure, log = run_child(
+        args,
+        *("--case-child", case.key, "--rounds", str(args.rounds), "--warmup", str(args.warmup)),
         *("--" + flag.replace("_", "-") for flag in flags if getattr(args, flag)),
-        *(
-            arg
-            for name, path in args.peer_paths.items()
-            for arg in ("--peer-path", f"{name}={path}")
-        ),
-    ]
+    )
+    sys.stderr.write(log)
+    if result is None:
+        return {"pair": case.pair, "setting": case.setting, "note": case.note, "error": failure}
+    return result
+
+
+def run_child(args: argparse.Namespace, *child_args: str) -> tuple[dict | None, str, str]:
+    """Run this script with ``child_args`` (plus ``--threads`` and the peer paths) in a fresh
+    process; return ``(its RESULT json or None, the failure's output tail, its stderr)``."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *child_args]
+    cmd += ["--threads", str(args.threads)]
+    cmd += [a for name, path in args.peer_paths.items() for a in ("--peer-path", f"{name}={path}")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    sys.stderr.write(proc.stderr)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if proc.returncode or not lines:
-        entry = {"pair": case.pair, "setting": case.setting, "note": case.note}
-        return {**entry, "error": (proc.stderr or proc.stdout)[-3000:]}
-    return json.loads(lines[-1][len(RESULT_PREFIX) :])
+        return None, (proc.stderr or proc.stdout)[-3000:], proc.stderr
+    return json.loads(lines[-1][len(RESULT_PREFIX) :]), "", proc.stderr
 
 
 def measure_memory(case: Case, args: argparse.Namespace) -> dict:
     """Peak RSS of a training step of each side, each in its own subprocess."""
     out: dict = {"batch": case.memory_batch}
     for side in ("ours", "peer"):
-        cmd = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--memory-child",
-            *("--case", case.key, "--side", side, "--batch", str(case.memory_batch)),
-            *("--threads", str(args.threads)),
-            *(
-                arg
-                for name, path in args.peer_paths.items()
-                for arg in ("--peer-path", f"{name}={path}")
-            ),
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-        if proc.returncode or not lines:
-            return {**out, "error": (proc.stderr or proc.stdout)[-2000:]}
-        out[side] = json.loads(lines[-1][len(RESULT_PREFIX) :])
+        result, failure, _ = run_child(
+            args,
+            *("--memory-child", "--case", case.key, "--side", side),
+            *("--batch", str(case.memory_batch)),
+        )
+        if result is None:
+            return {**out, "error": failure}
+        out[side] = result
     out["ratio"] = out["ours"]["peak_rss_gib"] / out["peer"]["peak_rss_gib"]
     out["ratio_above_build"] = (out["ours"]["peak_rss_gib"] - out["ours"]["built_rss_gib"]) / max(
         out["peer"]["peak_rss_gib"] - out["peer"]["built_rss_gib"], 1e-9
@@ -355,9 +349,9 @@ def table(result: dict) -> str:
             continue
         p, t = entry["parameters"], entry.get("targets", {})
         memory = entry.get("memory", {}).get("ratio")
+        where = entry.get("measured_on", {}).get("cpu", "unrecorded")
+        setting = f"{entry['setting']} ({where})" if len(cpus) > 1 else entry["setting"]
         for i, (batch, res) in enumerate(entry["batches"].items()):
-            where = entry.get("measured_on", {}).get("cpu", "unrecorded")
-            setting = f"{entry['setting']} ({where})" if len(cpus) > 1 else entry["setting"]
             head = (
                 f"| {entry['pair']} | {setting} | {p['ours']:,} / {p['peer']:,}"
                 if i == 0

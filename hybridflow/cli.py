@@ -327,6 +327,17 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
     return 0
 
 
+def _convergence_text(stop: dict | None) -> str:
+    """``converged (plateau, -0.12% last quarter, 4,200 steps)``, or why it cannot say."""
+    if not stop:
+        return "not recorded (trained before runs recorded convergence)"
+    parts = [stop["reason"].replace("_", " ")]
+    if stop.get("improvement") is not None:
+        parts.append(f"{100 * stop['improvement']:.2f}% last quarter")
+    parts.append(f"{stop['step']:,} steps")
+    return f"{stop['status']} ({', '.join(parts)})"
+
+
 def _cmd_pretrained(argv: Sequence[str]) -> int:
     from .pretrained import list_pretrained
 
@@ -341,7 +352,10 @@ def _cmd_pretrained(argv: Sequence[str]) -> int:
     if args.json:
         print(json.dumps(index, indent=2))
         return 0
-    print(f"{'name':34} {'params':>8} {'acc %':>7} {'bits/dim':>9} {'ECE %':>6} {'MB':>5}")
+    print(
+        f"{'name':34} {'params':>8} {'acc %':>7} {'bits/dim':>9} {'ECE %':>6} {'MB':>5}  "
+        "convergence"
+    )
     for name, e in index.items():
         m = e.get("metrics", {})
         acc = f"{100 * m['accuracy']:.2f}" if "accuracy" in m else "-"
@@ -349,7 +363,7 @@ def _cmd_pretrained(argv: Sequence[str]) -> int:
         ece = f"{100 * m['ece']:.2f}" if "ece" in m else "-"
         print(
             f"{name:34} {e['num_parameters']:>8,} {acc:>7} {bpd:>9} {ece:>6} "
-            f"{e['bytes'] / 1e6:>5.2f}"
+            f"{e['bytes'] / 1e6:>5.2f}  {_convergence_text(e.get('convergence'))}"
         )
     print(
         "\nuse: hybridflow ood pretrained:NAME --ood noise:digits; "

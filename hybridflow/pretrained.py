@@ -152,7 +152,9 @@ def export_pretrained(
     """Copy a finished run's EMA weights to ``weights_dir`` as ``name`` and index them.
 
     The file holds only the weights, the resolved config and the data description
-    (``weights_only``-loadable), saved in float32. Returns the index entry.
+    (``weights_only``-loadable), saved in float32. The entry records the run's convergence
+    (:class:`~hybridflow.training.stopping.StopRecord`: status, why it stopped, last-quarter
+    improvement; ``None`` for runs trained before runs recorded it). Returns the index entry.
     """
     state = load_checkpoint(Path(run_dir) / MODEL_FILE)
     weights = {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
@@ -178,6 +180,8 @@ def export_pretrained(
             ).parameters()
         ),
         "metrics": dict(metrics or {}),
+        "convergence": state.get("stopped"),
+        "train_time_s": state.get("train_time_s"),
         "source": source,
     }
     index = _index(weights_dir)

@@ -27,6 +27,11 @@ __all__ = ["EVAL_FILE", "evaluate_cell"]
 EVAL_FILE = "study_eval.json"
 
 
+def _stop_record(run_dir: Path) -> dict[str, Any] | None:
+    """Why the run stopped (``model.pt``; ``None`` for models saved before runs recorded it)."""
+    return load_checkpoint(run_dir / MODEL_FILE).get("stopped")
+
+
 def evaluate_cell(
     run_dir: str | Path,
     ood: Sequence[str] = (),
@@ -59,14 +64,16 @@ def evaluate_cell(
     if path.exists():
         cached = json.loads(path.read_text())
         if cached.get("settings") == settings:
-            return cached
+            return cached | {"stopped": cached.get("stopped", _stop_record(run_dir))}
     # Residual flows estimate log-dets with random probes from the global generator: seed it so
     # that a cell evaluates to the same numbers whether it was just trained or reused.
     torch.manual_seed(0)
     model, cfg = load_run(run_dir)
     test = evaluate_run(run_dir, "test", dequant_samples=dequant_samples)
-    train_time = float(load_checkpoint(run_dir / MODEL_FILE).get("train_time_s", float("nan")))
+    saved = load_checkpoint(run_dir / MODEL_FILE)
+    train_time = float(saved.get("train_time_s", float("nan")))
     result: dict[str, Any] = {"settings": settings, "train_time_s": train_time, "test": test}
+    result["stopped"] = saved.get("stopped")
     if iw_samples:
         test_set = load_dataset(cfg["dataset"], "test", **run_data_kwargs(cfg))
         iw = evaluate_predictions(predict(model, test_set, iw_samples=iw_samples))

@@ -80,8 +80,13 @@ DEFAULTS: dict[str, Any] = {
     # objective: loss = CE + lam * NLL (nats); lam is a number or "1/D"
     "lam": "1/D",
     # optimisation (timm optimizer, warmup + cosine schedule, EMA)
-    "epochs": 50,
+    "epochs": 50,  # the schedule's length: the most a run trains
     "max_steps": None,
+    # convergence (hybridflow.training.stopping): stop when the validation metric the loss
+    # optimizes improved by less than this relative amount over the last quarter of training,
+    # or after this many minutes of training; None: off
+    "stop_rel_improvement": None,
+    "budget_minutes": None,
     "batch_size": 64,  # examples per optimizer step, over all processes and accumulation steps
     "accum_steps": 1,  # split each batch into this many micro-batches (gradient accumulation)
     "opt": "adamw",
@@ -142,6 +147,8 @@ KEY_TYPES: dict[str, type | tuple[type, ...]] = {
     "lam": (float, str),
     "epochs": int,
     "max_steps": int,
+    "stop_rel_improvement": float,
+    "budget_minutes": float,
     "batch_size": int,
     "accum_steps": int,
     "opt": str,
@@ -189,6 +196,8 @@ KEY_RANGES: dict[str, str] = {
     "logit_alpha": "[0, 0.5)",
     "epochs": "[1, inf)",
     "max_steps": "[1, inf)",
+    "stop_rel_improvement": "[0, inf)",
+    "budget_minutes": "(0, inf)",
     "batch_size": "[1, inf)",
     "accum_steps": "[1, inf)",
     "lr": "(0, inf)",
@@ -263,7 +272,13 @@ KEY_CHOICES: dict[str, tuple[str, ...] | Callable[[str], list[str] | str | None]
 _DEQUANTIZATION_KEYWORDS = accepted_keywords(VariationalDequantization, skip=2)
 
 # Names other tools use for the same settings; difflib finds typos but not synonyms.
-_SYNONYMS = {"learning_rate": "lr", "lambda": "lam", "model": "backbone", "threads": "num_threads"}
+_SYNONYMS = {
+    "max_epochs": "epochs",
+    "learning_rate": "lr",
+    "lambda": "lam",
+    "model": "backbone",
+    "threads": "num_threads",
+}
 _PATH_KEYS = frozenset({"data_root", "out_dir"})
 
 
@@ -401,6 +416,11 @@ def _check_values(config: Mapping[str, Any]) -> None:
     if config["labelled_per_class"] is not None and config["labelled_fraction"] is not None:
         raise ConfigError(
             "labelled_per_class and labelled_fraction are mutually exclusive: set only one"
+        )
+    if config["stop_rel_improvement"] is not None and not config["eval_every"]:
+        raise ConfigError(
+            "stop_rel_improvement needs validations to watch: set eval_every >= 1 (epochs "
+            "between validations)"
         )
     if config["min_lr"] > config["lr"]:
         raise ConfigError(f"min_lr {config['min_lr']} exceeds lr {config['lr']}")

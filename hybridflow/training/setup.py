@@ -58,6 +58,7 @@ from .loop import (
 )
 from .monitor import TensorBoardLog, open_tensorboard
 from .semisupervised import keep_labels
+from .stopping import StopRecord
 
 __all__ = ["TrainData", "TrainState", "log_row", "setup"]
 
@@ -105,6 +106,8 @@ class TrainState:
     running: RunningMeans = field(default_factory=RunningMeans)
     step: int = 0
     evaluated_step: int = -1  # step of the last finished validation
+    val_history: list[tuple[int, float]] = field(default_factory=list)  # the monitored metric
+    stopped: StopRecord | None = None  # why training ended, once it has
     elapsed_before: float = 0.0  # seconds spent in earlier sessions of a resumed run
     started: float = field(default_factory=time.time)
     last_save: float = field(default_factory=time.time)
@@ -252,7 +255,8 @@ def setup(cfg: Mapping[str, Any], dist: Distributed | None = None) -> TrainState
     )
     ckpt_path = run_dir / CHECKPOINT_FILE
     saved = load_checkpoint(ckpt_path, device) if cfg["resume"] and ckpt_path.exists() else None
-    if saved is not None and int(saved["step"]) >= total_steps and (run_dir / MODEL_FILE).exists():
+    done = saved is not None and (int(saved["step"]) >= total_steps or saved.get("stopped"))
+    if done and (run_dir / MODEL_FILE).exists():
         return None  # already finished: keep its model.pt (and its recorded train time)
 
     lam = Lambda.parse(cfg["lam"]).value(model.dim)
@@ -336,6 +340,9 @@ def _restore(state: TrainState, saved: Mapping[str, Any]) -> None:
     if "running" in saved:
         state.running.load_state_dict(saved["running"], state.device)
     state.elapsed_before = float(saved.get("elapsed_s", 0.0))
+    state.val_history = [(int(s), float(v)) for s, v in saved.get("val_history", [])]
+    if saved.get("stopped"):
+        state.stopped = StopRecord.from_dict(saved["stopped"])
     rng = {"cpu": saved["rng"]} | ({"cuda": saved["cuda_rng"]} if "cuda_rng" in saved else {})
     per_rank = saved.get("rng_ranks")
     if state.dist.enabled and per_rank is not None and len(per_rank) == state.dist.world_size:

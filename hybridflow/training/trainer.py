@@ -79,6 +79,7 @@ from .loop import (
 )
 from .monitor import sample_grid
 from .setup import TrainData, TrainState, log_row, setup
+from .stopping import monitored_metric, over_budget, plateau_reached, record_stop
 
 __all__ = [
     "TrainData",
@@ -296,8 +297,9 @@ def _show_progress(progress: tqdm | None, logged: Mapping[str, float | None] | N
 
 def train_one_epoch(
     state: TrainState, interrupts: DeferredInterrupts, progress: tqdm | None = None
-) -> None:
-    """Train from ``state.step`` to the end of its epoch (or to ``total_steps``).
+) -> bool:
+    """Train from ``state.step`` to the end of its epoch (or to ``total_steps``); return whether
+    it stopped early because ``budget_minutes`` are spent.
 
     Raises ``KeyboardInterrupt`` at a step boundary when a held signal (data-parallel runs)
     arrived at any rank.
@@ -317,6 +319,9 @@ def train_one_epoch(
             raise KeyboardInterrupt  # every rank at this boundary; train() saves it
         if save:
             save_training_checkpoint(state)
+        if over_budget(state):
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- validation
@@ -362,6 +367,8 @@ def validate(state: TrainState) -> dict[str, float]:
     row = {"step": state.step, "epoch": epoch, "split": "val", **metrics}
     log_row(state, {**row, "elapsed_s": state.elapsed})
     state.evaluated_step = state.step
+    if (watched := metrics.get(monitored_metric(state.lam))) is not None:
+        state.val_history.append((state.step, float(watched)))
     if cfg["sample_every"] and epoch % cfg["sample_every"] == 0 and dist.is_main:
         _sample_grid(state, model)
     state.model.train()
@@ -405,6 +412,8 @@ def save_training_checkpoint(state: TrainState) -> None:
             "rng": state.rng["cpu"],
             "running": state.running.state_dict(),
             "evaluated_step": state.evaluated_step,
+            "val_history": state.val_history,
+            "stopped": state.stopped.to_dict() if state.stopped else None,
             "elapsed_s": state.elapsed,
             "config": dict(state.cfg),
             "data": state.data.info,
@@ -435,6 +444,7 @@ def finalize(state: TrainState) -> Path:
                 "step": state.step,
                 "nan_skips": state.guard.skipped,
                 "train_time_s": state.elapsed,
+                "stopped": state.stopped.to_dict() if state.stopped else None,
             },
             path,
         )
@@ -445,15 +455,28 @@ def finalize(state: TrainState) -> Path:
 # --------------------------------------------------------------------------- the loop
 
 
+def _validate_here(state: TrainState) -> None:
+    if state.unsaved:  # validation changes the state: keep a resume point before it
+        save_training_checkpoint(state)
+    validate(state)
+
+
 def _run(state: TrainState, interrupts: DeferredInterrupts, progress: tqdm) -> None:
-    while True:
+    """Train until the schedule ends, the plateau rule fires or the budget is spent
+    (:mod:`.stopping`); ``state.stopped`` says which."""
+    while state.stopped is None:
         if _validation_due(state):
-            if state.unsaved:  # validation changes the state: keep a resume point before it
-                save_training_checkpoint(state)
-            validate(state)
+            _validate_here(state)
+            if plateau_reached(state):
+                record_stop(state, "plateau")
+                return
         if state.step >= state.total_steps:
+            record_stop(state, "max_steps" if state.cfg["max_steps"] else "max_epochs")
             return
-        train_one_epoch(state, interrupts, progress)
+        if train_one_epoch(state, interrupts, progress):
+            if state.evaluated_step != state.step:  # the curve ends where training did
+                _validate_here(state)
+            record_stop(state, "budget_minutes")
 
 
 def _train(state: TrainState) -> None:

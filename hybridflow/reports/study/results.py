@@ -53,12 +53,17 @@ def flat_metrics(evaluation: Mapping[str, Any]) -> dict[str, float]:
         out["test_bpd_ood_pass"] = float(ood["in_distribution"]["bpd"])
     out["num_parameters"] = float(test["num_parameters"])
     out["train_time_s"] = float(evaluation.get("train_time_s", float("nan")))
+    stop = evaluation.get("stopped") or {}
+    if stop.get("improvement") is not None:
+        out["last_quarter_improvement"] = float(stop["improvement"])
+    if stop.get("status") in ("converged", "budget-limited"):
+        out["converged"] = float(stop["status"] == "converged")
     return out
 
 
 @dataclass
 class CellResult:
-    """A group of seeds: its coordinates, per-seed metrics and failures."""
+    """A group of seeds: its coordinates, per-seed metrics, stop records and failures."""
 
     backbone: str
     lam: str
@@ -67,6 +72,7 @@ class CellResult:
     runs: list[dict[str, float]] = field(default_factory=list)
     failed: list[tuple[int, str]] = field(default_factory=list)
     run_dirs: list[Path] = field(default_factory=list)
+    stops: list[dict[str, Any] | None] = field(default_factory=list)  # why each run stopped
 
     @property
     def label(self) -> str:
@@ -97,6 +103,7 @@ def aggregate(cells, statuses, evaluations) -> list[CellResult]:
             group.seeds.append(cell.seed)
             group.runs.append(metrics)
             group.run_dirs.append(cell.run_dir)
+            group.stops.append(evaluations[cell.name].get("stopped"))
         else:
             group.failed.append((cell.seed, status.get("error", "did not run")))
     return list(groups.values())

@@ -16,6 +16,7 @@ from ..document import Document as _Doc
 from ..document import Table as _Table
 from ..document import git_commit, package_versions
 from .checks import ReproductionCheck
+from .convergence import convergence_table, draw_convergence_curves, equal_time_table
 from .figures import FIGURES, _score_names
 from .results import CellResult, _pm, _point_label
 
@@ -108,6 +109,7 @@ class _Study:
     provenance: dict[str, Any]
     bound: str
     drawn: dict[str, str]  # figure file -> alt text, for the figures that were drawn
+    drawn_dir: Path  # where the figures are
 
     @property
     def finished(self) -> list[CellResult]:
@@ -162,6 +164,7 @@ def _results_json(results: Sequence[CellResult]) -> list[dict[str, Any]]:
                 "grid": dict(r.point),
                 "seeds": r.seeds,
                 "failed": [{"seed": s, "error": e} for s, e in r.failed],
+                "stopped": list(r.stops),
                 "metrics": {m: r.stat(m) for m in metrics},
             }
         )
@@ -248,6 +251,40 @@ def _section_main(doc: _Doc, study: _Study, baselines: Mapping[str, float] | Non
         )
     study.figure(doc, "tradeoff.png")
     study.figure(doc, "reliability.png")
+
+
+def _section_convergence(doc: _Doc, study: _Study) -> None:
+    finished = study.finished
+    if not any(stop for r in finished for stop in r.stops):
+        return  # models saved before runs recorded why they stopped
+    doc.heading("Convergence")
+    doc.para(
+        "Each run watches the validation metric its loss optimizes (bits/dim when λ > 0, the "
+        "classifier's NLL when λ = 0) and is *converged* when its best value improved by less "
+        "than the threshold (the run's `stop_rel_improvement`, else 0.5%) over the last quarter "
+        "of its steps, *budget-limited* otherwise; it stops on that plateau, at its "
+        "`budget_minutes` or at its last epoch (`hybridflow.training.stopping`)."
+    )
+    doc.table(convergence_table(finished))
+    equal = equal_time_table(finished)
+    if equal is not None:
+        table, _ = equal
+        doc.para(
+            "At equal training time (validation split): per λ, every backbone's runs at the "
+            "shortest cell's training time (median over its seeds), each at its last validation "
+            "by then, mean over seeds. What a user with that budget chooses between."
+        )
+        doc.table(table)
+    path = study.drawn_dir / "convergence.png"
+    if draw_convergence_curves(finished, path):
+        doc.para(
+            "Validation learning curves of every run (seeds: solid, dashed, dotted; × where "
+            "the plateau rule or the time budget stopped a run; λ = 0 leaves the density "
+            "untrained, so its bits/dim are not drawn):"
+        )
+        doc.figure(path.name, "Validation learning curves against steps and training time")
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _section_ood(doc: _Doc, study: _Study) -> None:
@@ -389,7 +426,8 @@ def write_study_report(
         "baselines": dict(baselines or {}),
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    study = _Study(name, results, shared_config, provenance, bound, _draw_figures(results, out))
+    drawn = _draw_figures(results, out)
+    study = _Study(name, results, shared_config, provenance, bound, drawn, out)
 
     doc = _Doc(out)
     doc.heading(f"λ study: {name}", 1)
@@ -397,6 +435,7 @@ def write_study_report(
     _section_introduction(doc, study, notes)
     _section_checks(doc, checked)
     _section_main(doc, study, baselines)
+    _section_convergence(doc, study)
     _section_ood(doc, study)
     _section_selective(doc, study)
     _section_samples_and_failures(doc, study)

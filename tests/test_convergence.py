@@ -154,3 +154,17 @@ def test_equal_time_table_reads_logged_times(tmp_path: Path) -> None:
     assert table.rows[0][2:] == ["30.0", "86.00", "2.400", "300"]
     assert table.rows[1][2:] == ["30.0", "82.00", "2.800", "100"]  # slow: its row at 25 s
     assert equal_time_table(cells[:1]) is None  # one backbone: nothing to compare
+
+
+def test_table4_claims_say_whether_their_cells_converged() -> None:
+    from hybridflow.reports.study.checks import convergence_note
+
+    def cell(backbone, lam, *statuses):
+        stops = [{"status": s} if s else None for s in statuses]
+        return CellResult(backbone, lam, (), seeds=list(range(len(stops))), runs=[{}], stops=stops)
+
+    done = [cell("coupling", "1", "converged", "converged"), cell("resflow", "1", "converged")]
+    assert convergence_note(done) == "all converged"
+    short = [*done, cell("resflow", "1/D", "converged", "budget-limited")]
+    assert convergence_note(short) == "not converged: residual λ=1/D (1 of 2 seeds)"
+    assert convergence_note([cell("coupling", "0", None)]) == "not recorded"

@@ -231,12 +231,17 @@ def _section_checks(doc: _Doc, checked: Sequence[tuple[ReproductionCheck, list]]
         doc.heading(check.title)
         doc.para(check.intro)
         rows = []
+        with_convergence = any("convergence" in c for c in claims)
         for c in claims:
             verdict = "reproduced" if c["reproduced"] else "not reproduced"
             if c.get("within_noise"):
                 verdict += " (some differences within seed noise)"
             rows.append([c["claim"], verdict, c["detail"], c["paper"]])
+            if with_convergence:
+                rows[-1].insert(3, c.get("convergence", "–"))
         header = ["claim", "here", "numbers here (mean ± std)", check.paper_column]
+        if with_convergence:
+            header.insert(3, "cells involved")
         doc.table(_Table(header, rows, text=True))
 
 

@@ -28,7 +28,7 @@ import argparse
 from pathlib import Path
 
 from hybridflow.experiments import run_sweep
-from hybridflow.reports.study import RESIDUAL_FLOWS_TABLE4
+from hybridflow.reports.study import RESIDUAL_FLOWS_TABLE4, Floor, floor_check
 from hybridflow.training import parse_overrides
 
 NAME = "fashion_mnist"
@@ -91,6 +91,49 @@ workers, mnist = args.workers, args.mnist
 OVERRIDES = parse_overrides(rest)  # win over the per-backbone settings
 mnist_spec = f"npz:{mnist or MNIST}" if mnist or MNIST.exists() else "mnist@test"
 OOD = [mnist_spec, "noise:fashion-mnist", "constant:fashion-mnist", "inverted:fashion-mnist"]
+
+
+def mean(cell, metric):
+    stat = cell.stat(metric)
+    return stat["mean"] if stat else None
+
+
+def best_single_input_auroc(cell, spec):  # every score but the batch test, mean over seeds
+    keys = {k for run in cell.runs for k in run if k.startswith(f"ood/{spec}/")}
+    keys = [k for k in keys if k.endswith("/auroc") and "/typicality_batch/" not in k]
+    values = [mean(cell, k) for k in keys]
+    return max((v for v in values if v is not None), default=None)
+
+
+def worst_batch_typicality_auroc(cell):
+    values = [mean(cell, f"ood/{spec}/typicality_batch/auroc") for spec in OOD]
+    return min((v for v in values if v is not None), default=None)
+
+
+FLOORS = floor_check(
+    "Floors (issue 26)",
+    "What this study must reach on the test split, mean over seeds, and whether the cells behind "
+    "each number converged.",
+    [
+        Floor("λ = 0: best backbone's accuracy", lambda r: mean(r, "accuracy"), 0.925,
+              cells=lambda r: r.lam == "0", scale=100, digits=2),
+        Floor("λ = 1/D: best backbone's accuracy", lambda r: mean(r, "accuracy"), 0.915,
+              cells=lambda r: r.lam == "1/D", scale=100, digits=2),
+        Floor("λ = 1: coupling + 1×1 bits/dim", lambda r: mean(r, "bpd"), 3.25, higher=False,
+              cells=lambda r: r.lam == "1" and r.backbone == "coupling+1x1"),
+        Floor("every λ > 0 cell's bits/dim (per-pixel baseline 4.588)", lambda r: mean(r, "bpd"),
+              3.8, higher=False, cells=lambda r: r.lam != "0", every=True),
+        Floor("every λ = 1/D model: best single-input AUROC against MNIST",
+              lambda r: best_single_input_auroc(r, OOD[0]), 0.99,
+              cells=lambda r: r.lam == "1/D", every=True, digits=4),
+        Floor("every λ = 1/D model: batch typicality AUROC against every set (worst set)",
+              worst_batch_typicality_auroc, 0.99, cells=lambda r: r.lam == "1/D", every=True,
+              digits=4),
+        Floor("every coupling-family cell converged (share of seeds)",
+              lambda r: mean(r, "converged"), 1.0, cells=lambda r: r.backbone != "resflow",
+              every=True, digits=2),
+    ],
+)  # fmt: skip
 out = run_sweep(
     NAME,
     LAMS,
@@ -103,6 +146,6 @@ out = run_sweep(
     threads=workers,
     overrides=OVERRIDES,
     **SCORING,
-    checks=[RESIDUAL_FLOWS_TABLE4],  # the seed paper's table, checked on this grid
+    checks=[FLOORS, RESIDUAL_FLOWS_TABLE4],  # issue 26's floors; the seed paper's table
 )
 print(f"report: {out / 'report.md'}")

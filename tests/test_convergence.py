@@ -168,3 +168,34 @@ def test_table4_claims_say_whether_their_cells_converged() -> None:
     short = [*done, cell("resflow", "1/D", "converged", "budget-limited")]
     assert convergence_note(short) == "not converged: residual λ=1/D (1 of 2 seeds)"
     assert convergence_note([cell("coupling", "0", None)]) == "not recorded"
+
+
+def test_floors_read_the_best_or_every_cell() -> None:
+    from hybridflow.reports.study import Floor, floor_check
+
+    def cell(backbone, lam, acc, bpd, status="converged"):
+        runs = [{"accuracy": acc, "bpd": bpd}]
+        return CellResult(backbone, lam, (), seeds=[0], runs=runs, stops=[{"status": status}])
+
+    def stat(metric):
+        return lambda r: r.stat(metric)["mean"] if r.stat(metric) else None
+
+    cells = [
+        cell("coupling", "0", 0.93, 9.0),
+        cell("resflow", "0", 0.90, 9.0, "budget-limited"),
+        cell("coupling", "1", 0.80, 3.3),
+        cell("resflow", "1", 0.85, 3.9, "budget-limited"),
+    ]
+    best = Floor("λ = 0 accuracy", stat("accuracy"), 0.925, cells=lambda r: r.lam == "0")
+    claim = best.evaluate(cells)
+    assert claim["reproduced"] and claim["detail"] == "coupling λ=0 0.930"
+    assert claim["convergence"] == "all converged" and claim["paper"] == "≥ 0.925"
+    every = Floor("bpd", stat("bpd"), 3.8, higher=False, cells=lambda r: r.lam == "1", every=True)
+    claim = every.evaluate(cells)
+    assert not claim["reproduced"] and "resflow λ=1 3.900" in claim["detail"]
+    assert claim["convergence"] == "not converged: residual λ=1 (1 of 1 seeds)"
+    nothing = Floor("none", stat("accuracy"), 0.5, cells=lambda r: r.lam == "2")
+    assert nothing.evaluate(cells) is None
+    check = floor_check("Floors", "intro", [best, every])
+    assert [c["reproduced"] for c in check.evaluate(cells)] == [True, False]
+    assert check.verdicts == ("met", "missed")

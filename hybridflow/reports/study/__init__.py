@@ -7,7 +7,14 @@ Training and evaluating the cells is :mod:`hybridflow.experiments`'s job.
 """
 
 from ..document import git_commit
-from .checks import RESIDUAL_FLOWS_TABLE4, SEED_TABLE, ReproductionCheck, reproduction_checks
+from .checks import (
+    RESIDUAL_FLOWS_TABLE4,
+    SEED_TABLE,
+    Floor,
+    ReproductionCheck,
+    floor_check,
+    reproduction_checks,
+)
 from .results import CellResult, aggregate, flat_metrics
 from .writer import write_study_report
 
@@ -15,9 +22,11 @@ __all__ = [
     "RESIDUAL_FLOWS_TABLE4",
     "SEED_TABLE",
     "CellResult",
+    "Floor",
     "ReproductionCheck",
     "aggregate",
     "flat_metrics",
+    "floor_check",
     "git_commit",
     "reproduction_checks",
     "write_study_report",

@@ -16,8 +16,10 @@ from .results import CellResult, _pm
 __all__ = [
     "RESIDUAL_FLOWS_TABLE4",
     "SEED_TABLE",
+    "Floor",
     "ReproductionCheck",
     "convergence_note",
+    "floor_check",
     "reproduction_checks",
 ]
 
@@ -35,6 +37,7 @@ class ReproductionCheck:
     intro: str
     paper_column: str
     evaluate: Callable[[Sequence[CellResult]], list[dict[str, Any]] | None]
+    verdicts: tuple[str, str] = ("reproduced", "not reproduced")
 
 
 SEED_TABLE = {
@@ -168,3 +171,59 @@ RESIDUAL_FLOWS_TABLE4 = ReproductionCheck(
     paper_column="paper (MNIST)",
     evaluate=reproduction_checks,
 )
+
+
+@dataclass(frozen=True)
+class Floor:
+    """A number a study must reach: the best selected cell's value (or every one's) against a
+    bound.
+
+    Attributes:
+        claim: What is required, e.g. ``"λ = 0: best backbone ≥ 92.5% accuracy"``.
+        value: The cell's number (e.g. a mean over seeds); ``None`` where it has none.
+        bound: The floor (or ceiling, with ``higher=False``).
+        higher: Whether larger values are better.
+        cells: Which cells the floor reads.
+        every: Every selected cell must pass (else only the best one).
+        scale, digits: How the numbers are shown.
+    """
+
+    claim: str
+    value: Callable[[CellResult], float | None]
+    bound: float
+    higher: bool = True
+    cells: Callable[[CellResult], bool] = lambda r: True
+    every: bool = False
+    scale: float = 1.0
+    digits: int = 3
+
+    def evaluate(self, results: Sequence[CellResult]) -> dict[str, Any] | None:
+        values = [(r, self.value(r)) for r in results if r.runs and self.cells(r)]
+        picked = [(r, v) for r, v in values if v is not None and math.isfinite(v)]
+        if not picked:
+            return None
+        passes = [(v >= self.bound) if self.higher else (v <= self.bound) for _, v in picked]
+        best = (max if self.higher else min)(picked, key=lambda rv: rv[1])
+        shown = picked if self.every else [best]
+        detail = ", ".join(
+            f"{r.backbone} λ={r.lam} {self.scale * v:.{self.digits}f}" for r, v in shown
+        )
+        return {
+            "claim": self.claim,
+            "reproduced": all(passes) if self.every else any(passes),
+            "within_noise": None,
+            "detail": detail,
+            "paper": ("≥ " if self.higher else "≤ ") + f"{self.scale * self.bound:g}",
+            "convergence": convergence_note([r for r, _ in shown]),
+        }
+
+
+def floor_check(title: str, intro: str, floors: Sequence[Floor]) -> ReproductionCheck:
+    """A report section that states, per floor, whether the study reached it (the numbers and
+    whether the cells behind them converged)."""
+
+    def evaluate(results: Sequence[CellResult]) -> list[dict[str, Any]] | None:
+        claims = [c for f in floors if (c := f.evaluate(results))]
+        return claims or None
+
+    return ReproductionCheck(title, intro, "floor", evaluate, verdicts=("met", "missed"))

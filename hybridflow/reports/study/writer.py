@@ -233,7 +233,7 @@ def _section_checks(doc: _Doc, checked: Sequence[tuple[ReproductionCheck, list]]
         rows = []
         with_convergence = any("convergence" in c for c in claims)
         for c in claims:
-            verdict = "reproduced" if c["reproduced"] else "not reproduced"
+            verdict = check.verdicts[0] if c["reproduced"] else check.verdicts[1]
             if c.get("within_noise"):
                 verdict += " (some differences within seed noise)"
             rows.append([c["claim"], verdict, c["detail"], c["paper"]])

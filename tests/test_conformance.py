@@ -128,6 +128,11 @@ class _ConstantContext(T.InvertibleModule):
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         return self.layer.inverse(z, self._ctx(z))
 
+    def inverse_and_logdet(
+        self, z: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return self.layer.inverse_and_logdet(z, self._ctx(z))
+
 
 def _dequant_noise_flow(checkerboard_layout: str = "masked") -> T.InvertibleModule:
     """The ε → u flow of variational dequantization, with a fixed context."""
@@ -177,6 +182,27 @@ CASES: list[Case] = [
         T.InverseAutoregressiveFlow,
     ),
     Case("permutation", lambda: T.Permutation.random(6, seed=3), _vectors(6), T.Permutation),
+    # The IAF posteriors of variational inference (NAF paper §5.2; Kingma et al. 2016): layers
+    # conditioned on an encoder's context h, with the sampling direction as the cheap one.
+    Case(
+        "iaf-context",
+        lambda: _ConstantContext(
+            T.InverseAutoregressiveFlow(5, (16, 16), context_features=3), torch.randn(1, 3)
+        ),
+        _vectors(5),
+    ),
+    Case(
+        "iaf-dsf-context",
+        lambda: _ConstantContext(
+            T.Inverse(
+                T.NeuralAutoregressiveFlow(
+                    4, "dsf", 4, hidden_features=(16,), context_features=3, inverse_tol=1e-12
+                )
+            ),
+            torch.randn(1, 3),
+        ),
+        _vectors(4),
+    ),
     Case(
         "naf-dsf",
         lambda: T.NeuralAutoregressiveFlow(
@@ -627,6 +653,20 @@ def directional_derivatives(
     fd = (8 * (at(eps) - at(-eps)) - (at(2 * eps) - at(-2 * eps))) / (12 * eps)
     at(0.0)
     return auto, fd
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_inverse_and_logdet_matches_the_inverse_and_autograd(case: Case) -> None:
+    """``inverse_and_logdet(z)`` (reverse-KL fitting's sampling direction) returns
+    ``inverse(z)`` and ``slogdet`` of its autograd Jacobian, whether a layer overrides it (IAF,
+    ``Inverse``, containers) or inherits the default."""
+    layer = _prepared(case)
+    z = layer(case.sample(2))[0].detach()
+    x, logdet = layer.inverse_and_logdet(z)
+    torch.testing.assert_close(x, layer.inverse(z), atol=1e-8, rtol=1e-6)
+    torch.testing.assert_close(
+        logdet, _per_example_jacobian_logdets(layer.inverse, z), atol=1e-8, rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

@@ -15,6 +15,7 @@ from hybridflow.data.common import (
     dataset_tensors,
 )
 from hybridflow.data.derived import DERIVED_KINDS
+from hybridflow.data.energies import Target, gaussian_target, list_targets, load_target
 from hybridflow.data.folder import ImageFolderDataset
 from hybridflow.data.images import read_idx
 from hybridflow.data.registry import (
@@ -42,13 +43,17 @@ __all__ = [
     "ImageFolderDataset",
     "PointDataset",
     "TabularDataset",
+    "Target",
     "ToyDataset",
     "UnknownDatasetError",
     "available_datasets",
     "check_dataset_name",
     "dataset_tensors",
+    "gaussian_target",
+    "list_targets",
     "load_dataset",
     "load_tabular",
+    "load_target",
     "read_idx",
     "register_family",
     "sample_toy",

@@ -7,6 +7,7 @@ from .heads import DIGHead, ResidualFlowsHead, create_head, head_keywords, list_
 from .hybrid import HybridModel, HybridOutput
 from .lam import Lambda, resolve_lambda
 from .registry import backbone_keywords, create_backbone, list_backbones, register_backbone
+from .variational import VariationalFlow, iaf_flow, iterative_sampling_layers
 
 __all__ = [
     "DIGHead",
@@ -15,11 +16,14 @@ __all__ = [
     "HybridOutput",
     "Lambda",
     "ResidualFlowsHead",
+    "VariationalFlow",
     "backbone_keywords",
     "create_backbone",
     "create_head",
     "create_hybrid_model",
     "head_keywords",
+    "iaf_flow",
+    "iterative_sampling_layers",
     "list_backbones",
     "list_heads",
     "register_backbone",

@@ -23,7 +23,9 @@ from ..runs import (
     save_checkpoint,
     save_config,
 )
+from .density import fit_density
 from .loop import TrainingDivergedError, finalize_ema
+from .target import fit_target, target_diagnostics
 from .trainer import train
 
 __all__ = [
@@ -37,6 +39,8 @@ __all__ = [
     "build_model_for",
     "data_info",
     "finalize_ema",
+    "fit_density",
+    "fit_target",
     "load_checkpoint",
     "load_config",
     "load_run",
@@ -46,5 +50,6 @@ __all__ = [
     "run_dir_for",
     "save_checkpoint",
     "save_config",
+    "target_diagnostics",
     "train",
 ]

@@ -233,9 +233,13 @@ class InverseAutoregressiveFlow(_AffineAutoregressive):
         return z, -alpha.sum(dim=1)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.inverse_and_logdet(z, context)[0]
+
+    def inverse_and_logdet(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``x = z·exp(alpha(z)) + mu(z)`` and ``log|det ∂x/∂z| = Σ alpha``: one MADE pass."""
         self._check(z)
         mu, alpha = self._params(z, context)
-        return z * torch.exp(alpha) + mu
+        return z * torch.exp(alpha) + mu, alpha.sum(dim=1)
 
 
 class Permutation(InvertibleModule):
@@ -298,6 +302,9 @@ class Permutation(InvertibleModule):
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         self._check(z)
         return z.flip(1) if self._reversal else z.index_select(1, self.inverse_permutation)
+
+    def inverse_and_logdet(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.inverse(z, context), z.new_zeros(z.shape[0])
 
     def extra_repr(self) -> str:
         return f"{self.permutation.tolist()}"

@@ -53,6 +53,18 @@ class InvertibleModule(nn.Module):
         """Map latent to data."""
         raise NotImplementedError
 
+    def inverse_and_logdet(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Map latent to data and return ``(x, log|det ∂x/∂z|)`` per example.
+
+        The sampling direction with its log-det is what reverse-KL fitting of a flow needs
+        (``log q(x) = log N(z) − log|det ∂x/∂z|``; Rezende & Mohamed 2015). The default inverts
+        and evaluates :meth:`forward`'s log-det at the result (one more pass, sequential for an
+        IAF); layers whose inverse yields its log-det directly override it.
+        """
+        x = self.inverse(z, context)
+        _, logdet = self.forward(x, context)
+        return x, -logdet
+
     @torch.no_grad()
     def data_init(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Run data-dependent initialisation on a batch; return the layer's output.
@@ -95,6 +107,13 @@ class InvertibleSequential(InvertibleModule):
             z = layer.inverse(z, context)
         return z
 
+    def inverse_and_logdet(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        logdet = z.new_zeros(z.shape[0])
+        for layer in reversed(self.layers):
+            z, ld = layer.inverse_and_logdet(z, context)
+            logdet = logdet + ld
+        return z, logdet
+
 
 class Inverse(InvertibleModule):
     """Swap the directions of a layer: ``Inverse(f).forward`` is ``f.inverse``.
@@ -115,3 +134,6 @@ class Inverse(InvertibleModule):
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         return self.layer(z, context)[0]
+
+    def inverse_and_logdet(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.layer(z, context)  # the wrapped layer's forward: one pass where it is cheap

@@ -7,6 +7,7 @@ Every dataset is held in memory except ``folder:PATH`` (:class:`ImageFolderDatas
 ``in_memory`` is ``False``), which decodes one image file per ``dataset[i]``.
 """
 
+from hybridflow.data.binary import binarize, load_binarized
 from hybridflow.data.common import (
     DatasetNotFoundError,
     ImageDataset,
@@ -47,10 +48,12 @@ __all__ = [
     "ToyDataset",
     "UnknownDatasetError",
     "available_datasets",
+    "binarize",
     "check_dataset_name",
     "dataset_tensors",
     "gaussian_target",
     "list_targets",
+    "load_binarized",
     "load_dataset",
     "load_tabular",
     "load_target",

@@ -7,11 +7,14 @@ from .heads import DIGHead, ResidualFlowsHead, create_head, head_keywords, list_
 from .hybrid import HybridModel, HybridOutput
 from .lam import Lambda, resolve_lambda
 from .registry import backbone_keywords, create_backbone, list_backbones, register_backbone
+from .vae import POSTERIORS, FlowVAE
 from .variational import VariationalFlow, iaf_flow, iterative_sampling_layers
 
 __all__ = [
+    "POSTERIORS",
     "DIGHead",
     "FlowModel",
+    "FlowVAE",
     "HybridModel",
     "HybridOutput",
     "Lambda",

@@ -1,5 +1,5 @@
-"""Command line: ``hybridflow train | eval | sweep | ood | calibrate | sample | explain | list |
-pretrained``.
+"""Command line: ``hybridflow train | vae | eval | sweep | ood | calibrate | sample | explain |
+list | pretrained``.
 
 Every training option is a ``--key=value`` override of ``hybridflow.training.DEFAULTS``
 (nested keys with dots: ``--backbone_args.hidden_channels=32``); ``--config FILE`` (JSON or YAML)
@@ -384,8 +384,51 @@ def _cmd_list(argv: Sequence[str]) -> int:
     return 0
 
 
+def _cmd_vae(argv: Sequence[str]) -> int:
+    """``hybridflow vae train|eval|sample``: VAEs with flow posteriors (hybridflow.training.vae)."""
+    from .runs import parse_overrides
+    from .training.vae import VAEConfig, evaluate_vae, load_vae_run, train_vae
+
+    verbs = ("train", "eval", "sample")
+    if not argv or argv[0] not in verbs:
+        keys = ", ".join(f"--{k}" for k in VAEConfig().to_dict())
+        print(
+            "usage: hybridflow vae train [--key=value ...]  (keys: " + keys + ")\n"
+            "       hybridflow vae eval RUN [--samples 1000] [--nll-images 1000]\n"
+            "       hybridflow vae sample RUN [--n 64] [--out FILE.png]",
+            file=sys.stderr,
+        )
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    verb, rest = argv[0], list(argv[1:])
+    if verb == "train":
+        print(train_vae(VAEConfig.from_overrides(parse_overrides(rest))))
+        return 0
+    parser = argparse.ArgumentParser(prog=f"hybridflow vae {verb}")
+    parser.add_argument("run_dir", type=Path)
+    if verb == "eval":
+        parser.add_argument("--samples", type=int, default=1000, help="draws per image (S)")
+        parser.add_argument(
+            "--nll-images", type=int, default=1000, help="test images for -log p(x)"
+        )
+        args = parser.parse_args(rest)
+        print(json.dumps(evaluate_vae(args.run_dir, args.samples, args.nll_images), indent=2))
+        return 0
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=None, help="default: RUN/samples.png")
+    args = parser.parse_args(rest)
+    import torch
+    from torchvision.utils import save_image
+
+    model, _ = load_vae_run(args.run_dir)
+    path = args.out or args.run_dir / "samples.png"
+    save_image(model.sample(args.n, torch.Generator().manual_seed(0)), path, nrow=8)
+    print(path)
+    return 0
+
+
 COMMANDS = {
     "train": _cmd_train,
+    "vae": _cmd_vae,
     "eval": _cmd_eval,
     "sweep": _cmd_sweep,
     "ood": _cmd_ood,

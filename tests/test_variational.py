@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -149,3 +150,80 @@ def test_vae_refuses_non_binary_images_and_bad_names() -> None:
     torch.testing.assert_close(binarize(levels, 17, seed=3), binary)  # static: the same draw
     with pytest.raises(ValueError, match="levels must lie in"):
         binarize(levels, 8)
+
+
+VAE_TINY = {
+    "dataset": "digits", "latent_dim": 4, "num_flows": 2, "context_dim": 6, "width": 4,
+    "made_hidden": (16,), "num_units": 4, "batch_size": 64, "max_steps": 20, "warmup_steps": 2,
+    "log_every": 5, "progress": False, "checkpoint_every_s": 0.0,
+}  # fmt: skip
+
+
+def test_vae_run_resumes_exactly_and_evaluates(tmp_path, monkeypatch) -> None:
+    from hybridflow.runs import load_checkpoint
+    from hybridflow.training import vae as vae_runs
+
+    cfg = {**VAE_TINY, "posterior": "iaf-dsf", "out_dir": str(tmp_path)}
+    whole = vae_runs.train_vae(cfg, name="whole")
+    calls = {"n": 0}
+    real = vae_runs.backward_and_clip
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vae_runs, "backward_and_clip", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        vae_runs.train_vae(cfg, name="killed")
+    monkeypatch.setattr(vae_runs, "backward_and_clip", real)
+    resumed = vae_runs.train_vae(cfg, name="killed")
+    a, b = (load_checkpoint(r / "model.pt")["model"] for r in (whole, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def rows(run):  # every logged number but the wall-clock column
+        return [line.rsplit(",", 1)[0] for line in (run / "metrics.csv").read_text().splitlines()]
+
+    assert rows(whole) == rows(resumed) and len(rows(whole)) == 1 + 4 + 1  # header, 4 train, val
+    result = vae_runs.evaluate_vae(whole, samples=50, nll_images=20)
+    assert result["neg_log_likelihood"] <= result["neg_elbo_on_nll_images"] + 0.5
+    assert (whole / "eval_test.json").exists()
+
+
+def test_vae_config_is_typed() -> None:
+    from hybridflow.runs import ConfigError
+    from hybridflow.training.vae import VAEConfig
+
+    cfg = VAEConfig.from_overrides(
+        {"latent_dim": "8", "made_hidden": "[32, 32]", "max_steps": "none"}
+    )
+    assert cfg.latent_dim == 8 and cfg.made_hidden == (32, 32) and cfg.max_steps is None
+    with pytest.raises(ConfigError, match="did you mean 'latent_dim'"):
+        VAEConfig.from_overrides({"latent_dims": "8"})
+    with pytest.raises(ConfigError, match="expects"):
+        VAEConfig.from_overrides({"latent_dim": "eight"})
+    with pytest.raises(ConfigError, match="posterior must be one of"):
+        VAEConfig.from_overrides({"posterior": "maf"})
+    with pytest.raises(ConfigError, match="epochs must be >= 1"):
+        VAEConfig.from_overrides({"epochs": "0"})
+
+
+def test_vae_command_line(tmp_path, capsys) -> None:
+    from hybridflow.cli import main
+
+    args = [f"--{k}={list(v) if isinstance(v, tuple) else v}" for k, v in VAE_TINY.items()]
+    args = [a.replace("(", "[").replace(")", "]") for a in args]
+    assert (
+        main(["vae", "train", *args, "--posterior=iaf", f"--out_dir={tmp_path}", "--name=r"]) == 0
+    )
+    run = tmp_path / "r"
+    assert capsys.readouterr().out.strip() == str(run)
+    assert main(["vae", "eval", str(run), "--samples", "20", "--nll-images", "10"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["posterior"] == "iaf" and result["samples"] == 20 and result["nll_images"] == 10
+    assert main(["vae", "sample", str(run), "--n", "8"]) == 0
+    assert (run / "samples.png").exists()
+    assert main(["vae", "train", "--posterior=maf", f"--out_dir={tmp_path}"]) == 1
+    assert "posterior must be one of" in capsys.readouterr().err
+    assert main(["vae"]) == 2

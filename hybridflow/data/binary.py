@@ -31,13 +31,16 @@ def binarize(levels: Tensor, num_levels: int, seed: int = 0) -> Tensor:
     )
 
 
-def load_binarized(name: str, split: str, seed: int = 0, **kwargs) -> tuple[Tensor, Tensor]:
-    """``(binary images, labels)`` of a level dataset's split, binarized with ``seed`` (a
-    different draw per split: ``seed`` offset by the split's name)."""
+def load_binarized(
+    name: str, split: str, binarize_seed: int = 0, **kwargs
+) -> tuple[Tensor, Tensor]:
+    """``(binary images, labels)`` of a level dataset's split (``kwargs`` go to
+    :func:`~hybridflow.data.load_dataset`), binarized with ``binarize_seed`` (a different draw
+    per split: the seed offset by the split's name)."""
     dataset = load_dataset(name, split, **kwargs)
     levels, labels = dataset_tensors(dataset)
     num_levels = getattr(dataset, "num_levels", None)
     if num_levels is None:
         raise ValueError(f"{name!r} is not an image dataset with levels")
     offset = {"train": 0, "val": 1, "test": 2}.get(split, 3)
-    return binarize(levels, num_levels, seed * 10 + offset), labels
+    return binarize(levels, num_levels, binarize_seed * 10 + offset), labels

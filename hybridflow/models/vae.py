@@ -171,6 +171,15 @@ class FlowVAE(nn.Module):
             s, n
         )
 
+    def elbo_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """One draw per image: ``(log p(x | z), log q(z | x) − log p(z))``, the reconstruction
+        and the single-sample KL estimate (their difference is the ELBO estimate)."""
+        self._check(x)
+        z, log_q = self.posterior_sample(x)
+        logits = self.decoder(z[0])
+        recon = -F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+        return recon, log_q[0] - standard_normal_log_prob(z[0])
+
     def log_weights(self, x: Tensor, samples: int = 1) -> Tensor:
         """``log p(x, z_s) − log q(z_s | x)`` for ``samples`` draws per image: ``[S, N]``."""
         self._check(x)

@@ -1,5 +1,5 @@
-"""Command line: ``hybridflow train | vae | eval | sweep | ood | calibrate | sample | explain |
-list | pretrained``.
+"""Command line: ``hybridflow train | eval | sweep | ood | calibrate | sample | explain | list |
+pretrained | vae``.
 
 Every training option is a ``--key=value`` override of ``hybridflow.training.DEFAULTS``
 (nested keys with dots: ``--backbone_args.hidden_channels=32``); ``--config FILE`` (JSON or YAML)
@@ -428,7 +428,6 @@ def _cmd_vae(argv: Sequence[str]) -> int:
 
 COMMANDS = {
     "train": _cmd_train,
-    "vae": _cmd_vae,
     "eval": _cmd_eval,
     "sweep": _cmd_sweep,
     "ood": _cmd_ood,
@@ -437,6 +436,7 @@ COMMANDS = {
     "explain": _cmd_explain,
     "list": _cmd_list,
     "pretrained": _cmd_pretrained,
+    "vae": _cmd_vae,
 }
 
 

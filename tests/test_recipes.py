@@ -35,6 +35,10 @@ SMOKE_OUTPUTS = {
         "runs/flowpp_cifar10-smoke/run/model.pt",
     ],
     "naf_uci.py": ["reports/naf_uci-smoke/report.md", "reports/naf_uci-smoke/results.json"],
+    "naf_vi.py": [
+        f"reports/naf_vi-smoke/{f}" for f in ("report.md", "results.json", "fig5.png", "fig7.png")
+    ],
+    "vae_flows.py": ["reports/vae_flows-smoke/report.md", "reports/vae_flows-smoke/results.json"],
 }
 
 
@@ -65,6 +69,15 @@ def check_results(recipe: str, out: Path) -> None:
         assert results["iw_samples"] == 4 and results["config"]["dataset"] == "synthetic:3x32x32"
         # Random 8-bit levels: bits/dim near 8, and the IW bound no worse than one draw's.
         assert 7.0 < results["bpd_iw"] <= results["bpd_single_draw"] + 0.05 < 9.5
+    elif recipe == "naf_vi.py":
+        results = json.loads((out / "reports/naf_vi-smoke/results.json").read_text())
+        cells = {(r["target"], r["flow"]) for r in results["figure5"]}
+        assert len(cells) == 6 and all(math.isfinite(r["kl_reverse"]) for r in results["figure5"])
+        assert all(len(c["0"]) == 2 for c in results["figure7"].values())  # two evaluations each
+    elif recipe == "vae_flows.py":
+        rows = json.loads((out / "reports/vae_flows-smoke/results.json").read_text())["rows"]
+        assert {r["posterior"] for r in rows} == {"VAE", "IAF-affine", "IAF-DSF"}
+        assert all(r["neg_log_likelihood"] <= r["neg_elbo_on_nll_images"] + 1 for r in rows)
     else:
         rows = json.loads((out / "reports/naf_uci-smoke/results.json").read_text())
         assert [r["dim"] for r in rows] == [6, 8, 21, 43, 63]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +89,7 @@ def fit_density(
     patience: int | None = None,
     max_nan_skips: int = 50,
     seed: int = 0,
+    callback: Callable[[int, nn.Module], None] | None = None,
 ) -> DensityFit:
     """Fit ``model`` (anything with ``log_prob(x) -> [N]``, e.g. a FlowModel) by maximum likelihood.
 
@@ -104,6 +105,8 @@ def fit_density(
         patience: Stop after this many validations without improvement (``None``: never).
         max_nan_skips: Consecutive non-finite steps tolerated before raising.
         seed: Seed of the batch order.
+        callback: Called as ``callback(step, ema_model)`` after every validation (e.g. to
+            record a reverse KL against a known target).
     """
     if len(train_points) < batch_size:
         raise ValueError(f"need at least batch_size={batch_size} training points")
@@ -154,6 +157,8 @@ def fit_density(
                         {"step": step, "train_nll": running.means()["nll"], "val_ll": val_ll}
                     )
                     running = RunningMeans()
+                    if callback is not None:
+                        callback(step, ema.module)
                     model.train()
                     if val_ll > best_ll:
                         best_ll, stale, fit.best_step = val_ll, 0, step

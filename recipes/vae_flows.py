@@ -140,7 +140,10 @@ lines = [
     f"- Settings (every posterior): {CONFIG}.",
     f"- −ELBO: every test image, one draw; −log p(x): importance sampling with S = {SAMPLES:,} "
     f"draws per image on the first {NLL_IMAGES:,} test images (−ELBO on those same images "
-    "beside it). Nats, mean ± std over seeds.",
+    "beside it). Nats, mean ± std over seeds. The paper's column (MNIST rows only) is a "
+    "reference, not a target: its MNIST is the standard binarized set with larger models "
+    "trained far longer; this one is the 10,000-image npz split 7,000 / 1,000 / 2,000 with a "
+    "seeded binarization.",
     "",
     "| data | posterior | params | −ELBO | −log p(x) (S draws) | −ELBO, same images | "
     "train min | paper (MNIST) −ELBO / −log p(x) |",
@@ -153,7 +156,9 @@ for label in datasets:
         es, es_sd = stat(label, row_name, "neg_elbo_on_nll_images")
         t, _ = stat(label, row_name, "train_s")
         params = next(r["num_parameters"] for r in rows if r["posterior"] == row_name)
-        paper = "{:.2f} / {:.2f}".format(*PAPER[row_name])
+        # The paper's numbers are MNIST's (standard binarized set, larger models, longer
+        # training): shown on the MNIST rows only, as a reference, not a target.
+        paper = "{:.2f} / {:.2f}".format(*PAPER[row_name]) if label == "mnist" else "–"
         lines.append(
             f"| {label} | {row_name} | {params:,} | {e:.2f} ± {e_sd:.2f} | "
             f"{n:.2f} ± {n_sd:.2f} | {es:.2f} ± {es_sd:.2f} | {t / 60:.1f} | {paper} |"

@@ -109,7 +109,10 @@ class VariationalFlow(nn.Module):
         return standard_normal_log_prob(z) + logdet
 
     @torch.no_grad()
-    def sample(self, n: int, context: Tensor | None = None, generator=None) -> Tensor:
+    def sample(
+        self, n: int, context: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """``n`` draws of ``q`` (no gradient)."""
         return self.rsample_and_log_prob(n, context, generator)[0]
 
 

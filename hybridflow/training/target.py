@@ -77,7 +77,7 @@ def mode_coverage(x: Tensor, modes: Tensor, min_share: float | None = None) -> d
     """
     k = modes.shape[0]
     share = 1.0 / (4 * k) if min_share is None else min_share
-    nearest = torch.cdist(x.double(), modes.double()).argmin(dim=1)
+    nearest = torch.cdist(x.double(), modes.to(x).double()).argmin(dim=1)
     counts = torch.bincount(nearest, minlength=k).double() / x.shape[0]
     covered = int((counts >= share).sum())
     return {"modes_covered": covered, "modes": k, "mode_shares": counts.tolist()}
@@ -168,6 +168,12 @@ def fit_target(
         callback: Called as ``callback(step, ema_flow)`` after every evaluation (e.g. to
             record a forward KL on samples of ``p``).
     """
+    if steps < 1 or batch_size < 1 or eval_every < 1 or eval_samples < 1 or anneal_steps < 0:
+        raise ValueError(
+            "fit_target needs steps, batch_size, eval_every and eval_samples >= 1 and "
+            f"anneal_steps >= 0; got {steps}, {batch_size}, {eval_every}, {eval_samples}, "
+            f"{anneal_steps}"
+        )
     target_log_p = log_p.log_prob if isinstance(log_p, Target) else log_p
     if isinstance(log_p, Target):
         log_normalizer = log_p.log_normalizer if log_normalizer is None else log_normalizer

@@ -97,8 +97,15 @@ class VAEConfig:
         for key in self._POSITIVE:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+        for key in ("kl_warmup_steps", "warmup_steps", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if self.eval_every < 1 or self.checkpoint_every_s < 0:
+            raise ConfigError("eval_every must be >= 1 and checkpoint_every_s >= 0")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(
                 f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}"
@@ -186,11 +193,13 @@ def _data(cfg: VAEConfig, split: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _neg_elbo(model: FlowVAE, images: torch.Tensor, batch: int = 500, samples: int = 1) -> float:
+def _neg_elbo(
+    model: FlowVAE, images: torch.Tensor, batch: int = 500, samples: int = 1, seed: int = 0
+) -> float:
     """Mean −ELBO over ``images``; its draws come from a stream of their own (a validation leaves
     the training stream where it was, so a resumed run draws the same as an uninterrupted one)."""
     with torch.random.fork_rng():
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         return _mean_neg_elbo(model, images, batch, samples)
 
 
@@ -204,7 +213,8 @@ def _mean_neg_elbo(model: FlowVAE, images: torch.Tensor, batch: int, samples: in
 
 
 def train_vae(config: VAEConfig | Mapping[str, Any] | None = None, **overrides: Any) -> Path:
-    """Train (or resume) a VAE run; return its folder. Ctrl-C saves a checkpoint first."""
+    """Train (or resume) a VAE run on the CPU; return its folder. Ctrl-C or SIGTERM saves a
+    checkpoint at the next step boundary first."""
     cfg = config if isinstance(config, VAEConfig) else VAEConfig.from_overrides(overrides, config)
     if isinstance(config, VAEConfig) and overrides:
         cfg = VAEConfig.from_overrides(overrides, cfg.to_dict())
@@ -256,7 +266,7 @@ def train_vae(config: VAEConfig | Mapping[str, Any] | None = None, **overrides: 
         scheduler.load_state_dict(saved["scheduler"])
         step, elapsed_before = int(saved["step"]), float(saved["elapsed_s"])
         validated_step = int(saved["validated_step"])
-        guard.skipped = int(saved["nan_skips"])
+        guard.load_state_dict(saved["guard"])
         running.load_state_dict(saved["running"], torch.device("cpu"))
         set_rng_state({"cpu": saved["rng"]}, torch.device("cpu"))
         log.rewind(step, keep_val_at_step=validated_step == step)
@@ -277,7 +287,7 @@ def train_vae(config: VAEConfig | Mapping[str, Any] | None = None, **overrides: 
                 "scheduler": scheduler.state_dict(),
                 "step": step,
                 "validated_step": validated_step,
-                "nan_skips": guard.skipped,
+                "guard": guard.state_dict(),
                 "running": running.state_dict(),
                 "rng": boundary_rng,
                 "elapsed_s": elapsed(),
@@ -374,20 +384,22 @@ def evaluate_vae(
 ) -> dict[str, Any]:
     """Test −ELBO (every image, 1 draw each) and −log p(x) by importance sampling with
     ``samples`` draws per image on the first ``nll_images`` test images (``None``: all);
-    written to ``RUN/eval_test.json``."""
+    written to ``RUN/eval_test.json``. ``seed`` fixes the draws; the global stream is left as
+    it was. Runs on the CPU (as :func:`train_vae`)."""
     model, cfg = load_vae_run(run_dir)
     test_x = _data(cfg, "test")
-    torch.manual_seed(seed)
-    neg_elbo = _neg_elbo(model, test_x)
+    neg_elbo = _neg_elbo(model, test_x, seed=seed)
     subset = test_x if nll_images is None else test_x[:nll_images]
     chunk = max(1, min(samples, 20_000 // max(1, len(subset[:50]))))
-    nll = torch.cat(
-        [
-            -model.log_likelihood(subset[i : i + 50], samples, chunk)
-            for i in range(0, len(subset), 50)
-        ]
-    )
-    neg_elbo_subset = _neg_elbo(model, subset)
+    with torch.random.fork_rng():  # the caller's stream stays where it was
+        torch.manual_seed(seed + 1)
+        nll = torch.cat(
+            [
+                -model.log_likelihood(subset[i : i + 50], samples, chunk)
+                for i in range(0, len(subset), 50)
+            ]
+        )
+    neg_elbo_subset = _neg_elbo(model, subset, seed=seed)
     result = {
         "dataset": cfg.dataset,
         "posterior": cfg.posterior,

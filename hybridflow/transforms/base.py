@@ -59,7 +59,12 @@ class InvertibleModule(nn.Module):
         The sampling direction with its log-det is what reverse-KL fitting of a flow needs
         (``log q(x) = log N(z) − log|det ∂x/∂z|``; Rezende & Mohamed 2015). The default inverts
         and evaluates :meth:`forward`'s log-det at the result (one more pass, sequential for an
-        IAF); layers whose inverse yields its log-det directly override it.
+        IAF); layers whose inverse yields its log-det directly override it. Call it after
+        data-dependent initialisation (ActNorm): before, the inverse would run with the
+        identity parameters and the forward pass would then initialise the layer.
+
+        Returns:
+            ``x`` and ``log|det ∂x/∂z|`` of shape ``[N]``.
         """
         x = self.inverse(z, context)
         _, logdet = self.forward(x, context)

@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -327,8 +328,8 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
     return 0
 
 
-def _convergence_text(stop: dict | None) -> str:
-    """``converged (plateau, -0.12% last quarter, 4,200 steps)``, or why it cannot say."""
+def _convergence_text(stop: dict[str, Any] | None) -> str:
+    """``converged (plateau, 0.12% last quarter, 4,200 steps)``, or why it cannot say."""
     if not stop:
         return "not recorded (trained before runs recorded convergence)"
     parts = [stop["reason"].replace("_", " ")]

@@ -48,8 +48,12 @@ def test_last_quarter_improvement_by_hand() -> None:
     assert last_quarter_improvement([(300, 1.0)] * 4, 200) is None  # none before 0.75 · step
     worse = [(100, 3.0), (200, 2.0), (300, 2.5), (400, 2.6)]
     assert last_quarter_improvement(worse, 400) == 0.0  # overfitting is no improvement
-    with_nan = [(100, 3.0), (200, float("nan")), (300, 3.0), (400, 2.0)]
-    assert last_quarter_improvement(with_nan, 400) == pytest.approx(1 / 3)
+    with_nan = [(100, 3.0), (200, float("nan")), (300, 3.0), (400, 2.0), (500, 2.0)]
+    assert last_quarter_improvement(with_nan, 500) == pytest.approx(1 / 3)
+    assert last_quarter_improvement(with_nan[:4], 400) is None  # 3 finite validations
+    diverged = [(100, 3.0), (200, 2.0), (300, float("nan")), (400, float("nan"))]
+    assert last_quarter_improvement([*history, (500, float("nan"))], 500) is None
+    assert last_quarter_improvement(diverged, 400) is None  # not "converged"
     assert convergence_status(0.001, 0.005) == "converged"
     assert convergence_status(0.02, None) == "budget-limited"
     assert convergence_status(None, 0.01) == "unknown"
@@ -63,6 +67,8 @@ def test_plateau_rule_needs_validations() -> None:
         train({**SHARED, **PLATEAU, "eval_every": 0})
     with pytest.raises(ConfigError, match="budget_minutes"):
         train({**SHARED, "budget_minutes": 0})
+    with pytest.raises(ConfigError, match="stop_rel_improvement"):
+        train({**SHARED, "stop_rel_improvement": 0})  # the rule could never fire
     with pytest.raises(ConfigError, match="did you mean 'epochs'"):
         train({**SHARED, "max_epochs": 3})
 
@@ -92,10 +98,30 @@ def test_budget_stops_a_run_and_validates_where_it_stopped(tmp_path: Path, one_t
     assert stop["elapsed_s"] >= 60 * BUDGET["budget_minutes"]
 
 
-def test_a_run_that_finishes_its_epochs_records_it(tmp_path: Path, one_thread) -> None:
+def test_a_run_killed_after_its_budget_stops_where_it_did(tmp_path: Path, one_thread) -> None:
+    from hybridflow.runs import save_checkpoint
+
+    cfg = {**SHARED, **BUDGET, "out_dir": str(tmp_path), "name": "budget"}
+    run = train(cfg)
+    stop = load_checkpoint(run / MODEL_FILE)["stopped"]
+    # A kill after the budget fired, before the stop was saved: the resume point has no record.
+    saved = load_checkpoint(run / "checkpoint.pt")
+    save_checkpoint({**saved, "stopped": None}, run / "checkpoint.pt")
+    (run / MODEL_FILE).unlink()
+    train(cfg)
+    again = load_checkpoint(run / MODEL_FILE)["stopped"]
+    assert again["reason"] == "budget_minutes" and again["step"] == stop["step"] == 2
+
+
+def test_a_finished_run_trains_on_with_a_longer_schedule(tmp_path: Path, one_thread) -> None:
     run = train({**SHARED, "epochs": 1, "out_dir": str(tmp_path), "name": "short"})
     stop = load_checkpoint(run / MODEL_FILE)["stopped"]
     assert stop["reason"] == "max_epochs" and stop["improvement"] is None
+    (run / MODEL_FILE).unlink()  # a longer run in the same folder: the user's --epochs=2
+    (run / "config.json").unlink()
+    train({**SHARED, "epochs": 2, "out_dir": str(tmp_path), "name": "short"})
+    longer = load_checkpoint(run / MODEL_FILE)["stopped"]
+    assert longer["reason"] == "max_epochs" and longer["step"] == 2 * stop["step"]
 
 
 def test_sweep_report_marks_plateau_and_budget_cells(tmp_path: Path) -> None:
@@ -142,17 +168,20 @@ def _write_curve(run_dir: Path, rows: list[tuple[int, float, float, float]]) -> 
 
 
 def test_equal_time_table_reads_logged_times(tmp_path: Path) -> None:
-    fast, slow = tmp_path / "fast", tmp_path / "slow"
+    fast, fast2, slow = tmp_path / "fast", tmp_path / "fast2", tmp_path / "slow"
     _write_curve(fast, [(100, 10.0, 3.0, 0.80), (200, 20.0, 2.5, 0.85), (300, 30.0, 2.4, 0.86)])
+    _write_curve(fast2, [(100, 12.0, 3.2, 0.78), (200, 24.0, 2.7, 0.83), (300, 36.0, 2.6, 0.84)])
     _write_curve(slow, [(100, 25.0, 2.8, 0.82), (200, 50.0, 2.2, 0.90), (300, 75.0, 2.1, 0.91)])
     cells = [
-        CellResult("a", "1/D", (), seeds=[0], runs=[{}], run_dirs=[fast], stops=[None]),
+        CellResult("a", "1/D", (), seeds=[0, 1], runs=[{}, {}], run_dirs=[fast, fast2],
+                   stops=[None, None]),
         CellResult("b", "1/D", (), seeds=[0], runs=[{}], run_dirs=[slow], stops=[None]),
-    ]
+    ]  # fmt: skip
     table, times = equal_time_table(cells)
-    assert times == {"1/D": 30.0}  # the shorter cell's training time
-    assert table.rows[0][2:] == ["30.0", "86.00", "2.400", "300"]
-    assert table.rows[1][2:] == ["30.0", "82.00", "2.800", "100"]  # slow: its row at 25 s
+    assert times == {"1/D": 33.0}  # the shorter cell's training time: median of 30 and 36 s
+    # a: seed 0 at its 30 s row, seed 1 at its 24 s row, averaged; b: its row at 25 s
+    assert table.rows[0][2:] == ["33.0", "84.50", "2.550", "300, 200"]
+    assert table.rows[1][2:] == ["33.0", "82.00", "2.800", "100"]
     assert equal_time_table(cells[:1]) is None  # one backbone: nothing to compare
 
 
@@ -196,6 +225,9 @@ def test_floors_read_the_best_or_every_cell() -> None:
     assert claim["convergence"] == "not converged: residual λ=1 (1 of 1 seeds)"
     nothing = Floor("none", stat("accuracy"), 0.5, cells=lambda r: r.lam == "2")
     assert nothing.evaluate(cells) is None
+    failed = CellResult("coupling+1x1", "1", (), failed=[(0, "crashed")])
+    claim = every.evaluate([*cells[2:3], failed])  # the passing cell and one without a value
+    assert not claim["reproduced"] and claim["detail"].endswith("no value: coupling+1x1 λ=1")
     check = floor_check("Floors", "intro", [best, every])
     assert [c["reproduced"] for c in check.evaluate(cells)] == [True, False]
     assert check.verdicts == ("met", "missed")

@@ -64,7 +64,8 @@ def evaluate_cell(
     if path.exists():
         cached = json.loads(path.read_text())
         if cached.get("settings") == settings:
-            return cached | {"stopped": cached.get("stopped", _stop_record(run_dir))}
+            stopped = cached["stopped"] if "stopped" in cached else _stop_record(run_dir)
+            return cached | {"stopped": stopped}
     # Residual flows estimate log-dets with random probes from the global generator: seed it so
     # that a cell evaluates to the same numbers whether it was just trained or reused.
     torch.manual_seed(0)

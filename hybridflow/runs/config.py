@@ -196,7 +196,7 @@ KEY_RANGES: dict[str, str] = {
     "logit_alpha": "[0, 0.5)",
     "epochs": "[1, inf)",
     "max_steps": "[1, inf)",
-    "stop_rel_improvement": "[0, inf)",
+    "stop_rel_improvement": "(0, inf)",
     "budget_minutes": "(0, inf)",
     "batch_size": "[1, inf)",
     "accum_steps": "[1, inf)",

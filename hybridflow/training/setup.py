@@ -58,7 +58,7 @@ from .loop import (
 )
 from .monitor import TensorBoardLog, open_tensorboard
 from .semisupervised import keep_labels
-from .stopping import StopRecord
+from .stopping import StopRecord, still_stopped
 
 __all__ = ["TrainData", "TrainState", "log_row", "setup"]
 
@@ -255,7 +255,10 @@ def setup(cfg: Mapping[str, Any], dist: Distributed | None = None) -> TrainState
     )
     ckpt_path = run_dir / CHECKPOINT_FILE
     saved = load_checkpoint(ckpt_path, device) if cfg["resume"] and ckpt_path.exists() else None
-    done = saved is not None and (int(saved["step"]) >= total_steps or saved.get("stopped"))
+    stopped = saved.get("stopped") if saved is not None else None
+    if stopped and not still_stopped(stopped, cfg, total_steps):
+        stopped = None  # resumed with a longer schedule or budget: it trains on
+    done = saved is not None and (int(saved["step"]) >= total_steps or stopped is not None)
     if done and (run_dir / MODEL_FILE).exists():
         return None  # already finished: keep its model.pt (and its recorded train time)
 
@@ -341,8 +344,9 @@ def _restore(state: TrainState, saved: Mapping[str, Any]) -> None:
         state.running.load_state_dict(saved["running"], state.device)
     state.elapsed_before = float(saved.get("elapsed_s", 0.0))
     state.val_history = [(int(s), float(v)) for s, v in saved.get("val_history", [])]
-    if saved.get("stopped"):
-        state.stopped = StopRecord.from_dict(saved["stopped"])
+    record = saved.get("stopped")
+    if record and still_stopped(record, state.cfg, state.total_steps):
+        state.stopped = StopRecord.from_dict(record)
     rng = {"cpu": saved["rng"]} | ({"cuda": saved["cuda_rng"]} if "cuda_rng" in saved else {})
     per_rank = saved.get("rng_ranks")
     if state.dist.enabled and per_rank is not None and len(per_rank) == state.dist.world_size:

@@ -17,6 +17,7 @@ it stopped, and *budget-limited* otherwise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "over_budget",
     "plateau_reached",
     "record_stop",
+    "still_stopped",
 ]
 
 #: Validations needed before the plateau rule may fire (a quarter of fewer is no window).
@@ -54,16 +56,16 @@ def last_quarter_improvement(history: Sequence[tuple[int, float]], step: int) ->
     """Relative improvement of the best (lowest) value over the last quarter of ``step`` steps.
 
     Args:
-        history: ``(step, value)`` of every validation so far, lower is better; non-finite values
-            count as no improvement.
+        history: ``(step, value)`` of every validation so far, lower is better.
         step: The current step.
 
     Returns:
-        ``None`` while fewer than :data:`MIN_VALIDATIONS` validations exist or none lies at or
-        before ``0.75 · step``.
+        ``None`` while fewer than :data:`MIN_VALIDATIONS` finite validations exist, none lies at
+        or before ``0.75 · step``, or the latest value is not finite (a diverged run has not
+        converged, whatever its best value was).
     """
-    finite = [(s, v) for s, v in history if v == v and abs(v) != float("inf")]
-    if len(history) < MIN_VALIDATIONS:
+    finite = [(s, v) for s, v in history if math.isfinite(v)]
+    if len(finite) < MIN_VALIDATIONS or not math.isfinite(history[-1][1]):
         return None
     cut = 0.75 * step
     before = [v for s, v in finite if s <= cut]
@@ -117,6 +119,7 @@ class StopRecord:
         history: Sequence[tuple[int, float]],
         threshold: float | None,
     ) -> StopRecord:
+        """The record of a stop at ``step``: the improvement and status from ``history``."""
         if reason not in STOP_REASONS:
             raise ValueError(f"unknown stop reason {reason!r}; expected one of {STOP_REASONS}")
         improvement = last_quarter_improvement(history, step)
@@ -124,21 +127,41 @@ class StopRecord:
         return cls(reason, step, elapsed_s, metric, improvement, threshold, status)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain types, for checkpoints and JSON."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StopRecord:
+        """The record :meth:`to_dict` wrote."""
         return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+def still_stopped(record: Mapping[str, Any], cfg: Mapping[str, Any], total_steps: int) -> bool:
+    """Whether a run that stopped as ``record`` says stays stopped under ``cfg`` (resumed with a
+    longer schedule, a larger budget or the plateau rule off, it trains on)."""
+    reason = record["reason"]
+    if reason == "plateau":
+        threshold = cfg["stop_rel_improvement"]
+        return (
+            threshold is not None
+            and record["improvement"] is not None
+            and (record["improvement"] < threshold)
+        )
+    if reason == "budget_minutes":
+        budget = cfg["budget_minutes"]
+        return budget is not None and record["elapsed_s"] >= 60.0 * budget
+    return record["step"] >= total_steps
 
 
 # The three below take the trainer's ``TrainState`` (:mod:`.setup`), which imports this module.
 
 
-def over_budget(state: Any) -> bool:
-    """Whether the run's ``budget_minutes`` are spent, checked at logged steps only; under data
-    parallelism rank 0's clock decides for every rank (they must stop at the same step)."""
+def over_budget(state: Any, any_step: bool = False) -> bool:
+    """Whether the run's ``budget_minutes`` are spent, checked at logged steps only (or at any
+    step: where a resumed run starts); under data parallelism rank 0's clock decides for every
+    rank (they must stop at the same step)."""
     budget = state.cfg["budget_minutes"]
-    if budget is None or state.step % state.cfg["log_every"]:
+    if budget is None or (state.step % state.cfg["log_every"] and not any_step):
         return False
     return bool(state.dist.broadcast_object(state.elapsed >= 60.0 * budget))
 

@@ -455,7 +455,14 @@ def finalize(state: TrainState) -> Path:
 # --------------------------------------------------------------------------- the loop
 
 
+def _validate_at_stop(state: TrainState) -> None:
+    """A stop between validations validates where it stopped (the curve ends there)."""
+    if state.evaluated_step != state.step:
+        _validate_here(state)
+
+
 def _validate_here(state: TrainState) -> None:
+    """Validate now, with a resume point saved first."""
     if state.unsaved:  # validation changes the state: keep a resume point before it
         save_training_checkpoint(state)
     validate(state)
@@ -464,6 +471,10 @@ def _validate_here(state: TrainState) -> None:
 def _run(state: TrainState, interrupts: DeferredInterrupts, progress: tqdm) -> None:
     """Train until the schedule ends, the plateau rule fires or the budget is spent
     (:mod:`.stopping`); ``state.stopped`` says which."""
+    # A run resumed past its budget (killed after the budget fired, before the stop was saved).
+    if state.step and over_budget(state, any_step=True):
+        _validate_at_stop(state)
+        record_stop(state, "budget_minutes")
     while state.stopped is None:
         if _validation_due(state):
             _validate_here(state)
@@ -474,8 +485,7 @@ def _run(state: TrainState, interrupts: DeferredInterrupts, progress: tqdm) -> N
             record_stop(state, "max_steps" if state.cfg["max_steps"] else "max_epochs")
             return
         if train_one_epoch(state, interrupts, progress):
-            if state.evaluated_step != state.step:  # the curve ends where training did
-                _validate_here(state)
+            _validate_at_stop(state)
             record_stop(state, "budget_minutes")
 
 

@@ -49,7 +49,8 @@ SEED_TABLE = {
 
 def convergence_note(cells: Sequence[CellResult]) -> str:
     """Whether the runs behind a claim finished learning: ``"all converged"``, the cells that did
-    not (``"budget-limited: residual λ=1 (2 of 2 seeds)"``), or ``"not recorded"``."""
+    not (``"not converged: residual λ=1 (2 of 2 seeds)"``; seeds too short to tell count as not
+    converged, failed seeds are named), or ``"not recorded"``."""
     statuses = [(r, [(s or {}).get("status", "unknown") for s in r.stops]) for r in cells]
     if not any(r.stops for r in cells) or all(st == "unknown" for _, sts in statuses for st in sts):
         return "not recorded"
@@ -58,7 +59,9 @@ def convergence_note(cells: Sequence[CellResult]) -> str:
         for r, sts in statuses
         if (n := sum(st != "converged" for st in sts))
     ]
-    return "all converged" if not limited else "not converged: " + "; ".join(limited)
+    failed = [f"{r.backbone} λ={r.lam} ({len(r.failed)} failed)" for r in cells if r.failed]
+    parts = (["not converged: " + "; ".join(limited)] if limited else []) + failed
+    return "; ".join(parts) if parts else "all converged"
 
 
 def _family(backbone: str) -> str | None:
@@ -198,19 +201,31 @@ class Floor:
     digits: int = 3
 
     def evaluate(self, results: Sequence[CellResult]) -> dict[str, Any] | None:
-        values = [(r, self.value(r)) for r in results if r.runs and self.cells(r)]
+        """The claim dict of a :class:`ReproductionCheck`; ``None`` when no cell is selected.
+        With ``every``, a selected cell without a finite value (failed, or lacking the metric)
+        misses the floor and is named."""
+        selected = [r for r in results if self.cells(r)]
+        values = [(r, self.value(r) if r.runs else None) for r in selected]
         picked = [(r, v) for r, v in values if v is not None and math.isfinite(v)]
-        if not picked:
+        missing = [r for r, v in values if v is None or not math.isfinite(v)]
+        if not picked and not (self.every and missing):
             return None
         passes = [(v >= self.bound) if self.higher else (v <= self.bound) for _, v in picked]
-        best = (max if self.higher else min)(picked, key=lambda rv: rv[1])
-        shown = picked if self.every else [best]
+        shown = picked
+        if not self.every:
+            shown = [(max if self.higher else min)(picked, key=lambda rv: rv[1])]
         detail = ", ".join(
             f"{r.backbone} λ={r.lam} {self.scale * v:.{self.digits}f}" for r, v in shown
         )
+        if self.every and missing:
+            detail += (
+                ("; " if detail else "")
+                + "no value: "
+                + ", ".join(f"{r.backbone} λ={r.lam}" for r in missing)
+            )
         return {
             "claim": self.claim,
-            "reproduced": all(passes) if self.every else any(passes),
+            "reproduced": (all(passes) and not missing) if self.every else any(passes),
             "within_noise": None,
             "detail": detail,
             "paper": ("≥ " if self.higher else "≤ ") + f"{self.scale * self.bound:g}",

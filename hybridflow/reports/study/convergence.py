@@ -123,7 +123,8 @@ def equal_time_table(results: Sequence[CellResult]) -> tuple[Table, dict[str, fl
                 continue
 
             steps = ", ".join(f"{int(p['step']):,}" for p in points)
-            acc, bpd = _mean(points, "accuracy", 100, 2), _mean(points, "bpd", 1, 3)
+            acc = _mean(points, "accuracy", 100, 2)
+            bpd = _mean(points, "bpd", 1, 3) if lam != "0" else "–"  # untrained density
             rows.append([r.backbone, lam, _seconds(limit), acc, bpd, steps])
     if not rows:
         return None

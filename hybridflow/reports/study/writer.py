@@ -241,7 +241,7 @@ def _section_checks(doc: _Doc, checked: Sequence[tuple[ReproductionCheck, list]]
                 rows[-1].insert(3, c.get("convergence", "–"))
         header = ["claim", "here", "numbers here (mean ± std)", check.paper_column]
         if with_convergence:
-            header.insert(3, "cells involved")
+            header.insert(3, "convergence of its cells")
         doc.table(_Table(header, rows, text=True))
 
 
@@ -275,9 +275,11 @@ def _section_convergence(doc: _Doc, study: _Study) -> None:
     if equal is not None:
         table, _ = equal
         doc.para(
-            "At equal training time (validation split): per λ, every backbone's runs at the "
-            "shortest cell's training time (median over its seeds), each at its last validation "
-            "by then, mean over seeds. What a user with that budget chooses between."
+            "At equal training time (validation split; times include validation and "
+            "checkpoints, as the runs log them): per λ, every backbone's runs at the shortest "
+            "cell's training time (median over its seeds), each at its last validation by then, "
+            "mean over seeds. What a user with that budget chooses between. λ = 0 leaves the "
+            "density untrained: no bits/dim there."
         )
         doc.table(table)
     path = study.drawn_dir / "convergence.png"

@@ -36,7 +36,11 @@ CONFIG = {  # the same encoder and decoder for every posterior
     "width": 32,
     "made_hidden": (320, 320),
     "num_units": 16,
-    "epochs": 10,
+    # The same number of steps on every data set (4,000 batches of 100: 7.4 epochs of
+    # Fashion-MNIST, 57 of the 7,000 MNIST training images); measured on a shared 2-core Xeon,
+    # 0.10-0.12 s per step on one thread while two other processes ran.
+    "max_steps": 4000,
+    "epochs": 1000,
     "batch_size": 100,
     "lr": 1e-3,
     "warmup_steps": 500,

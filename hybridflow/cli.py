@@ -185,6 +185,17 @@ def _cmd_sample(argv: Sequence[str]) -> int:
         parser.add_argument("--temperatures", default="0.5,0.7,0.85,1.0")
         parser.add_argument("-n", type=int, default=64, help="samples per temperature")
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument(
+            "--fid", action="store_true", help="Fréchet distance of samples to the test split"
+        )
+        parser.add_argument("--fid-samples", type=int, default=2000, help="samples per temperature")
+        parser.add_argument(
+            "--fid-features",
+            default="classifier",
+            choices=["classifier", "inception"],
+            help="shipped per-dataset CNN (offline) or Inception-v3 (needs --fid-weights)",
+        )
+        parser.add_argument("--fid-weights", help="torchvision inception_v3 state_dict file")
 
     def run(run_dir: Path, args: argparse.Namespace) -> dict:
         temperatures = [float(t) for t in args.temperatures.split(",")]
@@ -195,6 +206,9 @@ def _cmd_sample(argv: Sequence[str]) -> int:
             seed=args.seed,
             data_root=args.data_root,
             device=args.device,
+            fid_samples=args.fid_samples if args.fid else 0,
+            fid_features=args.fid_features,
+            fid_weights=args.fid_weights,
         )
 
     description = (

@@ -4,7 +4,8 @@ hybridflow's offline Fréchet distance (hybridflow.evaluation.fid, kind "classif
 128-d penultimate features of a CNN trained to classify the dataset's own training split
 (the role Inception-v3 plays for ImageNet-like images). This trains one for scikit-learn digits
 and one for Fashion-MNIST, seed 0, and writes hybridflow/weights/fid/<dataset>.pt with
-index.json (SHA-256, test accuracy, this command). About 3 minutes on one CPU core.
+index.json (SHA-256, test accuracy, this command). Measured: digits 24 s (97.22% test
+accuracy), Fashion-MNIST 753 s (89.56%), one thread of a 2-core Xeon shared with a training job.
 
     python recipes/train_fid_features.py [--datasets digits,fashion-mnist]
 """

@@ -15,6 +15,7 @@ from .calibration import (
     reliability_bins,
 )
 from .evaluate import Predictions, evaluate_predictions, ood_scores, ood_table, predict
+from .fid import FID_FEATURES, fid_feature_network, frechet_distance
 from .metrics import (
     OOD_METRIC_DESCRIPTIONS,
     accuracy,
@@ -43,6 +44,7 @@ from .samples import DEFAULT_TEMPERATURES, reconstruct, sample_at_temperatures, 
 
 __all__ = [
     "DEFAULT_TEMPERATURES",
+    "FID_FEATURES",
     "OOD_METRIC_DESCRIPTIONS",
     "OOD_SCORE_DESCRIPTIONS",
     "FisherCombination",
@@ -63,7 +65,9 @@ __all__ = [
     "energy_score",
     "evaluate_predictions",
     "expected_calibration_error",
+    "fid_feature_network",
     "fit_temperature",
+    "frechet_distance",
     "likelihood_ratio_score",
     "max_softmax_score",
     "maximum_calibration_error",

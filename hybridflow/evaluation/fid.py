@@ -92,13 +92,14 @@ class InceptionFeatures(nn.Module):
                 "inception_v3(weights='IMAGENET1K_V1').state_dict(), 'inception_v3.pt')\"` "
                 "and pass that file"
             )
-        self.net = inception_v3(weights=None, aux_logits=True, init_weights=False)
+        self.net = inception_v3(weights=None, aux_logits=True, init_weights=False).float()
         self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         self.net.fc = nn.Identity()
         self.net.eval()
         self.num_levels = num_levels
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        stats = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        self.register_buffer("mean", torch.tensor(stats[0], dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(stats[1], dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, levels: Tensor) -> Tensor:
         x = levels.float() / (self.num_levels - 1)
@@ -151,7 +152,7 @@ def fid_feature_network(
         if _sha256(path) != index[dataset]["sha256"]:
             raise CheckpointError(f"{path}: SHA-256 differs from {FID_WEIGHTS_DIR}/index.json")
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    net = ClassifierFeatures(**saved["config"])
+    net = ClassifierFeatures(**saved["config"]).float()  # float32, whatever the default dtype
     net.load_state_dict(saved["model"])
     if saved["config"]["num_levels"] != num_levels:
         raise ValueError(

@@ -125,12 +125,18 @@ def sample_run(
     seed: int = 0,
     data_root: str | None = None,
     device: str | torch.device = "cpu",
+    fid_samples: int = 0,
+    fid_features: str = "classifier",
+    fid_weights: str | None = None,
 ) -> dict[str, Any]:
     """Sample grids at several temperatures and test-image reconstructions.
 
     Writes ``samples/samples_T<T>.png`` per temperature, ``samples/reconstructions.png`` (input
     rows above their reconstructions) and ``samples/samples.json`` (the bits/dim the model gives
-    its own samples at each temperature, and reconstruction errors).
+    its own samples at each temperature, and reconstruction errors). With ``fid_samples > 0``
+    also the Fréchet distance of that many samples per temperature to the test split
+    (:mod:`hybridflow.evaluation.fid`; ``fid_features`` ``"classifier"`` or ``"inception"`` with
+    ``fid_weights``), labelled by its feature network, and the best temperature.
     """
     run_dir = Path(run_dir)
     model, cfg = load_run(run_dir, device=device)
@@ -159,8 +165,46 @@ def sample_run(
     pairs = torch.cat([torch.stack([a, b]) for a, b in chunks])
     save_image_grid(pairs.flatten(0, 1), out_dir / "reconstructions.png", levels, nrow=rows)
     result["reconstruction"] = {"n": len(x), **stats}
+    if fid_samples:
+        result["fid"] = _fid_by_temperature(
+            flow, images, temperatures, fid_samples, seed, cfg["dataset"], fid_features, fid_weights
+        )
     (out_dir / "samples.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _fid_by_temperature(
+    flow: Any,
+    real: torch.Tensor,
+    temperatures: Sequence[float],
+    n: int,
+    seed: int,
+    dataset: str,
+    kind: str,
+    weights: str | None,
+) -> dict[str, Any]:
+    """Fréchet distance of ``n`` samples per temperature to ``real`` (the test split)."""
+    from ..evaluation.fid import fid_feature_network, frechet_distance
+
+    features, label = fid_feature_network(kind, dataset, flow.num_levels, weights)
+    by_t = {}
+    for t in temperatures:
+        draws = [
+            flow.sample(min(500, n - i), t, torch.Generator().manual_seed(seed * 7919 + i))
+            for i in range(0, n, 500)
+        ]
+        fake = torch.cat(draws).clamp(0, flow.num_levels - 1).round().cpu()
+        by_t[f"{t:g}"] = frechet_distance(real, fake, features)
+    best = min(by_t, key=by_t.get)
+    return {
+        "label": label,
+        "features": kind,
+        "samples": n,
+        "real": len(real),
+        "by_temperature": by_t,
+        "best_temperature": float(best),
+        "best": by_t[best],
+    }
 
 
 def _explained(

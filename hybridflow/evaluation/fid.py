@@ -129,11 +129,9 @@ def fid_feature_network(
             file other than the shipped one.
 
     Raises:
-        ValueError: Unknown kind, or no shipped classifier for ``dataset``.
-        CheckpointError: A shipped file whose checksum differs from its index.
+        ValueError: Unknown kind, no shipped classifier for ``dataset``, or a shipped file whose
+            checksum differs from its index.
     """
-    from ..runs import CheckpointError
-
     if kind not in FID_FEATURES:
         raise ValueError(f"FID features must be one of {FID_FEATURES}, got {kind!r}")
     if kind == "inception":
@@ -150,7 +148,7 @@ def fid_feature_network(
                 "train one with recipes/train_fid_features.py or use kind='inception'"
             )
         if _sha256(path) != index[dataset]["sha256"]:
-            raise CheckpointError(f"{path}: SHA-256 differs from {FID_WEIGHTS_DIR}/index.json")
+            raise ValueError(f"{path}: SHA-256 differs from {FID_WEIGHTS_DIR}/index.json")
     saved = torch.load(path, map_location="cpu", weights_only=True)
     net = ClassifierFeatures(**saved["config"]).float()  # float32, whatever the default dtype
     net.load_state_dict(saved["model"])

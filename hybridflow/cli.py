@@ -291,6 +291,9 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
     parser.add_argument("--dequant-samples", type=int, default=1)
     parser.add_argument("--iw-samples", type=int, default=0)
     parser.add_argument("--n-samples", type=int, default=64, help="samples per cell (0: none)")
+    parser.add_argument(
+        "--fid-samples", type=int, default=0, help="samples per cell for the Fréchet distance"
+    )
     flags = {a for action in parser._actions for a in action.option_strings}
     own, rest = _split_known(argv, flags)
     args = parser.parse_args(own)
@@ -329,6 +332,7 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
             workers=args.workers,
             threads=args.threads,
             n_samples=args.n_samples,
+            fid_samples=args.fid_samples,
             checks=[RESIDUAL_FLOWS_TABLE4],  # left out of the report unless the grid has its cells
             launcher=args.launcher,
             launcher_args=launcher_args,

@@ -87,3 +87,29 @@ def test_sample_run_reports_fid_by_temperature(tmp_path, one_thread) -> None:
     assert set(fid["by_temperature"]) == {"1", "0.7"} and fid["best"] == min(
         fid["by_temperature"].values()
     )
+
+
+def test_study_reports_a_fid_column(tmp_path) -> None:
+    import csv
+
+    from hybridflow.experiments import run_sweep
+
+    out = run_sweep(
+        "fid",
+        lams=["1/D"],
+        backbones=["coupling"],
+        config={"dataset": "digits", "backbone": "coupling", "head_args": {"width": 8},
+                "batch_size": 64, "max_steps": 10, "eval_every": 0, "progress": False,
+                "backbone_args": {"num_scales": 2, "blocks_per_scale": 1, "hidden_channels": 8}},
+        report_root=tmp_path / "reports",
+        runs_root=tmp_path / "runs",
+        threads=1,
+        n_samples=4,
+        typicality_batch=5,
+        fid_samples=50,
+    )  # fmt: skip
+    md = (out / "report.md").read_text()
+    assert "FD (T=1)" in md and "FD (best T)" in md and "FD (digits CNN features), 50 samples" in md
+    row = next(csv.DictReader((out / "results.csv").open()))
+    assert float(row["fid_best"]) <= float(row["fid"])
+    assert float(row["fid_best_temperature"]) in (1.0, 0.85, 0.7)

@@ -25,6 +25,8 @@ __all__ = ["EVAL_FILE", "evaluate_cell"]
 
 #: The file in each cell folder that holds its evaluation (reused when its settings match).
 EVAL_FILE = "study_eval.json"
+#: Temperatures at which a study cell's Fréchet distance is measured (the best is reported too).
+FID_TEMPERATURES = (1.0, 0.85, 0.7)
 
 
 def _stop_record(run_dir: Path) -> dict[str, Any] | None:
@@ -40,6 +42,7 @@ def evaluate_cell(
     typicality_batch: int = 10,
     n_samples: int = 64,
     ood_dequant_samples: int = 1,
+    fid_samples: int = 0,
 ) -> dict[str, Any]:
     """Evaluate one finished run with the full suite; write and return ``study_eval.json``.
 
@@ -60,6 +63,8 @@ def evaluate_cell(
         "ood_dequant_samples": ood_dequant_samples,
         "model_mtime_ns": (run_dir / MODEL_FILE).stat().st_mtime_ns,
     }
+    if fid_samples:  # only then: evaluations written without it stay reusable
+        settings["fid_samples"] = fid_samples
     path = run_dir / EVAL_FILE
     if path.exists():
         cached = json.loads(path.read_text())
@@ -89,7 +94,10 @@ def evaluate_cell(
             typicality_batch=typicality_batch,
             figures=False,
         )
-    if len(model.flow.input_shape) == 3 and n_samples:
-        result["samples"] = sample_run(run_dir, temperatures=(1.0, 0.7), n=n_samples)
+    if len(model.flow.input_shape) == 3 and (n_samples or fid_samples):
+        temperatures = FID_TEMPERATURES if fid_samples else (1.0, 0.7)
+        result["samples"] = sample_run(
+            run_dir, temperatures=temperatures, n=max(n_samples, 1), fid_samples=fid_samples
+        )
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -133,6 +133,7 @@ def run_sweep(
     typicality_batch: int = 10,
     n_samples: int = 64,
     ood_dequant_samples: int = 1,
+    fid_samples: int = 0,
     overrides: Mapping[str, Any] | None = None,
     command: str | None = None,
     notes: Sequence[str | Callable[[Sequence[CellResult]], str]] = (),
@@ -160,6 +161,9 @@ def run_sweep(
         typicality_batch: ``M`` of the batch typicality test.
         n_samples: Samples drawn per cell for the sample grids (0: none).
         ood_dequant_samples: Single-draw bounds averaged for the likelihood-based OOD scores.
+        fid_samples: If positive, the Fréchet distance of this many samples per cell to the test
+            split, at temperatures 1, 0.85 and 0.7 (:mod:`hybridflow.evaluation.fid`, the
+            dataset's shipped CNN features): columns ``FD (T=1)`` and ``FD (best T)``.
         overrides: Config entries applied last, over ``backbone_overrides`` (command-line
             ``--key=value`` strings, parsed by the type of each key's default).
         command: The command line that regenerates the report (default: this process's).
@@ -202,6 +206,8 @@ def run_sweep(
         n_samples=n_samples,
         ood_dequant_samples=ood_dequant_samples,
     )
+    if fid_samples:
+        evaluate["fid_samples"] = fid_samples
     _check_ood_sets(base, ood)  # before hours of training
     if launcher == "submitit":
         statuses = run_cells_submitit(

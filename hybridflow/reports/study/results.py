@@ -53,6 +53,11 @@ def flat_metrics(evaluation: Mapping[str, Any]) -> dict[str, float]:
         out["test_bpd_ood_pass"] = float(ood["in_distribution"]["bpd"])
     out["num_parameters"] = float(test["num_parameters"])
     out["train_time_s"] = float(evaluation.get("train_time_s", float("nan")))
+    fid = (evaluation.get("samples") or {}).get("fid")
+    if fid:
+        out["fid"] = float(fid["by_temperature"]["1"])
+        out["fid_best"] = float(fid["best"])
+        out["fid_best_temperature"] = float(fid["best_temperature"])
     stop = evaluation.get("stopped") or {}
     if stop.get("improvement") is not None:
         out["last_quarter_improvement"] = float(stop["improvement"])
@@ -73,6 +78,7 @@ class CellResult:
     failed: list[tuple[int, str]] = field(default_factory=list)
     run_dirs: list[Path] = field(default_factory=list)
     stops: list[dict[str, Any] | None] = field(default_factory=list)  # why each run stopped
+    fid_label: str | None = None  # the feature network of the cells' Fréchet distances
 
     @property
     def label(self) -> str:
@@ -104,6 +110,9 @@ def aggregate(cells, statuses, evaluations) -> list[CellResult]:
             group.runs.append(metrics)
             group.run_dirs.append(cell.run_dir)
             group.stops.append(evaluations[cell.name].get("stopped"))
+            fid = (evaluations[cell.name].get("samples") or {}).get("fid")
+            if fid:
+                group.fid_label = f"{fid['label']}, {fid['samples']:,} samples vs {fid['real']:,}"
         else:
             group.failed.append((cell.seed, status.get("error", "did not run")))
     return list(groups.values())

@@ -76,6 +76,8 @@ MAIN_COLUMNS = [
     ("NLL", "class_nll", 1, 4, False),
     ("NLL (TS)", "class_nll_ts", 1, 4, False),
     ("T", "temperature", 1, 3, None),
+    ("FD (T=1)", "fid", 1, 2, False),
+    ("FD (best T)", "fid_best", 1, 2, False),
     ("params", "num_parameters", 1, 0, None),
     ("train s", "train_time_s", 1, 0, None),
 ]
@@ -249,6 +251,14 @@ def _section_main(doc: _Doc, study: _Study, baselines: Mapping[str, float] | Non
     doc.heading("Accuracy, density and calibration")
     columns = [c for c in MAIN_COLUMNS if any(r.stat(c[1]) for r in study.finished)]
     doc.table(_metric_table(study.results, columns))
+    labels = sorted({r.fid_label for r in study.finished if r.fid_label})
+    if labels:
+        doc.para(
+            "FD: Fréchet distance of samples to the test images at temperature 1 and at the "
+            "best of T ∈ {1, 0.85, 0.7}, features "
+            + "; ".join(labels)
+            + " (not an Inception FID: compare within this table only)."
+        )
     if baselines:
         doc.para(
             "Baselines on the same split (bits/dim): "

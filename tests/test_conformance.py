@@ -117,7 +117,8 @@ class _ConstantContext(T.InvertibleModule):
 
     def __init__(self, layer: T.InvertibleModule, context: Tensor) -> None:
         super().__init__()
-        self.layer, self.context = layer, context
+        self.layer = layer
+        self.register_buffer("context", context)  # a buffer: it follows .to(dtype)
 
     def _ctx(self, x: Tensor) -> Tensor:
         return self.context.expand(x.shape[0], *self.context.shape[1:])

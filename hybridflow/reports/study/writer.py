@@ -275,9 +275,9 @@ def _section_convergence(doc: _Doc, study: _Study) -> None:
     doc.heading("Convergence")
     doc.para(
         "Each run watches the validation metric its loss optimizes (bits/dim when λ > 0, the "
-        "classifier's NLL when λ = 0) and is *converged* when its best value improved by less "
+        "classifier's NLL when λ = 0) and is **converged** when its best value improved by less "
         "than the threshold (the run's `stop_rel_improvement`, else 0.5%) over the last quarter "
-        "of its steps, *budget-limited* otherwise; it stops on that plateau, at its "
+        "of its steps, **budget-limited** otherwise; it stops on that plateau, at its "
         "`budget_minutes` or at its last epoch (`hybridflow.training.stopping`)."
     )
     doc.table(convergence_table(finished))

@@ -3,7 +3,6 @@ equal wall time (:mod:`hybridflow.training.stopping` sets the rule each run reco
 
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -12,8 +11,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from ...runs import METRICS_FILE
 from ..document import Table
+from .figures import _read_metrics
 from .results import CellResult, _backbones, _lams
 
 __all__ = [
@@ -34,17 +33,12 @@ _REASONS = {
 def read_validation_curve(run_dir: Path) -> list[dict[str, float]]:
     """The validation rows of a run's ``metrics.csv``: step, elapsed_s, bpd, accuracy,
     class_nll (a metric the run did not log is absent from its rows)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    rows = []
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            if row.get("split") != "val":
-                continue
-            keys = ("step", "elapsed_s", "bpd", "accuracy", "class_nll")
-            rows.append({k: float(row[k]) for k in keys if row.get(k) not in (None, "")})
-    return rows
+    keys = ("step", "elapsed_s", "bpd", "accuracy", "class_nll")
+    return [
+        {k: float(row[k]) for k in keys if row.get(k) not in (None, "")}
+        for row in _read_metrics(Path(run_dir))
+        if row.get("split") == "val"
+    ]
 
 
 def _seconds(value: float) -> str:

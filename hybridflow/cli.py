@@ -269,6 +269,15 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
         "--status", metavar="NAME", help="print the state of study NAME's cells; run nothing"
     )
     parser.add_argument(
+        "--pack",
+        metavar="DIR",
+        help="copy study --name's resumable state (configs, metrics, models or checkpoints) "
+        "into DIR, a folder to commit or carry to another machine; run nothing",
+    )
+    parser.add_argument(
+        "--unpack", metavar="DIR", help="restore study --name's state from DIR; run nothing"
+    )
+    parser.add_argument(
         "--launcher",
         default="local",
         choices=["local", "submitit"],
@@ -310,6 +319,8 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
         return 0
     if not args.name:
         parser.error("--name is required (or --status NAME)")
+    if args.pack or args.unpack:
+        return _carry_study(args.pack, args.unpack, Path(args.runs_root) / args.name)
     launcher_args, rest = parse_launcher_args(rest)
     config = {**_base_config(args.config), **parse_overrides(rest)}
     try:
@@ -343,6 +354,22 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
         print(f"error: {failed}", file=sys.stderr)
         return 1
     print(f"report: {out / 'report.md'} and {out / 'report.html'}")
+    return 0
+
+
+def _carry_study(pack: str | None, unpack: str | None, runs_dir: Path) -> int:
+    from .experiments.carry import pack_study, unpack_study
+
+    if pack and unpack:
+        raise SystemExit("error: give --pack or --unpack, not both")
+    if pack:  # errors (no cells, a damaged copy) are printed by main()
+        cells = pack_study(runs_dir, pack)["cells"]
+        for name, entry in cells.items():
+            print(f"{name:48} {entry['state']:9} step {entry['step']:,}")
+        print(f"packed {len(cells)} cells into {pack}")
+    else:
+        for name, outcome in unpack_study(unpack, runs_dir).items():
+            print(f"{name:48} {outcome}")
     return 0
 
 

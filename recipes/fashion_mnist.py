@@ -23,13 +23,16 @@ Data: Fashion-MNIST from `apt-get install -y dataset-fashion-mnist` (or torchvis
 `--download=true`); MNIST from `--mnist=PATH` (an npz with keys x, y), by default
 ../shared/data/mnist10k.npz where present, else torchvision's MNIST test split (needs internet).
 Runs resume from runs/fashion_mnist/ after an interruption (rerun the same command; finished
-cells are reused), so the study may run over several sittings: run it under `nohup`. Override
-any setting: `--budget_minutes=20`."""
+cells are reused), so the study may run over several sittings: run it under `nohup`. Where
+runs/ does not outlive a sitting (a fresh machine each time), carry the state in git: end a
+sitting with `hybridflow sweep --pack state/fashion_mnist --name fashion_mnist` and commit
+state/; this script unpacks it first (`--state`). Override any setting: `--budget_minutes=20`."""
 
 import argparse
 from pathlib import Path
 
 from hybridflow.experiments import run_sweep
+from hybridflow.experiments.carry import unpack_study
 from hybridflow.reports.study import RESIDUAL_FLOWS_TABLE4, Floor, floor_check
 from hybridflow.training import parse_overrides
 
@@ -92,7 +95,11 @@ SCORING = {"dequant_samples": 1, "iw_samples": 0, "typicality_batch": 10}
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
 parser.add_argument("--workers", type=int, default=2, help="cells trained at once")
 parser.add_argument("--mnist", help="MNIST npz for the OOD set (default: ../shared's, if there)")
+parser.add_argument("--state", default=f"state/{NAME}", help="packed state to resume from")
 args, rest = parser.parse_known_args()  # the rest are --key=value config overrides
+if Path(args.state).exists():  # cells trained in earlier sittings (hybridflow sweep --pack)
+    for cell, outcome in unpack_study(args.state, Path("runs") / NAME).items():
+        print(f"{cell}: {outcome}")
 workers, mnist = args.workers, args.mnist
 OVERRIDES = parse_overrides(rest)  # win over the per-backbone settings
 mnist_spec = f"npz:{mnist or MNIST}" if mnist or MNIST.exists() else "mnist@test"

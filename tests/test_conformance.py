@@ -129,9 +129,7 @@ class _ConstantContext(T.InvertibleModule):
     def inverse(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         return self.layer.inverse(z, self._ctx(z))
 
-    def inverse_and_logdet(
-        self, z: Tensor, context: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def inverse_and_logdet(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.layer.inverse_and_logdet(z, self._ctx(z))
 
 
@@ -282,9 +280,7 @@ CASES: list[Case] = [
     ),
     Case(
         "coupling-checkerboard-gathered",
-        lambda: T.AffineCoupling(
-            2, "checkerboard", 1, _small_conv, checkerboard_layout="gathered"
-        ),
+        lambda: T.AffineCoupling(2, "checkerboard", 1, _small_conv, checkerboard_layout="gathered"),
         _images(2, 3, 4),
         T.AffineCoupling,
     ),

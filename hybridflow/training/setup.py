@@ -261,6 +261,20 @@ def setup(cfg: Mapping[str, Any], dist: Distributed | None = None) -> TrainState
     done = saved is not None and (int(saved["step"]) >= total_steps or stopped is not None)
     if done and (run_dir / MODEL_FILE).exists():
         return None  # already finished: keep its model.pt (and its recorded train time)
+    if saved is None and cfg["resume"] and (run_dir / MODEL_FILE).exists():
+        # A finished run kept without its checkpoint (a packed study, or checkpoint.pt deleted
+        # to save space): finished if its schedule or stop still holds, else it cannot go on.
+        final = load_checkpoint(run_dir / MODEL_FILE, device)
+        record = final.get("stopped")
+        if int(final.get("step", 0)) >= total_steps or (
+            record and still_stopped(record, cfg, total_steps)
+        ):
+            return None
+        raise CheckpointError(
+            f"{run_dir} holds a finished model.pt (step {final.get('step')}) but no "
+            f"{CHECKPOINT_FILE}, and this config trains further ({total_steps} steps): restore "
+            "the checkpoint, or train into a new folder (--name)"
+        )
 
     lam = Lambda.parse(cfg["lam"]).value(model.dim)
     state = TrainState(

@@ -39,6 +39,10 @@ SMOKE_OUTPUTS = {
         f"reports/naf_vi-smoke/{f}" for f in ("report.md", "results.json", "fig5.png", "fig7.png")
     ],
     "vae_flows.py": ["reports/vae_flows-smoke/report.md", "reports/vae_flows-smoke/results.json"],
+    "resflow_bias.py": [
+        f"reports/resflow_bias-smoke/{f}"
+        for f in ("report.md", "results.json", "bias.png", "gap.png")
+    ],
 }
 
 
@@ -78,6 +82,11 @@ def check_results(recipe: str, out: Path) -> None:
         rows = json.loads((out / "reports/vae_flows-smoke/results.json").read_text())["rows"]
         assert {r["posterior"] for r in rows} == {"VAE", "IAF-affine", "IAF-DSF"}
         assert all(r["neg_log_likelihood"] <= r["neg_elbo_on_nll_images"] + 1 for r in rows)
+    elif recipe == "resflow_bias.py":
+        results = json.loads((out / "reports/resflow_bias-smoke/results.json").read_text())
+        assert len(results["part1"]) == 3 * 2 * 6  # inputs × c × estimators
+        assert all(math.isfinite(r["bias_nats"]) for r in results["part1"])
+        assert all(0 < r["exact_bpd"] < 10 for r in results["part2"])
     else:
         rows = json.loads((out / "reports/naf_uci-smoke/results.json").read_text())
         assert [r["dim"] for r in rows] == [6, 8, 21, 43, 63]

@@ -3,6 +3,7 @@ estimator, the memory-efficient gradient mode and the fixed-point inverse (Chen 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -59,10 +60,10 @@ def _exact_grad(net: nn.Module, x: Tensor, direction: list[Tensor]) -> float:
     return value
 
 
-def _estimates(block: ResidualBlock, x: Tensor, draws: int, batch: int = 25) -> Tensor:
+def _estimates(block: ResidualBlock, x: Tensor, draws: int, batch: int = 25, d: int = D) -> Tensor:
     """Per-call means over ``batch`` copies of ``x`` (one roulette draw per call): i.i.d."""
     with torch.no_grad():
-        return torch.stack([block(x.expand(batch, D))[1].mean() for _ in range(draws)])
+        return torch.stack([block(x.expand(batch, d))[1].mean() for _ in range(draws)])
 
 
 def _within_three_se(samples: Tensor, exact: float) -> tuple[bool, float]:
@@ -291,3 +292,60 @@ def test_bad_options_raise() -> None:
         ResidualBlock(nn.Identity(), grad="adjoint")
     with pytest.raises(ValueError, match="batched"):
         ResidualBlock(_contractive_net())(torch.randn(D))
+
+
+def _linear_block(coeff: float, d: int = 6) -> tuple[ResidualBlock, Tensor]:
+    """``g(x) = W x`` with ``W`` symmetric, eigenvalues in (0, coeff]: a known series."""
+    q = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(3)))[0]
+    eigenvalues = coeff * torch.linspace(0.4, 1.0, d)
+    layer = nn.Linear(d, d, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(q @ torch.diag(eigenvalues) @ q.T)
+    return ResidualBlock(layer, "series", probe="rademacher"), eigenvalues
+
+
+@pytest.mark.parametrize("n_terms", [1, 2, 3])
+def test_truncated_series_bias_has_the_sign_and_growth_theory_gives(n_terms: int) -> None:
+    """With eigenvalues λ ∈ (0, 1) the series' terms alternate and shrink, so stopping after n
+    terms leaves a remainder with the sign of term n + 1: the estimate is too high for odd n,
+    too low for even n, and the gap grows with the Lipschitz coefficient c."""
+    from hybridflow.models import logdet_settings
+
+    biases = []
+    for coeff in (0.5, 0.7, 0.9, 0.98):
+        block, eigenvalues = _linear_block(coeff)
+        exact = float(torch.log1p(eigenvalues).sum())
+        truncated = sum((-1) ** (k + 1) * float((eigenvalues**k).sum()) / k
+                        for k in range(1, n_terms + 1))  # fmt: skip
+        x = torch.randn(1, 6)
+        torch.manual_seed(0)
+        with logdet_settings(block, n_terms=n_terms, eval_n_terms=n_terms):
+            samples = _estimates(block, x.expand(1, 6), draws=300, batch=25, d=6)
+        ok, z = _within_three_se(samples, truncated)  # the estimator's mean is the truncation
+        assert ok, f"c={coeff}: {z:.2f} SE from the truncated series' value"
+        biases.append(truncated - exact)
+        assert (truncated - exact > 0) == (n_terms % 2 == 1)
+    assert all(abs(a) < abs(b) for a, b in itertools.pairwise(biases)), biases
+
+
+def test_logdet_settings_switch_and_restore() -> None:
+    from hybridflow.models import logdet_settings
+
+    block, eigenvalues = _linear_block(0.9)
+    x = torch.randn(3, 6)
+    with logdet_settings(block, logdet="exact", poisson_rate=5.0) as blocks:
+        assert blocks == [block] and float(block.poisson_rate) == 5.0
+        torch.testing.assert_close(block(x)[1], torch.log1p(eigenvalues).sum().expand(3))
+    assert block.logdet_estimator == "series" and float(block.poisson_rate) == 2.0
+    with (
+        pytest.raises(ValueError, match="logdet must be one of"),
+        logdet_settings(block, logdet="x"),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match="unknown log-det settings"),
+        logdet_settings(block, terms=3),
+    ):
+        pass
+    with pytest.raises(ValueError, match="no residual"), logdet_settings(nn.Linear(2, 2)):
+        pass

@@ -1,6 +1,7 @@
 """Flow density models, backbones (registered by name), classifier heads and the hybrid model."""
 
 from . import autoregressive, coupling, flowpp, naf, realnvp, resflow  # noqa: F401  (register the backbones)
+from .estimators import logdet_settings, residual_blocks
 from .factory import create_hybrid_model
 from .flow import FlowModel, standard_normal_log_prob
 from .heads import DIGHead, ResidualFlowsHead, create_head, head_keywords, list_heads
@@ -29,7 +30,9 @@ __all__ = [
     "iterative_sampling_layers",
     "list_backbones",
     "list_heads",
+    "logdet_settings",
     "register_backbone",
+    "residual_blocks",
     "resolve_lambda",
     "standard_normal_log_prob",
 ]

@@ -39,6 +39,10 @@ SMOKE_OUTPUTS = {
         f"reports/naf_vi-smoke/{f}" for f in ("report.md", "results.json", "fig5.png", "fig7.png")
     ],
     "vae_flows.py": ["reports/vae_flows-smoke/report.md", "reports/vae_flows-smoke/results.json"],
+    "resflow_ablation.py": [
+        "reports/resflow_ablation-smoke/report.md",
+        "reports/resflow_ablation-smoke/results.json",
+    ],
     "resflow_bias.py": [
         f"reports/resflow_bias-smoke/{f}"
         for f in ("report.md", "results.json", "bias.png", "gap.png")
@@ -82,6 +86,11 @@ def check_results(recipe: str, out: Path) -> None:
         rows = json.loads((out / "reports/vae_flows-smoke/results.json").read_text())["rows"]
         assert {r["posterior"] for r in rows} == {"VAE", "IAF-affine", "IAF-DSF"}
         assert all(r["neg_log_likelihood"] <= r["neg_elbo_on_nll_images"] + 1 for r in rows)
+    elif recipe == "resflow_ablation.py":
+        runs = json.loads((out / "reports/resflow_ablation-smoke/results.json").read_text())["runs"]
+        assert len(runs) == 2 * 2 * 3  # datasets × tasks × rows
+        assert all(0 < r["exact_bpd"] < 10 for r in runs)
+        assert all("accuracy" in r for r in runs if r["task"] == "hybrid")
     elif recipe == "resflow_bias.py":
         results = json.loads((out / "reports/resflow_bias-smoke/results.json").read_text())
         assert len(results["part1"]) == 3 * 2 * 6  # inputs × c × estimators

@@ -93,7 +93,12 @@ def test_pack_and_unpack_never_go_backwards(tmp_path: Path, monkeypatch) -> None
     outcome = unpack_study(state, runs)
     assert outcome["done"] == "kept (finished)" and outcome["half"] == "kept (training, step 12)"
     train({**CONFIG, "out_dir": str(runs), "name": "half"})  # finishes here
-    assert pack_study(runs, state)["cells"]["half"]["state"] == "finished"
+    half = pack_study(runs, state)["cells"]["half"]
+    assert half["state"] == "finished"
+    assert [(s["state"], s["step"]) for s in half["sittings"]] == [
+        ("training", 12),
+        ("finished", 18),
+    ]
     assert not (state / "half" / "checkpoint.pt").exists()
 
 

@@ -79,8 +79,9 @@ def pack_study(runs_dir: str | Path, dest: str | Path) -> dict[str, Any]:
 
     Returns:
         The manifest written to ``dest/MANIFEST.json``: per cell its state
-        (``finished`` / ``training``), step, the CPU it was packed on, and its files with
-        their SHA-256.
+        (``finished`` / ``training``), step, the CPU it was packed on, its files with their
+        SHA-256, and ``sittings``: every packing that advanced it (state, step, CPU, time), so
+        a reader can tell which steps ran on which machine.
 
     Raises:
         FileNotFoundError: ``runs_dir`` holds no cell folders.
@@ -104,12 +105,17 @@ def pack_study(runs_dir: str | Path, dest: str | Path) -> dict[str, Any]:
         target.mkdir(parents=True)
         for name in files:  # copy, then hash the copy: what is recorded is what was written
             shutil.copy2(cell / name, target / name)
-        packed[cell.name] = {
+        sitting = {
             "state": "finished" if stage == 2 else "training",
             "step": step,
             "packed_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "cpu": _cpu_name(),
+        }
+        packed[cell.name] = {
+            **sitting,
             "files": {name: _sha256(target / name) for name in files},
+            # Where each stretch of steps ran: wall times from different CPUs do not compare.
+            "sittings": [*(before or {}).get("sittings", []), sitting],
         }
     manifest = {"cells": dict(sorted(packed.items()))}
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")

@@ -255,7 +255,7 @@ def _section_main(doc: _Doc, study: _Study, baselines: Mapping[str, float] | Non
     if labels:
         doc.para(
             "FD: Fréchet distance of samples to the test images at temperature 1 and at the "
-            "best of T ∈ {1, 0.85, 0.7}, features "
+            "best of T ∈ {1, 0.85, 0.7}; "
             + "; ".join(labels)
             + " (not an Inception FID: compare within this table only)."
         )
@@ -277,8 +277,9 @@ def _section_convergence(doc: _Doc, study: _Study) -> None:
         "Each run watches the validation metric its loss optimizes (bits/dim when λ > 0, the "
         "classifier's NLL when λ = 0) and is **converged** when its best value improved by less "
         "than the threshold (the run's `stop_rel_improvement`, else 0.5%) over the last quarter "
-        "of its steps, **budget-limited** otherwise; it stops on that plateau, at its "
-        "`budget_minutes` or at its last epoch (`hybridflow.training.stopping`)."
+        "of its steps, **budget-limited** otherwise (**unknown**: fewer than four validations, "
+        "too few to tell); it stops on that plateau, at its `budget_minutes` or at its last "
+        "epoch (`hybridflow.training.stopping`)."
     )
     doc.table(convergence_table(finished))
     equal = equal_time_table(finished)

@@ -13,7 +13,9 @@ Data: the 8×8 digits (all 360 test images scored exactly) and Fashion-MNIST (`a
 products per block and batch). Budget per model, equal for the three rows: digits 3,000 steps,
 Fashion-MNIST 1,500 steps, batch 64 (stated in the report with each run's time). 3 seeds.
 
-Writes reports/resflow_ablation/ (report.md, results.json). `--smoke` runs a few steps on
+Writes reports/resflow_ablation/ (report.md, results.json, and jobs/: one result per trained
+model, reused by a rerun with the same settings, so the recipe resumes over sittings when jobs/
+is kept; commit it with the report). `--smoke` runs a few steps on
 digits and random 28×28 images (a check that the recipe runs, not a result); `--out=DIR`,
 `--seeds=N`, `--workers=N` (processes, one thread each; default 2).
 
@@ -104,8 +106,24 @@ def exact_and_reported_bpd(flow, images):
     return float(exact.mean()), float(reported.mean())
 
 
+def job_settings(job):
+    """Everything a job's result depends on: a stored result with other settings is redone."""
+    spec = DATASETS[job["dataset"]]
+    keys = ("dataset", "task", "row", "seed")
+    return {**{k: job[k] for k in keys}, "spec": spec, "row_settings": ROWS[job["row"]], **TRAIN}
+
+
+def job_file(job):
+    name = f"{job['dataset']}-{job['task']}-{SHORT[job['row']]}-s{job['seed']}"
+    return out_dir / "jobs" / (name.replace(":", "_") + ".json")
+
+
 def run_job(job):
-    """Train one model (density or hybrid), score it exactly; one thread per process."""
+    """Train one model (density or hybrid), score it exactly; one thread per process. Each
+    result is kept in jobs/ beside the report, so a rerun (another sitting) skips it."""
+    path, settings = job_file(job), json.loads(json.dumps(job_settings(job)))
+    if path.exists() and (stored := json.loads(path.read_text()))["settings"] == settings:
+        return stored["result"] | {"reused": True}
     torch.set_num_threads(1)
     dataset, task, row, seed = job["dataset"], job["task"], job["row"], job["seed"]
     spec = DATASETS[dataset]
@@ -143,6 +161,9 @@ def run_job(job):
     result["train_s"] = time.time() - t0
     result["exact_bpd"], result["reported_bpd"] = exact_and_reported_bpd(flow, test_images)
     result["eval_s"] = time.time() - t0 - result["train_s"]
+    result.pop("runs")
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"settings": settings, "result": result, "cpu": cpu}, indent=1))
     return result
 
 
@@ -167,6 +188,7 @@ def mean_sd(values):
 
 
 wall = time.time() - started
+computed = sum(r["train_s"] + r["eval_s"] for r in results)
 summary = {}
 for d in DATASETS:
     for t in ("density", "hybrid"):
@@ -188,7 +210,10 @@ lines = [
     + (" — SMOKE RUN" if smoke else ""),
     "",
     f"- Regenerate: `python recipes/resflow_ablation.py`; commit `{commit}`; {cpu}, {workers} "
-    f"processes × 1 thread; wall time {wall / 60:.1f} minutes; seeds {seeds}.",
+    f"processes × 1 thread; wall time of this invocation {wall / 60:.1f} minutes; seeds {seeds}.",
+    f"- Compute of all {len(results)} models, summed: {computed / 3600:.2f} hours of one core "
+    f"(training and exact scoring; {sum(bool(r.get('reused')) for r in results)} models reused "
+    "from an earlier sitting's jobs/, each with the CPU it ran on).",
     f"- Optimisation (every row): {TRAIN}, AdamW, cosine schedule, EMA 0.999; steps per model: "
     + ", ".join(f"{d} {s['steps']:,}" for d, s in DATASETS.items())
     + "; c = 0.98 per layer (the builder's default).",

@@ -42,6 +42,7 @@ SMOKE_OUTPUTS = {
     "resflow_ablation.py": [
         "reports/resflow_ablation-smoke/report.md",
         "reports/resflow_ablation-smoke/results.json",
+        "reports/resflow_ablation-smoke/jobs/digits-hybrid-resflow-lipswish-s0.json",
     ],
     "resflow_bias.py": [
         f"reports/resflow_bias-smoke/{f}"

@@ -13,7 +13,6 @@ command that trained it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from .runs import (
     MODEL_FILE,
     CheckpointError,
     build_model_for,
+    file_sha256,
     load_checkpoint,
     resolve_config,
     restore_model,
@@ -62,14 +62,6 @@ def list_pretrained(weights_dir: Path = WEIGHTS_DIR) -> dict[str, dict[str, Any]
     return _index(weights_dir)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _entry(name: str, weights_dir: Path) -> dict[str, Any]:
     index = _index(weights_dir)
     name = name.replace("lam1/D", "lam1overD")  # λ as the configs write it
@@ -83,7 +75,7 @@ def _verified_file(name: str, weights_dir: Path) -> Path:
     path = weights_dir / entry["file"]
     if not path.exists():
         raise CheckpointError(f"pretrained model {name!r}: weight file {path} is missing")
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if digest != entry["sha256"]:
         raise CheckpointError(
             f"pretrained model {name!r}: {path} has SHA-256 {digest}, the index records "
@@ -127,7 +119,7 @@ def pretrained_run_dir(name: str, weights_dir: Path = WEIGHTS_DIR) -> Path:
     run_dir = _cache_root() / "pretrained" / name
     run_dir.mkdir(parents=True, exist_ok=True)
     target = run_dir / MODEL_FILE
-    if not target.exists() or _sha256(target) != _entry(name, weights_dir)["sha256"]:
+    if not target.exists() or file_sha256(target) != _entry(name, weights_dir)["sha256"]:
         shutil.copyfile(source, target)
     save_config(load_checkpoint(target)["config"], run_dir / CONFIG_FILE)
     return run_dir
@@ -168,7 +160,7 @@ def export_pretrained(
         raise ValueError(f"{name}: {size:,} bytes exceeds the {max_bytes:,}-byte limit")
     entry = {
         "file": file,
-        "sha256": _sha256(path),
+        "sha256": file_sha256(path),
         "bytes": size,
         "dataset": state["config"]["dataset"],
         "backbone": state["config"]["backbone"],

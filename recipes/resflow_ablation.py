@@ -24,7 +24,6 @@ digits and random 28×28 images (a check that the recipe runs, not a result); `-
 
 import json
 import multiprocessing
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from hybridflow.data import dataset_tensors, load_dataset
 from hybridflow.evaluation import evaluate_predictions, predict
 from hybridflow.models import FlowModel, logdet_settings
 from hybridflow.models.resflow import resflow
-from hybridflow.reports import git_commit, package_versions
+from hybridflow.reports import cpu_description, git_commit, package_versions
 from hybridflow.training import fit_density, load_run, train
 
 NAME = "resflow_ablation"
@@ -87,11 +86,7 @@ if smoke:
 out_dir = Path(args.get("--out", ".")) / "reports" / (f"{NAME}-smoke" if smoke else NAME)
 out_dir.mkdir(parents=True, exist_ok=True)
 commit, started = git_commit(), time.time()
-cpuinfo = Path("/proc/cpuinfo")
-cpu_lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-cpu = next(
-    (x.split(":", 1)[1].strip() for x in cpu_lines if "model name" in x), platform.processor()
-)
+cpu = cpu_description()
 
 
 def exact_and_reported_bpd(flow, images):

@@ -29,7 +29,6 @@ DIR/reports/..., `--seeds=N` (Part 2), `--threads=N`.
 
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -42,7 +41,7 @@ from sklearn.datasets import load_digits
 from hybridflow.data import sample_toy
 from hybridflow.models import FlowModel, logdet_settings, residual_blocks
 from hybridflow.models.resflow import resflow
-from hybridflow.reports import git_commit, package_versions
+from hybridflow.reports import cpu_description, git_commit, package_versions
 from hybridflow.training import fit_density
 
 NAME = "resflow_bias"
@@ -78,11 +77,7 @@ if smoke:
 out_dir = Path(args.get("--out", ".")) / "reports" / (f"{NAME}-smoke" if smoke else NAME)
 out_dir.mkdir(parents=True, exist_ok=True)
 commit, started = git_commit(), time.time()
-cpuinfo = Path("/proc/cpuinfo")
-cpu_lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-cpu = next(
-    (x.split(":", 1)[1].strip() for x in cpu_lines if "model name" in x), platform.processor()
-)
+cpu = cpu_description()
 
 # ---- data: three inputs small enough for exact log-dets ----
 gen = torch.Generator().manual_seed(0)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_REALNVP
+from test_training_resume import CONFIG as RESUME_CONFIG
 
 import hybridflow.training.trainer as trainer
 from hybridflow.cli import main
@@ -15,18 +15,9 @@ from hybridflow.experiments.carry import MANIFEST_FILE, pack_study, unpack_study
 from hybridflow.runs import CheckpointError, load_checkpoint
 from hybridflow.training import train
 
-#: 1257 digits // 128 = 9 steps per epoch.
-CONFIG = {
-    **TINY_REALNVP,
-    "dataset": "digits",
-    "batch_size": 128,
-    "epochs": 2,
-    "warmup_steps": 2,
-    "log_every": 4,
-    "checkpoint_every_s": 0,
-    "progress": False,
-    "num_threads": 1,
-}
+#: The exact-resumption tests' run (9 steps per epoch, 2 epochs, random shifts drawn from the
+#: global RNG), checkpointed at every step so that a kill can land after any of them.
+CONFIG = {**RESUME_CONFIG, "checkpoint_every_s": 0}
 
 
 class _Killed(BaseException):

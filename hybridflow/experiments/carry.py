@@ -16,21 +16,20 @@ Typical use, at the end of a sitting and the start of the next::
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import platform
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from ..reports import cpu_description
 from ..runs import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
     METRICS_FILE,
     MODEL_FILE,
     CheckpointError,
+    file_sha256,
     load_checkpoint,
 )
 
@@ -39,29 +38,6 @@ __all__ = ["MANIFEST_FILE", "pack_study", "unpack_study"]
 #: The index of a packed study: files, their SHA-256, and when and where it was packed.
 MANIFEST_FILE = "MANIFEST.json"
 _STAGES = {"training": 1, "finished": 2}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _cpu_name() -> str:
-    """The CPU model with the instruction sets that decide training speed here (machines of
-    one model name differ in them: AMX and AVX-512 bf16 make bf16 and some float32 kernels
-    faster), e.g. ``Intel(R) Xeon(R) Processor [amx_bf16 avx512_bf16 avx512f avx2], 2 cores``."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "")
-    flags = set(next((x.split(":", 1)[1].split() for x in lines if x.startswith("flags")), []))
-    shown = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
-    cores = os.cpu_count()
-    return f"{name or platform.machine()} [{' '.join(shown)}], {cores} cores"
 
 
 def _progress(cell_dir: Path) -> tuple[int, int]:
@@ -115,11 +91,11 @@ def pack_study(runs_dir: str | Path, dest: str | Path) -> dict[str, Any]:
             "state": "finished" if stage == 2 else "training",
             "step": step,
             "packed_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "cpu": _cpu_name(),
+            "cpu": cpu_description(),
         }
         packed[cell.name] = {
             **sitting,
-            "files": {name: _sha256(target / name) for name in files},
+            "files": {name: file_sha256(target / name) for name in files},
             # Where each stretch of steps ran: wall times from different CPUs do not compare.
             "sittings": [*(before or {}).get("sittings", []), sitting],
         }
@@ -151,7 +127,7 @@ def unpack_study(src: str | Path, runs_dir: str | Path) -> dict[str, str]:
     for name, entry in manifest["cells"].items():
         for file, digest in entry["files"].items():
             path = src / name / file
-            if not path.exists() or _sha256(path) != digest:
+            if not path.exists() or file_sha256(path) != digest:
                 raise CheckpointError(
                     f"{path} is missing or damaged (SHA-256 differs from {manifest_path}); "
                     "restore it from version control or remove the cell from the manifest"

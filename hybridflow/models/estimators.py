@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..transforms import ResidualBlock
-from ..transforms.residual import GRADIENTS, LOGDET_ESTIMATORS, PROBES, ROULETTE_DISTRIBUTIONS
+from ..transforms.residual import check_block_options
 
 __all__ = ["LOGDET_SETTINGS", "logdet_settings", "residual_blocks"]
 
@@ -35,12 +35,6 @@ LOGDET_SETTINGS = {
     "memory_efficient": "memory_efficient",
 }
 _INTEGERS = ("n_terms", "eval_n_terms", "n_probes")
-_CHOICES = {
-    "logdet": LOGDET_ESTIMATORS,
-    "distribution": ROULETTE_DISTRIBUTIONS,
-    "probe": PROBES,
-    "grad": GRADIENTS,
-}
 
 
 def residual_blocks(model: nn.Module) -> list[ResidualBlock]:
@@ -53,16 +47,7 @@ def _check(settings: dict[str, Any]) -> None:
     if unknown:
         known = ", ".join(LOGDET_SETTINGS)
         raise ValueError(f"unknown log-det settings {sorted(unknown)}; known: {known}")
-    for key, choices in _CHOICES.items():
-        if key in settings and settings[key] not in choices:
-            raise ValueError(f"{key} must be one of {choices}, got {settings[key]!r}")
-    for key in _INTEGERS:
-        if key in settings and int(settings[key]) < 1:
-            raise ValueError(f"{key} must be >= 1, got {settings[key]}")
-    if "geometric_p" in settings and not 0 < settings["geometric_p"] < 1:
-        raise ValueError(f"geometric_p must be in (0, 1), got {settings['geometric_p']}")
-    if "poisson_rate" in settings and not settings["poisson_rate"] > 0:
-        raise ValueError(f"poisson_rate must be > 0, got {settings['poisson_rate']}")
+    check_block_options(**settings)
 
 
 @contextmanager

@@ -6,7 +6,7 @@ for one release (deprecated).
 """
 
 from .diagnostics import calibrate_run, explain_run, sample_run
-from .document import Document, Table, git_commit, package_versions
+from .document import Document, Table, cpu_description, git_commit, package_versions
 from .ood import HYBRID_COMPONENTS, format_ood_table, ood_run
 from .runs import evaluate_run
 from .study import reproduction_checks, write_study_report
@@ -16,6 +16,7 @@ __all__ = [
     "Document",
     "Table",
     "calibrate_run",
+    "cpu_description",
     "evaluate_run",
     "explain_run",
     "format_ood_table",

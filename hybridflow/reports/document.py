@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 import platform
 import re
 import subprocess
@@ -159,6 +160,21 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "not installed"
     return out
+
+
+def cpu_description() -> str:
+    """The CPU model with the instruction sets that decide training speed (machines of one
+    model name differ in them: AMX and AVX-512 bf16 make bf16 and some float32 kernels faster)
+    and the cores, e.g. ``Intel(R) Xeon(R) Processor [amx_bf16 avx512_bf16 avx512f avx2], 2
+    cores``: what every timing must name."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    name = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "")
+    flags = set(next((x.split(":", 1)[1].split() for x in lines if x.startswith("flags")), []))
+    shown = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
+    return f"{name or platform.machine()} [{' '.join(shown)}], {os.cpu_count()} cores"
 
 
 def git_commit() -> str:

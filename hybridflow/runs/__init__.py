@@ -7,7 +7,13 @@
 read them through this package, never through the trainer.
 """
 
-from .checkpoint import CheckpointError, load_checkpoint, remove_temporaries, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    file_sha256,
+    load_checkpoint,
+    remove_temporaries,
+    save_checkpoint,
+)
 from .config import (
     DEFAULTS,
     KEY_CHOICES,
@@ -53,6 +59,7 @@ __all__ = [
     "ConfigError",
     "build_model_for",
     "data_info",
+    "file_sha256",
     "finished_config",
     "legacy_config",
     "legacy_flags",

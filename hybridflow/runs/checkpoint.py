@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import os
 import pickle
@@ -14,7 +15,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "load_checkpoint", "remove_temporaries", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "file_sha256",
+    "load_checkpoint",
+    "remove_temporaries",
+    "save_checkpoint",
+]
 
 #: Suffix of the file a checkpoint is written to before it atomically replaces the old one.
 TMP_SUFFIX = ".tmp"
@@ -22,6 +29,16 @@ TMP_SUFFIX = ".tmp"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, corrupt, unsafe or cannot be written."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (what shipped and carried files
+    record, so that a damaged copy is refused)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class _File(io.FileIO):

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from ..nets.amp import autocast_disabled
 from .base import InvertibleModule, sum_except_batch
 
-__all__ = ["InverseNotConvergedError", "InverseStats", "ResidualBlock"]
+__all__ = ["InverseNotConvergedError", "InverseStats", "ResidualBlock", "check_block_options"]
 
 LOGDET_ESTIMATORS = ("exact", "series", "roulette")
 ROULETTE_DISTRIBUTIONS = ("geometric", "poisson")
@@ -82,6 +82,34 @@ class _Draw:
 
     weights: list[float]  # weight of term k = 1..n (1 / P(N >= k))
     probes: list[Tensor]
+
+
+_CHOICES = {
+    "logdet": LOGDET_ESTIMATORS,
+    "distribution": ROULETTE_DISTRIBUTIONS,
+    "probe": PROBES,
+    "grad": GRADIENTS,
+    "on_inverse_failure": ("warn", "raise"),
+}
+
+
+def check_block_options(**options: object) -> None:
+    """Validate any subset of :class:`ResidualBlock`'s estimator options (at construction, and
+    when a built model is switched to other settings: :func:`~hybridflow.models.logdet_settings`).
+
+    Raises:
+        ValueError: A value outside its choices or range.
+    """
+    for key, choices in _CHOICES.items():
+        if key in options and options[key] not in choices:
+            raise ValueError(f"{key} must be one of {choices}, got {options[key]!r}")
+    for key in ("n_terms", "eval_n_terms", "n_probes"):
+        if key in options and int(options[key]) < 1:  # type: ignore[call-overload]
+            raise ValueError(f"{key} must be >= 1, got {options[key]}")
+    if "geometric_p" in options and not 0 < options["geometric_p"] < 1:  # type: ignore[operator]
+        raise ValueError(f"geometric_p must be in (0, 1), got {options['geometric_p']}")
+    if "poisson_rate" in options and not options["poisson_rate"] > 0:  # type: ignore[operator]
+        raise ValueError(f"poisson_rate must be > 0, got {options['poisson_rate']}")
 
 
 def _check_contraction(net: nn.Module) -> None:
@@ -140,19 +168,18 @@ class ResidualBlock(InvertibleModule):
         on_inverse_failure: str = "warn",
     ) -> None:
         super().__init__()
-        for value, options, what in (
-            (logdet, LOGDET_ESTIMATORS, "logdet"),
-            (distribution, ROULETTE_DISTRIBUTIONS, "distribution"),
-            (probe, PROBES, "probe"),
-            (grad, GRADIENTS, "grad"),
-            (on_inverse_failure, ("warn", "raise"), "on_inverse_failure"),
-        ):
-            if value not in options:
-                raise ValueError(f"{what} must be one of {options}, got {value!r}")
-        if n_terms < 1 or eval_n_terms < 1 or n_probes < 1:
-            raise ValueError("n_terms, eval_n_terms and n_probes must be >= 1")
-        if not 0 < geometric_p < 1 or poisson_rate <= 0:
-            raise ValueError("need 0 < geometric_p < 1 and poisson_rate > 0")
+        check_block_options(
+            logdet=logdet,
+            n_terms=n_terms,
+            eval_n_terms=eval_n_terms,
+            distribution=distribution,
+            poisson_rate=poisson_rate,
+            geometric_p=geometric_p,
+            probe=probe,
+            n_probes=n_probes,
+            grad=grad,
+            on_inverse_failure=on_inverse_failure,
+        )
         _check_contraction(net)
         self.net = net
         self.logdet_estimator = logdet

@@ -12,23 +12,29 @@ Figure 7: MAF-style (maximum likelihood on samples of p, `fit_density`, the DSF 
 direction) against IAF-style (reverse KL, the DSF in the sampling direction) on the eight
 Gaussians, same transformer and size: forward KL(p‖q) and reverse KL(q‖p) against steps.
 
-Writes reports/naf_vi/ (report.md, results.json, fig5.png, fig7.png). `--smoke` runs 40 steps of
+Writes reports/naf_vi/ (report.md, results.json, fig5.png, fig7.png, and jobs/: one result per
+fit, the figure's panels as 8-bit images, reused by a rerun with the same settings, so the recipe
+resumes over sittings when jobs/ is committed). `--smoke` runs 40 steps of
 everything on one seed with small samples (a check that the recipe runs, not a result);
 `--out=DIR` writes DIR/reports/..., `--seeds=N`, `--threads=N`.
 """
 
+import base64
 import json
 import statistics
 import sys
 import time
+import zlib
+from collections import Counter
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 
 from hybridflow.data import load_target
+from hybridflow.experiments import JobStore
 from hybridflow.models import VariationalFlow, iaf_flow
-from hybridflow.reports import git_commit, package_versions
+from hybridflow.reports import cpu_description, git_commit, package_versions
 from hybridflow.training import fit_density, fit_target, target_diagnostics
 from hybridflow.transforms import InvertibleSequential, NeuralAutoregressiveFlow, Permutation
 
@@ -40,6 +46,7 @@ FLOWS = {  # about 18-21 k parameters each
 }
 FIT = {"steps": 5000, "batch_size": 256, "lr": 3e-3, "anneal_steps": 1000, "eval_every": 500}
 FIT |= {"eval_samples": 10_000}
+FLOW_SHORT = {"affine IAF": "affine", "IAF-DSF": "dsf"}
 FINAL_SAMPLES, GRID, HALF_WIDTH = 50_000, 200, {"mixture8": 6.5, "ring": 4.0, "banana": 6.0}
 FIG7 = {"steps": 5000, "eval_every": 250, "train_points": 50_000, "val_points": 10_000}
 # Figure 7 trains both styles with the same optimisation (fit_density's defaults: lr 1e-3,
@@ -60,6 +67,7 @@ if smoke:
 out_dir = Path(args.get("--out", ".")) / "reports" / (f"{NAME}-smoke" if smoke else NAME)
 out_dir.mkdir(parents=True, exist_ok=True)
 commit, started = git_commit(), time.time()
+cpu, store = cpu_description(), JobStore(out_dir / "jobs")  # one result per fit: resumes
 
 
 def density_grid(log_density, half_width):
@@ -69,24 +77,43 @@ def density_grid(log_density, half_width):
         return torch.cat([log_density(p) for p in points.split(4096)]).exp().reshape(GRID, GRID)
 
 
+def pack_grid(grid):
+    """A density grid as the 8-bit image the figure draws (viridis has 256 colours and each
+    panel is scaled to its own range), zlib-compressed for a job file."""
+    low, high = float(grid.min()), float(grid.max())
+    scaled = ((grid - low) / max(high - low, 1e-300) * 255).round().to(torch.uint8)
+    data = base64.b64encode(zlib.compress(scaled.numpy().tobytes(), 9)).decode()
+    return {"shape": list(grid.shape), "low": low, "high": high, "uint8_zlib_base64": data}
+
+
+def unpack_grid(packed):
+    raw = zlib.decompress(base64.b64decode(packed["uint8_zlib_base64"]))
+    scaled = torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(packed["shape"])
+    return packed["low"] + scaled.double() / 255 * (packed["high"] - packed["low"])
+
+
 # ---- Figure 5: reverse KL, affine IAF vs IAF-DSF ----
 rows, grids = [], {}
 for target_name in TARGETS:
     target = load_target(target_name)
-    grids[(target_name, "target")] = density_grid(
+    grids[(target_name, "target")] = unpack_grid(pack_grid(density_grid(
         lambda x, t=target: t.log_prob(x) - t.log_normalizer, HALF_WIDTH[target_name]
-    )
+    )))  # fmt: skip
     for flow_name, flow_kw in FLOWS.items():
         for seed in seeds:
-            torch.manual_seed(seed)
-            q = iaf_flow(2, seed=seed, **flow_kw)
-            t0 = time.time()
-            fit = fit_target(q, target, seed=seed, **FIT)
-            diag = target_diagnostics(
-                fit.model, target, FINAL_SAMPLES, generator=torch.Generator().manual_seed(99)
-            )
-            rows.append(
-                {
+            name = f"fig5-{target_name}-{FLOW_SHORT[flow_name]}-s{seed}"
+            settings = {"target": target_name, "flow": flow_kw, "seed": seed, "fit": FIT}
+            settings |= {"final_samples": FINAL_SAMPLES, "grid": GRID}
+            settings["half_width"] = HALF_WIDTH[target_name]
+            if (row := store.load(name, settings)) is None:
+                torch.manual_seed(seed)
+                q = iaf_flow(2, seed=seed, **flow_kw)
+                t0 = time.time()
+                fit = fit_target(q, target, seed=seed, **FIT)
+                diag = target_diagnostics(
+                    fit.model, target, FINAL_SAMPLES, generator=torch.Generator().manual_seed(99)
+                )
+                row = {
                     "target": target_name,
                     "flow": flow_name,
                     "seed": seed,
@@ -95,16 +122,20 @@ for target_name in TARGETS:
                     "best_step": fit.best_step,
                     **diag,
                 }
-            )
+                if seed == 0:  # the figure's panel, kept as the 8-bit image it is drawn as
+                    row["grid"] = pack_grid(
+                        density_grid(fit.model.log_prob, HALF_WIDTH[target_name])
+                    )
+                store.save(name, settings, row)
+                row["cpu"] = cpu
+            if "grid" in row:
+                grids[(target_name, flow_name)] = unpack_grid(row.pop("grid"))
+            rows.append(row)
             print(
-                f"{target_name} {flow_name} seed {seed}: KL {diag['kl_reverse']:.3f}, "
-                f"ESS {diag['ess']:.3f}, modes {diag['modes_covered']}/{diag['modes']}",
+                f"{target_name} {flow_name} seed {seed}: KL {row['kl_reverse']:.3f}, "
+                f"ESS {row['ess']:.3f}, modes {row['modes_covered']}/{row['modes']}",
                 flush=True,
             )
-            if seed == 0:
-                grids[(target_name, flow_name)] = density_grid(
-                    fit.model.log_prob, HALF_WIDTH[target_name]
-                )
 
 
 def summary(target_name, flow_name, key):
@@ -133,7 +164,7 @@ fig.savefig(out_dir / "fig5.png", dpi=80)
 
 # ---- Figure 7: MAF-style (forward KL) vs IAF-style (reverse KL) training ----
 target = load_target("mixture8")
-curves = {"MAF-style (max. likelihood)": {}, "IAF-style (reverse KL)": {}}
+curves = {"MAF-style (max. likelihood)": {}, "IAF-style (reverse KL)": {}}  # style -> seed
 
 
 def dsf_stack(seed):
@@ -147,46 +178,59 @@ def dsf_stack(seed):
     return InvertibleSequential(layers)
 
 
+MAF, IAF = "MAF-style (max. likelihood)", "IAF-style (reverse KL)"
+fig7_runs = []
 for seed in seeds:
-    gen = torch.Generator().manual_seed(1000 + seed)
-    train_p, val_p = (
-        target.sample(FIG7["train_points"], gen),
-        target.sample(FIG7["val_points"], gen),
-    )
-    entropy_term = float((target.log_prob(val_p) - target.log_normalizer).mean())  # E_p log p
+    settings = {"seed": seed, "fig7": FIG7, "opt": FIG7_OPT, "flow": FLOWS["IAF-DSF"]}
+    settings["eval_samples"] = FIT["eval_samples"]
+    if (run := store.load(f"fig7-s{seed}", settings)) is None:
+        run = {"seed": seed, MAF: [], IAF: []}
+        t0 = time.time()
+        gen = torch.Generator().manual_seed(1000 + seed)
+        train_p, val_p = (
+            target.sample(FIG7["train_points"], gen),
+            target.sample(FIG7["val_points"], gen),
+        )
+        entropy_term = float((target.log_prob(val_p) - target.log_normalizer).mean())  # E_p log p
 
-    @torch.no_grad()
-    def record(style, step, q, val_p=val_p, entropy_term=entropy_term, seed=seed):
-        forward = entropy_term - float(q.log_prob(val_p).mean())
-        reverse = target_diagnostics(
-            q, target, FIT["eval_samples"], generator=torch.Generator().manual_seed(7)
-        )["kl_reverse"]
-        curves[style].setdefault(seed, []).append((step, forward, reverse))
+        @torch.no_grad()
+        def record(style, step, q, val_p=val_p, entropy_term=entropy_term, run=run):
+            forward = entropy_term - float(q.log_prob(val_p).mean())
+            reverse = target_diagnostics(
+                q, target, FIT["eval_samples"], generator=torch.Generator().manual_seed(7)
+            )["kl_reverse"]
+            run[style].append((step, forward, reverse))
 
-    torch.manual_seed(seed)
-    maf = VariationalFlow(dsf_stack(seed), 2)  # the DSF in the density direction: MAF-style
-    fit_density(
-        maf,
-        train_p,
-        val_p,
-        steps=FIG7["steps"],
-        eval_every=FIG7["eval_every"],
-        **FIG7_OPT,
-        seed=seed,
-        callback=lambda s, m: record("MAF-style (max. likelihood)", s, m),
-    )
-    torch.manual_seed(seed)
-    iaf = iaf_flow(2, **FLOWS["IAF-DSF"], seed=seed)
-    fit_target(
-        iaf,
-        target,
-        steps=FIG7["steps"],
-        eval_every=FIG7["eval_every"],
-        eval_samples=FIT["eval_samples"],
-        **FIG7_OPT,
-        seed=seed,
-        callback=lambda s, m: record("IAF-style (reverse KL)", s, m),
-    )
+        torch.manual_seed(seed)
+        maf = VariationalFlow(dsf_stack(seed), 2)  # the DSF in the density direction: MAF-style
+        fit_density(
+            maf,
+            train_p,
+            val_p,
+            steps=FIG7["steps"],
+            eval_every=FIG7["eval_every"],
+            **FIG7_OPT,
+            seed=seed,
+            callback=lambda s, m: record(MAF, s, m),
+        )
+        torch.manual_seed(seed)
+        iaf = iaf_flow(2, **FLOWS["IAF-DSF"], seed=seed)
+        fit_target(
+            iaf,
+            target,
+            steps=FIG7["steps"],
+            eval_every=FIG7["eval_every"],
+            eval_samples=FIT["eval_samples"],
+            **FIG7_OPT,
+            seed=seed,
+            callback=lambda s, m: record(IAF, s, m),
+        )
+        run["train_s"] = time.time() - t0
+        store.save(f"fig7-s{seed}", settings, run)
+        run["cpu"] = cpu
+    fig7_runs.append(run)
+    for style in curves:
+        curves[style][seed] = [tuple(point) for point in run[style]]
 
 fig = Figure(figsize=(10, 3.6), layout="constrained")
 for k, (label, column) in enumerate((("forward KL(p‖q)", 1), ("reverse KL(q‖p)", 2))):
@@ -217,6 +261,7 @@ results = {
     "flows": FLOWS,
     "figure5": rows,
     "figure7": {s: {str(k): v for k, v in c.items()} for s, c in curves.items()},
+    "figure7_fits": [{k: r[k] for k in ("seed", "train_s", "cpu")} for r in fig7_runs],
 }
 (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
 lines = [
@@ -224,7 +269,11 @@ lines = [
     + (" — SMOKE RUN" if smoke else ""),
     "",
     f"- Regenerate: `python recipes/naf_vi.py`; commit `{commit}`; {torch.get_num_threads()} "
-    f"threads; wall time {wall / 60:.1f} minutes; seeds {seeds}.",
+    f"threads; wall time of this invocation {wall / 60:.1f} minutes; seeds {seeds}.",
+    f"- Compute of all {len(rows) + len(fig7_runs)} fits, summed: "
+    f"{sum(r['train_s'] for r in rows + fig7_runs) / 60:.1f} minutes; CPUs: "
+    + "; ".join(f"{c} ({n} fits)" for c, n in Counter(r["cpu"] for r in rows + fig7_runs).items())
+    + " (finished fits are reused from jobs/).",
     f"- Fit: {FIT}; flows: {FLOWS}; final diagnostics from {FINAL_SAMPLES:,} draws.",
     "",
     "## Figure 5: affine IAF vs IAF-DSF fitted by the reverse KL",

@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -35,6 +36,7 @@ import torch
 
 from hybridflow.data import dataset_tensors, load_dataset
 from hybridflow.evaluation import evaluate_predictions, predict
+from hybridflow.experiments import JobStore
 from hybridflow.models import FlowModel, logdet_settings
 from hybridflow.models.resflow import resflow
 from hybridflow.reports import cpu_description, git_commit, package_versions
@@ -87,6 +89,7 @@ out_dir = Path(args.get("--out", ".")) / "reports" / (f"{NAME}-smoke" if smoke e
 out_dir.mkdir(parents=True, exist_ok=True)
 commit, started = git_commit(), time.time()
 cpu = cpu_description()
+store = JobStore(out_dir / "jobs")
 
 
 def exact_and_reported_bpd(flow, images):
@@ -108,17 +111,15 @@ def job_settings(job):
     return {**{k: job[k] for k in keys}, "spec": spec, "row_settings": ROWS[job["row"]], **TRAIN}
 
 
-def job_file(job):
-    name = f"{job['dataset']}-{job['task']}-{SHORT[job['row']]}-s{job['seed']}"
-    return out_dir / "jobs" / (name.replace(":", "_") + ".json")
+def job_name(job):
+    return f"{job['dataset']}-{job['task']}-{SHORT[job['row']]}-s{job['seed']}"
 
 
 def run_job(job):
     """Train one model (density or hybrid), score it exactly; one thread per process. Each
     result is kept in jobs/ beside the report, so a rerun (another sitting) skips it."""
-    path, settings = job_file(job), json.loads(json.dumps(job_settings(job)))
-    if path.exists() and (stored := json.loads(path.read_text()))["settings"] == settings:
-        return stored["result"] | {"reused": True}
+    if (stored := store.load(job_name(job), job_settings(job))) is not None:
+        return stored | {"reused": True}
     torch.set_num_threads(1)
     dataset, task, row, seed = job["dataset"], job["task"], job["row"], job["seed"]
     spec = DATASETS[dataset]
@@ -158,9 +159,8 @@ def run_job(job):
     result["exact_bpd"], result["reported_bpd"] = exact_and_reported_bpd(flow, test_images)
     result["eval_s"] = time.time() - t0 - result["train_s"]
     result.pop("runs")
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps({"settings": settings, "result": result, "cpu": cpu}, indent=1))
-    return result
+    store.save(job_name(job), job_settings(job), result)
+    return result | {"cpu": cpu}
 
 
 runs = tempfile.mkdtemp(prefix="resflow_ablation_runs_")
@@ -209,7 +209,9 @@ lines = [
     f"processes × 1 thread; wall time of this invocation {wall / 60:.1f} minutes; seeds {seeds}.",
     f"- Compute of all {len(results)} models, summed: {computed / 3600:.2f} hours of one core "
     f"(training and exact scoring; {sum(bool(r.get('reused')) for r in results)} models reused "
-    "from an earlier sitting's jobs/, each with the CPU it ran on).",
+    "from an earlier sitting's jobs/). CPUs: "
+    + "; ".join(f"{c} ({n} models)" for c, n in Counter(r["cpu"] for r in results).items())
+    + ".",
     f"- Optimisation (every row): {TRAIN}, AdamW, cosine schedule, EMA 0.999; steps per model: "
     + ", ".join(f"{d} {s['steps']:,}" for d, s in DATASETS.items())
     + "; c = 0.98 per layer (the builder's default).",

@@ -10,20 +10,24 @@ VAE / IAF-affine / IAF-DSF; their models are larger and trained far longer).
 
 Data: Fashion-MNIST (`apt-get install -y dataset-fashion-mnist`); MNIST from `--mnist=PATH`
 (an npz with keys x, y; default ../shared/data/mnist10k.npz where present: its 10,000 images
-split 7,000 / 1,000 / 2,000), else skipped. Runs resume from runs/vae_flows/. Writes
-reports/vae_flows/ (report.md, results.json). `--smoke` trains 10 steps of tiny models on
-scikit-learn digits (a check that the recipe runs, not a result); `--out=DIR`, `--seeds=N`.
+split 7,000 / 1,000 / 2,000), else skipped. Writes reports/vae_flows/ (report.md, results.json,
+and jobs/: one result per model, reused by a rerun with the same settings, so the recipe resumes
+over sittings when jobs/ is committed; a run cut short resumes from runs/vae_flows/). `--smoke`
+trains 10 steps of tiny models on scikit-learn digits (a check that the recipe runs, not a
+result); `--out=DIR`, `--seeds=N`.
 """
 
 import json
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 
-from hybridflow.reports import git_commit, package_versions
+from hybridflow.experiments import JobStore
+from hybridflow.reports import cpu_description, git_commit, package_versions
 from hybridflow.training.vae import evaluate_vae, train_vae
 
 NAME = "vae_flows"
@@ -77,34 +81,28 @@ out_dir = root / "reports" / (f"{NAME}-smoke" if smoke else NAME)
 out_dir.mkdir(parents=True, exist_ok=True)
 commit, started = git_commit(), time.time()
 
+store = JobStore(out_dir / "jobs")  # one result per model: the recipe resumes over sittings
 rows = []
 for label, spec in datasets.items():
     for posterior, row_name in POSTERIORS.items():
         for seed in seeds:
-            run = train_vae(
-                {
-                    **CONFIG,
-                    "dataset": spec,
-                    "posterior": posterior,
-                    "seed": seed,
-                    "out_dir": str(runs_dir),
-                    "name": f"{label}-{posterior}-s{seed}",
-                }
-            )
-            saved = run / "eval_test.json"
-            cached = json.loads(saved.read_text()) if saved.exists() else {}
-            if cached.get("samples") == SAMPLES and cached.get("nll_images") == NLL_IMAGES:
-                result = cached
-            else:
+            config = {**CONFIG, "dataset": spec, "posterior": posterior, "seed": seed}
+            job = {**config, "samples": SAMPLES, "nll_images": NLL_IMAGES}
+            name = f"{label}-{posterior}-s{seed}"
+            for key in ("progress", "log_every", "num_threads"):  # no effect on the result
+                job.pop(key)
+            if (result := store.load(name, job)) is None:
+                run = train_vae({**config, "out_dir": str(runs_dir), "name": name})
                 result = evaluate_vae(run, SAMPLES, NLL_IMAGES)
-            train_s = torch.load(run / "model.pt", weights_only=True)["train_time_s"]
+                result["train_s"] = torch.load(run / "model.pt", weights_only=True)["train_time_s"]
+                store.save(name, job, result)
+                result["cpu"] = cpu_description()
             rows.append(
                 {
                     **result,  # its "dataset" and "posterior" are the config's names
                     "dataset": label,
                     "posterior": row_name,
                     "seed": seed,
-                    "train_s": train_s,
                 }
             )
             print(
@@ -140,7 +138,10 @@ lines = [
     "# VAEs with flow posteriors (NAF paper, Table 1)" + (" — SMOKE RUN" if smoke else ""),
     "",
     f"- Regenerate: `python recipes/vae_flows.py`; commit `{commit}`; wall time of this "
-    f"invocation {wall / 60:.1f} minutes (finished runs are reused); seeds {seeds}.",
+    f"invocation {wall / 60:.1f} minutes (finished models are reused from jobs/); seeds {seeds}.",
+    "- CPUs (training times are theirs): "
+    + "; ".join(f"{c} ({n} models)" for c, n in Counter(r["cpu"] for r in rows).items())
+    + f"; {CONFIG['num_threads']} threads per model.",
     f"- Settings (every posterior): {CONFIG}.",
     f"- −ELBO: every test image, one draw; −log p(x): importance sampling with S = {SAMPLES:,} "
     f"draws per image on the first {NLL_IMAGES:,} test images (−ELBO on those same images "

@@ -50,6 +50,10 @@ SMOKE_OUTPUTS = {
     ],
 }
 
+#: recipes that keep one result per job in reports/NAME-smoke/jobs/ and resume from it -> the
+#: results.json key holding their per-job rows (compared between a first run and a rerun).
+JOB_RECIPES = {"naf_vi.py": "figure5", "vae_flows.py": "rows", "resflow_ablation.py": "runs"}
+
 
 def run_recipe(recipe: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU, as CI
@@ -115,6 +119,27 @@ def test_recipe_smoke_runs(recipe: str, tmp_path: Path) -> None:
         assert (out / rel).is_file(), f"{recipe} --smoke did not write {rel}"
     assert not any(cwd.iterdir()), f"{recipe} wrote outside --out: {list(cwd.iterdir())}"
     check_results(recipe, out)
+    if recipe in JOB_RECIPES:
+        check_rerun_reuses_jobs(recipe, out, cwd)
+
+
+def check_rerun_reuses_jobs(recipe: str, out: Path, cwd: Path) -> None:
+    """A rerun (the next sitting) trains nothing: every job file stays as it was and the
+    results are the stored ones, figures included."""
+    report = out / "reports" / (recipe.removesuffix(".py") + "-smoke")
+    jobs = {p.name: p.read_bytes() for p in (report / "jobs").glob("*.json")}
+    assert jobs, f"{recipe} wrote no jobs/"
+    first = json.loads((report / "results.json").read_text())[JOB_RECIPES[recipe]]
+    figures = {p.name: p.read_bytes() for p in report.glob("*.png")}
+    done = run_recipe(recipe, "--smoke", f"--out={out}", cwd=cwd)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in (report / "jobs").glob("*.json")} == jobs
+    again = json.loads((report / "results.json").read_text())[JOB_RECIPES[recipe]]
+    drop = ("reused",)  # the only field that says which run computed a row
+    assert [{k: v for k, v in r.items() if k not in drop} for r in again] == [
+        {k: v for k, v in r.items() if k not in drop} for r in first
+    ]
+    assert {p.name: p.read_bytes() for p in report.glob("*.png")} == figures
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,58 @@
+"""JobStore: recipes' per-job results kept beside their reports, reused only with equal settings."""
+
+from pathlib import Path
+
+import pytest
+
+from hybridflow.experiments import JobStore
+from hybridflow.reports import cpu_description
+
+SETTINGS = {"dataset": "digits", "seed": 0, "hidden": (64, 64), "lr": 1e-3}
+
+
+def test_a_saved_result_comes_back_with_its_cpu(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs")
+    assert store.load("digits-s0", SETTINGS) is None  # nothing stored yet
+    store.save("digits-s0", SETTINGS, {"bpd": 2.0123456789, "curve": [[1, 0.5]]})
+    # tuples in the settings are stored as lists: the same settings still match
+    assert store.load("digits-s0", SETTINGS) == {
+        "bpd": 2.0123456789,
+        "curve": [[1, 0.5]],
+        "cpu": cpu_description(),
+    }
+    assert store.names() == ["digits-s0"]
+    assert not list((tmp_path / "jobs").glob("*.partial"))
+
+
+@pytest.mark.parametrize("changed", [{"seed": 1}, {"lr": 2e-3}, {"hidden": (64,)}, {"extra": None}])
+def test_other_settings_redo_the_job(tmp_path: Path, changed: dict) -> None:
+    store = JobStore(tmp_path)
+    store.save("job", SETTINGS, {"bpd": 2.0})
+    assert store.load("job", {**SETTINGS, **changed}) is None
+
+
+def test_names_with_colons_and_slashes_stay_in_the_folder(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs")
+    path = store.save("synthetic:1x16x16/a-s0", SETTINGS, {"x": 1})
+    assert path.parent == tmp_path / "jobs" and path.name == "synthetic_1x16x16_a-s0.json"
+    assert store.load("synthetic:1x16x16/a-s0", SETTINGS) == {"x": 1, "cpu": cpu_description()}
+    for bad in ("", ".hidden"):
+        with pytest.raises(ValueError, match="job name"):
+            store.path(bad)
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"settings": {}}', "[1, 2]", ""])
+def test_a_damaged_job_file_is_named_not_silently_redone(tmp_path: Path, text: str) -> None:
+    store = JobStore(tmp_path)
+    store.path("job").write_text(text)
+    with pytest.raises(ValueError, match=r"job\.json is not a job file.*delete it"):
+        store.load("job", SETTINGS)
+
+
+def test_results_and_settings_must_be_json_numbers(tmp_path: Path) -> None:
+    store = JobStore(tmp_path)
+    with pytest.raises(ValueError, match="finite"):
+        store.save("job", {**SETTINGS, "lr": float("nan")}, {"bpd": 2.0})
+    with pytest.raises(ValueError, match="JSON compliant"):
+        store.save("job", SETTINGS, {"bpd": float("inf")})  # a diverged result is not stored
+    assert store.names() == []

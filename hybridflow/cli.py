@@ -303,6 +303,12 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--fid-samples", type=int, default=0, help="samples per cell for the Fréchet distance"
     )
+    parser.add_argument(
+        "--train-first",
+        action="store_true",
+        help="train every cell before evaluating any (a study spanning sittings: evaluations "
+        "are not carried by --pack, so none is done twice)",
+    )
     flags = {a for action in parser._actions for a in action.option_strings}
     own, rest = _split_known(argv, flags)
     args = parser.parse_args(own)
@@ -347,6 +353,7 @@ def _cmd_sweep(argv: Sequence[str]) -> int:
             checks=[RESIDUAL_FLOWS_TABLE4],  # left out of the report unless the grid has its cells
             launcher=args.launcher,
             launcher_args=launcher_args,
+            train_first=args.train_first,
             command=" ".join(["hybridflow", "sweep", *argv]),
         )
     except SweepFailedError as failed:

@@ -160,5 +160,6 @@ out = run_sweep(
     overrides=OVERRIDES,
     **SCORING,
     checks=[FLOORS, RESIDUAL_FLOWS_TABLE4],  # issue 26's floors; the seed paper's table
+    train_first=True,  # evaluations are not carried between sittings: done once, at the end
 )
 print(f"report: {out / 'report.md'}")

@@ -94,6 +94,7 @@ def test_sweep_writes_report(tmp_path: Path) -> None:
         "--grid",
         "lr=1e-3,2e-3",
         "--n-samples=4",
+        "--train-first",  # a flag of the sweep, not a config override
         *TINY,
     ]
     assert main(args) == 0
@@ -108,7 +109,7 @@ def test_sweep_writes_report(tmp_path: Path) -> None:
     assert all(0 <= float(r["accuracy"]) <= 1 and float(r["bpd"]) > 0 for r in rows)
     report = (out / "report.md").read_text()
     assert "independent per-pixel categorical" in report and "| realnvp | 1/D | lr=" in report
-    assert "Regenerate: `hybridflow sweep --name=tiny" in report
+    assert "Regenerate: `hybridflow sweep --name=tiny" in report and "--train-first" in report
     assert (out / "tradeoff.png").stat().st_size > 0 and (out / "report.html").exists()
 
 

@@ -114,6 +114,29 @@ def test_resume_skips_finished_cells_and_resumes_interrupted_ones(tmp_path: Path
     assert (out / "report.md").exists()
 
 
+@pytest.mark.parametrize("train_first", [False, True])
+def test_train_first_trains_every_cell_before_evaluating_any(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, train_first: bool
+) -> None:
+    # A study spanning sittings evaluates nothing that the next sitting would evaluate again.
+    import hybridflow.experiments.grid as grid
+
+    trained_when_evaluated = []
+
+    def evaluate_cell(run_dir, **kw):
+        models = sorted((tmp_path / "runs" / "order").glob("*/model.pt"))
+        trained_when_evaluated.append(len(models))
+        return real_evaluate(run_dir, **kw)
+
+    real_evaluate = grid.evaluate_cell
+    monkeypatch.setattr(grid, "evaluate_cell", evaluate_cell)
+    out = _sweep(tmp_path, "order", lams=["1/D"], workers=1, train_first=train_first)
+    assert trained_when_evaluated == ([2, 2] if train_first else [1, 2])
+    assert len(list(csv.DictReader((out / "results.csv").open()))) == 2
+    with pytest.raises(ConfigError, match="local launcher"):
+        _sweep(tmp_path, "order", lams=["1/D"], launcher="submitit", train_first=True)
+
+
 def test_a_failing_cell_is_reported_and_the_others_finish(tmp_path: Path, capsys) -> None:
     # A value every config check accepts but the builder refuses: the cell fails in its worker.
     bad = {**BACKBONES, "coupling": {"backbone_args": {"num_scales": 0}}}

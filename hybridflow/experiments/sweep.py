@@ -140,6 +140,7 @@ def run_sweep(
     checks: Sequence[ReproductionCheck] = (),
     launcher: str = "local",
     launcher_args: Mapping[str, Any] | None = None,
+    train_first: bool = False,
     stream=None,
 ) -> Path:
     """Train and evaluate every cell of ``backbones × lams × seeds × grid``; write the report.
@@ -176,6 +177,9 @@ def run_sweep(
         launcher_args: submitit settings: ``cluster``, ``partition``, ``timeout_min``,
             ``gpus_per_node``, ``cpus_per_task``, ``mem_gb``, ``array_parallelism``,
             ``tasks_per_node``, ``nodes`` (``threads`` is then the torch threads per job).
+        train_first: Train every cell before evaluating any. For a study that spans sittings
+            whose evaluations are not carried over (``hybridflow sweep --pack`` keeps models,
+            not evaluations), so no sitting evaluates cells that the next one evaluates again.
 
     Returns:
         The report folder, when every cell finished.
@@ -186,6 +190,8 @@ def run_sweep(
     """
     if launcher not in ("local", "submitit"):
         raise ConfigError(f"launcher must be one of local, submitit; got {launcher!r}")
+    if train_first and launcher != "local":  # a cluster's run folders outlive the sweep
+        raise ConfigError("train_first is for the local launcher (submitit skips done cells)")
     threads_per_job = threads
     started = time.time()
     commit = git_commit()  # before anything is written into the (tracked) report folder
@@ -213,6 +219,11 @@ def run_sweep(
         statuses = run_cells_submitit(
             cells, evaluate, launcher_args or {}, threads=threads_per_job, stream=stream
         )
+    elif train_first:  # a cell that failed to train keeps its status; the others are evaluated
+        local = {"workers": workers, "threads": threads, "stream": stream}
+        statuses = run_cells(cells, None, **local)
+        trained = [c for c in cells if statuses[c.name].get("status") == "done"]
+        statuses |= run_cells(trained, evaluate, **local) if trained else {}
     else:
         statuses = run_cells(cells, evaluate, workers=workers, threads=threads, stream=stream)
     evaluations = {}

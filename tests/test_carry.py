@@ -24,14 +24,15 @@ class _Killed(BaseException):
     """Stands in for the end of a sitting: nothing of the trainer's clean-up runs."""
 
 
-def _study(runs: Path, monkeypatch) -> None:
+def _study(runs: Path, monkeypatch, kill_at: int = 12, finished: bool = True) -> None:
     """Cell ``done`` finished; cell ``half`` killed after the checkpoint of step 12 of 18."""
-    train({**CONFIG, "out_dir": str(runs), "name": "done"})
+    if finished:
+        train({**CONFIG, "out_dir": str(runs), "name": "done"})
     original = trainer.save_checkpoint
 
     def save_then_die(payload, path):
         original(payload, path)
-        if payload.get("step") == 12:
+        if payload.get("step") == kill_at:
             raise _Killed
 
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
@@ -93,16 +94,62 @@ def test_pack_and_unpack_never_go_backwards(tmp_path: Path, monkeypatch) -> None
     assert not (state / "half" / "checkpoint.pt").exists()
 
 
+def test_a_later_packed_checkpoint_replaces_an_earlier_one_here(tmp_path, monkeypatch) -> None:
+    runs, state, behind = tmp_path / "runs", tmp_path / "state", tmp_path / "behind"
+    _study(runs, monkeypatch)
+    pack_study(runs, state)
+    _study(behind, monkeypatch, kill_at=6, finished=False)  # this machine got to step 6 only
+    assert unpack_study(state, behind) == {
+        "done": "restored (finished)",
+        "half": "restored (training, step 12)",
+    }
+    assert load_checkpoint(behind / "half" / "checkpoint.pt")["step"] == 12
+
+
+def test_a_pack_cut_short_leaves_a_state_that_unpacks(tmp_path: Path, monkeypatch) -> None:
+    import hybridflow.experiments.carry as carry
+
+    runs, state = tmp_path / "runs", tmp_path / "state"
+    _study(runs, monkeypatch)
+    pack_study(runs, state)
+    train({**CONFIG, "out_dir": str(runs), "name": "half"})  # finishes
+    copy = carry.shutil.copy2
+
+    def copy_then_die(source, target):
+        if Path(source).name == "model.pt" and Path(source).parent.name == "half":
+            raise _Killed  # the sitting ends while the finished cell's model is copied
+        return copy(source, target)
+
+    monkeypatch.setattr(carry.shutil, "copy2", copy_then_die)
+    with pytest.raises(_Killed):
+        pack_study(runs, state)
+    monkeypatch.undo()
+    # The earlier state of the cell is intact and listed: it unpacks and resumes.
+    assert unpack_study(state, tmp_path / "elsewhere")["half"] == "restored (training, step 12)"
+    # The next pack finishes the job (and clears the half-copied folder).
+    assert pack_study(runs, state)["cells"]["half"]["state"] == "finished"
+    assert sorted(p.name for p in state.iterdir()) == [MANIFEST_FILE, "done", "half"]
+
+
+def test_packing_before_any_checkpoint_writes_an_empty_state(tmp_path: Path) -> None:
+    cell = tmp_path / "runs" / "fresh"
+    cell.mkdir(parents=True)
+    (cell / "config.json").write_text("{}")  # started, nothing saved yet
+    assert pack_study(tmp_path / "runs", tmp_path / "state") == {"cells": {}}
+    assert unpack_study(tmp_path / "state", tmp_path / "elsewhere") == {}
+
+
 def test_unpack_refuses_a_damaged_copy(tmp_path: Path, monkeypatch) -> None:
     runs, state = tmp_path / "runs", tmp_path / "state"
     _study(runs, monkeypatch)
     pack_study(runs, state)
-    model = state / "done" / "model.pt"
+    model = state / "half" / "checkpoint.pt"  # the second cell: the first must not be copied
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF
     model.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="damaged"):
         unpack_study(state, tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere").exists()  # checked before anything was restored
     with pytest.raises(FileNotFoundError, match=MANIFEST_FILE):
         unpack_study(tmp_path / "nothing", tmp_path / "elsewhere")
 

@@ -137,6 +137,29 @@ def test_train_first_trains_every_cell_before_evaluating_any(
         _sweep(tmp_path, "order", lams=["1/D"], launcher="submitit", train_first=True)
 
 
+def test_cells_trained_but_not_evaluated_say_so(tmp_path: Path, monkeypatch) -> None:
+    # A train_first sweep stopped during its evaluations: its cells are "trained", not "done",
+    # and the cluster launcher would submit them again (to evaluate them).
+    import hybridflow.experiments.grid as grid
+    from hybridflow.experiments import sweep_status
+
+    def interrupted(run_dir, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(grid, "evaluate_cell", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _sweep(tmp_path, "cut", lams=["1/D"], workers=1, train_first=True)
+    rows = sweep_status(tmp_path / "runs" / "cut")
+    assert [(r["cell"], r["status"]) for r in rows] == [
+        ("coupling-lam1overD-s0", "trained"),
+        ("realnvp-lam1overD-s0", "trained"),
+    ]
+    monkeypatch.undo()
+    _sweep(tmp_path, "cut", lams=["1/D"], workers=1, train_first=True)  # evaluates, trains nothing
+    rows = sweep_status(tmp_path / "runs" / "cut")
+    assert {r["status"] for r in rows} == {"done"}
+
+
 def test_a_failing_cell_is_reported_and_the_others_finish(tmp_path: Path, capsys) -> None:
     # A value every config check accepts but the builder refuses: the cell fails in its worker.
     bad = {**BACKBONES, "coupling": {"backbone_args": {"num_scales": 0}}}

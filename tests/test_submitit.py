@@ -186,3 +186,20 @@ def test_a_job_with_two_tasks_trains_its_cell_with_ddp(tmp_path: Path) -> None:
     assert b["bpd"] == pytest.approx(a["bpd"], rel=1e-6)
     log = next((tmp_path / "runs" / "two" / "submitit").glob("*_1_log.out")).read_text()
     assert "global_rank=1(2)" in log  # the second task ran
+
+
+def test_cells_trained_by_a_train_first_pass_are_submitted_to_be_evaluated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hybridflow.experiments.grid as grid
+
+    def interrupted(run_dir, **kw):
+        raise KeyboardInterrupt  # the sitting ends after training, before any evaluation
+
+    monkeypatch.setattr(grid, "evaluate_cell", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _sweep(tmp_path, "moved", train_first=True)
+    monkeypatch.undo()
+    out = _sweep(tmp_path, "moved", launcher="submitit", launcher_args=LOCAL_JOBS)
+    numbers = _numbers(out)  # both λ cells evaluated, 2 seeds each: none skipped as "done"
+    assert len(numbers) == 2 and all(len(cell["accuracy"]) == 2 for cell in numbers)

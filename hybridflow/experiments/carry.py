@@ -65,6 +65,10 @@ def pack_study(runs_dir: str | Path, dest: str | Path) -> dict[str, Any]:
         SHA-256, and ``sittings``: every packing that advanced it (state, step, CPU, time), so
         a reader can tell which steps ran on which machine.
 
+    Each cell is copied into a fresh folder that then replaces the packed one, and the
+    manifest is rewritten (whole) around each swap, so a pack cut short leaves a state that
+    still unpacks: every cell as it was before or as it is now.
+
     Raises:
         FileNotFoundError: ``runs_dir`` holds no cell folders.
     """
@@ -74,6 +78,7 @@ def pack_study(runs_dir: str | Path, dest: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{runs_dir} holds no cell folders (none has {CONFIG_FILE})")
     manifest_path = dest / MANIFEST_FILE
     packed = json.loads(manifest_path.read_text())["cells"] if manifest_path.exists() else {}
+    dest.mkdir(parents=True, exist_ok=True)
     for cell in cells:
         stage, step = _progress(cell)
         before = packed.get(cell.name)
@@ -81,26 +86,43 @@ def pack_study(runs_dir: str | Path, dest: str | Path) -> dict[str, Any]:
             continue  # nothing trained yet, or the packed state is as far along
         state = MODEL_FILE if stage == 2 else CHECKPOINT_FILE
         files = [f for f in (CONFIG_FILE, METRICS_FILE, state) if (cell / f).exists()]
-        target = dest / cell.name
-        if target.exists():
-            shutil.rmtree(target)
-        target.mkdir(parents=True)
+        # Copy into a fresh folder, then swap it in and record it: a pack cut short (the end of
+        # a sitting, a full disk) leaves every cell either as it was or as it is now, each
+        # matching the manifest, never new files under old hashes.
+        incoming = dest / f"{cell.name}.incoming"
+        if incoming.exists():
+            shutil.rmtree(incoming)
+        incoming.mkdir()
         for name in files:  # copy, then hash the copy: what is recorded is what was written
-            shutil.copy2(cell / name, target / name)
+            shutil.copy2(cell / name, incoming / name)
         sitting = {
             "state": "finished" if stage == 2 else "training",
             "step": step,
             "packed_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "cpu": cpu_description(),
         }
-        packed[cell.name] = {
+        entry = {
             **sitting,
-            "files": {name: file_sha256(target / name) for name in files},
+            "files": {name: file_sha256(incoming / name) for name in files},
             # Where each stretch of steps ran: wall times from different CPUs do not compare.
             "sittings": [*(before or {}).get("sittings", []), sitting],
         }
-    manifest = {"cells": dict(sorted(packed.items()))}
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+        _write_manifest(manifest_path, {k: v for k, v in packed.items() if k != cell.name})
+        target = dest / cell.name
+        if target.exists():
+            shutil.rmtree(target)
+        incoming.rename(target)
+        packed[cell.name] = entry
+        _write_manifest(manifest_path, packed)
+    return _write_manifest(manifest_path, packed)
+
+
+def _write_manifest(path: Path, cells: dict[str, Any]) -> dict[str, Any]:
+    """Write the manifest whole or not at all (a temporary file renamed over it)."""
+    manifest = {"cells": dict(sorted(cells.items()))}
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(manifest, indent=2) + "\n")
+    partial.replace(path)
     return manifest
 
 
@@ -116,15 +138,15 @@ def unpack_study(src: str | Path, runs_dir: str | Path) -> dict[str, str]:
 
     Raises:
         FileNotFoundError: ``src`` has no ``MANIFEST.json``.
-        CheckpointError: A packed file is missing or its SHA-256 differs from the manifest's.
+        CheckpointError: A packed file is missing or its SHA-256 differs from the manifest's
+            (checked for every cell before any is restored).
     """
     src, runs_dir = Path(src), Path(runs_dir)
     manifest_path = src / MANIFEST_FILE
     if not manifest_path.exists():
         raise FileNotFoundError(f"{src} is not a packed study (no {MANIFEST_FILE})")
     manifest = json.loads(manifest_path.read_text())
-    outcome: dict[str, str] = {}
-    for name, entry in manifest["cells"].items():
+    for name, entry in manifest["cells"].items():  # every file, before anything is copied
         for file, digest in entry["files"].items():
             path = src / name / file
             if not path.exists() or file_sha256(path) != digest:
@@ -132,6 +154,8 @@ def unpack_study(src: str | Path, runs_dir: str | Path) -> dict[str, str]:
                     f"{path} is missing or damaged (SHA-256 differs from {manifest_path}); "
                     "restore it from version control or remove the cell from the manifest"
                 )
+    outcome: dict[str, str] = {}
+    for name, entry in manifest["cells"].items():
         here = runs_dir / name
         stage, step = _progress(here)
         packed_stage = _STAGES[entry["state"]]

@@ -223,9 +223,9 @@ def run_cell(
     ``evaluate`` holds the keywords of :func:`~hybridflow.experiments.evaluate_cell` (``None``:
     train only).
 
-    Returns (and writes to ``cell.json``) ``{"status": "done" | "failed", "train_s", "eval_s",
-    "reused", "error", "traceback"}``. ``KeyboardInterrupt`` is passed on (the trainer has
-    saved a checkpoint), so an interrupted grid resumes where it stopped.
+    Returns (and writes to ``cell.json``) ``{"status": "done" | "failed", "evaluated",
+    "train_s", "eval_s", "reused", "error", "traceback"}``. ``KeyboardInterrupt`` is passed on
+    (the trainer has saved a checkpoint), so an interrupted grid resumes where it stopped.
     """
     run_dir = Path(config["out_dir"]) / config["name"]
     if threads:
@@ -240,7 +240,8 @@ def run_cell(
             t = time.time()
             evaluate_cell(run_dir, **evaluate)
             status["eval_s"] = time.time() - t
-        status["status"] = "done"
+        # "done" with evaluated false: trained only (a train_first sweep's first pass)
+        status |= {"status": "done", "evaluated": evaluate is not None}
     except (KeyboardInterrupt, SystemExit):
         raise  # Ctrl-C, or submitit requeueing a preempted job: the checkpoint resumes it
     except BaseException as err:  # one failing cell must not stop the others
@@ -436,8 +437,9 @@ def run_cells(
 
 def sweep_status(runs_dir: str | Path) -> list[dict[str, Any]]:
     """The state of every cell folder of a study (``runs_root/NAME``), read without side effects:
-    ``done``, ``running``, ``failed`` (with the error) or ``queued`` (a submitted job that has not
-    started), with the job id and log of submitit cells."""
+    ``done``, ``trained`` (not yet evaluated: a ``train_first`` sweep), ``running``, ``failed``
+    (with the error) or ``queued`` (a submitted job that has not started), with the job id and
+    log of submitit cells."""
     if not Path(runs_dir).is_dir():
         raise FileNotFoundError(f"no study at {runs_dir}: give the name a sweep ran under")
     rows = []
@@ -450,7 +452,11 @@ def sweep_status(runs_dir: str | Path) -> list[dict[str, Any]]:
         rows.append(
             {
                 "cell": folder.name,
-                "status": status.get("status", "queued" if job else "not started"),
+                "status": (
+                    "trained"
+                    if status.get("evaluated") is False and status["status"] == "done"
+                    else status.get("status", "queued" if job else "not started")
+                ),
                 "error": status.get("error"),
                 "job_id": job.get("job_id"),
                 "log": job.get("log"),

@@ -157,8 +157,9 @@ def run_cells_submitit(
 ) -> dict[str, dict[str, Any]]:
     """Submit every unfinished cell as a job, wait for all, return each cell's status.
 
-    Cells finished earlier are not submitted (their ``cell.json`` says done and ``model.pt``
-    exists); ``threads`` torch threads per job (default: the job's ``cpus_per_task``, else 1).
+    Cells finished earlier are not submitted (their ``cell.json`` says done and evaluated, and
+    ``model.pt`` exists); ``threads`` torch threads per job (default: the job's
+    ``cpus_per_task``, else 1).
     """
     for cell in cells:
         check_reusable(cell)
@@ -169,7 +170,8 @@ def run_cells_submitit(
     todo = []
     for cell in cells:
         status = read_status(cell.run_dir)
-        if status and status.get("status") == "done" and (cell.run_dir / MODEL_FILE).exists():
+        evaluated = status and status.get("evaluated", True)  # not after a train_first pass
+        if evaluated and status.get("status") == "done" and (cell.run_dir / MODEL_FILE).exists():
             results[cell.name] = status
         else:
             todo.append(cell)

@@ -15,18 +15,19 @@ Fashion-MNIST 1,500 steps, batch 64 (stated in the report with each run's time).
 
 Writes reports/resflow_ablation/ (report.md, results.json, and jobs/: one result per trained
 model, reused by a rerun with the same settings, so the recipe resumes over sittings when jobs/
-is kept; commit it with the report). `--smoke` runs a few steps on
+is kept; commit it with the report); hybrid runs go to runs/resflow_ablation/ (a run cut short
+resumes there). `--smoke` runs a few steps on
 digits and random 28×28 images (a check that the recipe runs, not a result); `--out=DIR`,
 `--seeds=N`, `--workers=N` (processes, one thread each; default 2).
 
     python recipes/resflow_ablation.py   # see report.md for the measured wall time
 """
 
+import hashlib
 import json
 import multiprocessing
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -115,6 +116,13 @@ def job_name(job):
     return f"{job['dataset']}-{job['task']}-{SHORT[job['row']]}-s{job['seed']}"
 
 
+def run_name(job):
+    """A hybrid job's run folder: named by its settings too, so a run cut short resumes and one
+    with other settings is left alone rather than refused."""
+    settings = json.dumps(job_settings(job), sort_keys=True).encode()
+    return f"{job_name(job)}-{hashlib.sha256(settings).hexdigest()[:8]}".replace(":", "_")
+
+
 def run_job(job):
     """Train one model (density or hybrid), score it exactly; one thread per process. Each
     result is kept in jobs/ beside the report, so a rerun (another sitting) skips it."""
@@ -147,7 +155,7 @@ def run_job(job):
                 "head": "resflow", "head_args": spec["head_args"], "lam": "1/D", "seed": seed,
                 "max_steps": spec["steps"], "epochs": 1000, "eval_every": 1000,
                 "weight_decay": 0.0, "progress": False, "num_threads": 1,
-                "out_dir": job["runs"], "name": f"{dataset}-{SHORT[row]}-s{seed}".replace(":", "_"),
+                "out_dir": job["runs"], "name": run_name(job),
                 **TRAIN,
             }
         )  # fmt: skip
@@ -163,7 +171,7 @@ def run_job(job):
     return result | {"cpu": cpu}
 
 
-runs = tempfile.mkdtemp(prefix="resflow_ablation_runs_")
+runs = str(Path(args.get("--out", ".")) / "runs" / (f"{NAME}-smoke" if smoke else NAME))
 jobs = [
     {"dataset": d, "task": t, "row": r, "seed": s, "runs": runs}
     for d in DATASETS for t in ("density", "hybrid") for r in ROWS for s in seeds

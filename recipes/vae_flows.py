@@ -17,6 +17,7 @@ trains 10 steps of tiny models on scikit-learn digits (a check that the recipe r
 result); `--out=DIR`, `--seeds=N`.
 """
 
+import hashlib
 import json
 import statistics
 import sys
@@ -28,6 +29,7 @@ import torch
 
 from hybridflow.experiments import JobStore
 from hybridflow.reports import cpu_description, git_commit, package_versions
+from hybridflow.runs import file_sha256
 from hybridflow.training.vae import evaluate_vae, train_vae
 
 NAME = "vae_flows"
@@ -68,8 +70,14 @@ seeds = list(range(int(args.get("--seeds", 1 if smoke else 3))))
 root = Path(args.get("--out", "."))
 mnist = Path(args["--mnist"]) if "--mnist" in args else MNIST
 datasets = {"fashion-mnist": "fashion-mnist"}
+identity = {"fashion-mnist": "fashion-mnist"}  # what a job's result depends on, per data set
 if mnist.exists():
     datasets["mnist"] = f"npz:{mnist}"
+    identity["mnist"] = f"npz sha256 {file_sha256(mnist)}"  # not its path: moving it is fine
+elif "--mnist" in args:
+    sys.exit(f"--mnist={mnist}: no such file")
+else:
+    print(f"MNIST rows skipped: {mnist} not found (give --mnist=PATH)", file=sys.stderr)
 if smoke:
     datasets = {"digits": "digits"}
     CONFIG |= {"latent_dim": 4, "context_dim": 6, "width": 4, "made_hidden": (16,)}
@@ -87,12 +95,17 @@ for label, spec in datasets.items():
     for posterior, row_name in POSTERIORS.items():
         for seed in seeds:
             config = {**CONFIG, "dataset": spec, "posterior": posterior, "seed": seed}
-            job = {**config, "samples": SAMPLES, "nll_images": NLL_IMAGES}
+            job = {**config, "dataset": identity.get(label, spec), "samples": SAMPLES}
+            job["nll_images"] = NLL_IMAGES
             name = f"{label}-{posterior}-s{seed}"
             for key in ("progress", "log_every", "num_threads"):  # no effect on the result
                 job.pop(key)
             if (result := store.load(name, job)) is None:
-                run = train_vae({**config, "out_dir": str(runs_dir), "name": name})
+                # The run folder is named by its settings too: a run cut short in this sitting
+                # resumes, and one with other settings is left alone rather than refused.
+                digest = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+                run_name = f"{name}-{digest[:8]}"
+                run = train_vae({**config, "out_dir": str(runs_dir), "name": run_name})
                 result = evaluate_vae(run, SAMPLES, NLL_IMAGES)
                 result["train_s"] = torch.load(run / "model.pt", weights_only=True)["train_time_s"]
                 store.save(name, job, result)

@@ -349,3 +349,24 @@ def test_logdet_settings_switch_and_restore() -> None:
         pass
     with pytest.raises(ValueError, match="no residual"), logdet_settings(nn.Linear(2, 2)):
         pass
+    for bad, message in (
+        ({"n_terms": 2.5}, "n_terms must be an integer, got 2.5"),
+        ({"n_probes": True}, "n_probes must be an integer"),
+        ({"memory_efficient": "false"}, "memory_efficient must be True or False, got 'false'"),
+    ):
+        with pytest.raises(ValueError, match=message), logdet_settings(block, **bad):
+            pass
+
+
+def test_n_terms_alone_switches_a_block_in_eval_mode_too() -> None:
+    # A block in eval mode reads eval_n_terms: a switch of n_terms alone must reach it.
+    from hybridflow.models import logdet_settings
+
+    block, _ = _linear_block(0.9)
+    block.eval()
+    before = (block.n_terms, block.eval_n_terms)
+    with logdet_settings(block, n_terms=1):
+        assert (block.n_terms, block.eval_n_terms) == (1, 1)
+    with logdet_settings(block, n_terms=1, eval_n_terms=7):
+        assert (block.n_terms, block.eval_n_terms) == (1, 7)
+    assert (block.n_terms, block.eval_n_terms) == before

@@ -63,7 +63,9 @@ def logdet_settings(model: nn.Module, **settings: Any) -> Iterator[list[Residual
         model: Any module holding :class:`~hybridflow.transforms.ResidualBlock` s.
         **settings: Keywords of the block (``logdet``, ``n_terms``, ``eval_n_terms``,
             ``distribution``, ``poisson_rate``, ``geometric_p``, ``probe``, ``n_probes``,
-            ``grad``, ``memory_efficient``), checked as the block checks them.
+            ``grad``, ``memory_efficient``), checked as the block checks them. ``n_terms``
+            alone sets ``eval_n_terms`` too (the count a block in eval mode uses), so the switch
+            holds in both modes; give both to differ.
 
     Yields:
         The blocks switched.
@@ -72,6 +74,9 @@ def logdet_settings(model: nn.Module, **settings: Any) -> Iterator[list[Residual
         ValueError: An unknown setting or value, or a model without residual blocks.
     """
     _check(settings)
+    if "n_terms" in settings and "eval_n_terms" not in settings:
+        # a block in eval mode reads eval_n_terms: n_terms alone would silently not apply there
+        settings["eval_n_terms"] = settings["n_terms"]
     blocks = residual_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no residual blocks to switch")

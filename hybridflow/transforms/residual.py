@@ -46,6 +46,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 from torch import Tensor, nn
@@ -104,8 +105,15 @@ def check_block_options(**options: object) -> None:
         if key in options and options[key] not in choices:
             raise ValueError(f"{key} must be one of {choices}, got {options[key]!r}")
     for key in ("n_terms", "eval_n_terms", "n_probes"):
-        if key in options and int(options[key]) < 1:  # type: ignore[call-overload]
-            raise ValueError(f"{key} must be >= 1, got {options[key]}")
+        value = options.get(key)
+        if key in options and (isinstance(value, bool) or not isinstance(value, Integral)):
+            raise ValueError(f"{key} must be an integer, got {value!r}")  # 2.5 is not 2
+        if key in options and value < 1:  # type: ignore[operator]
+            raise ValueError(f"{key} must be >= 1, got {value}")
+    if "memory_efficient" in options and not isinstance(options["memory_efficient"], bool):
+        raise ValueError(
+            f"memory_efficient must be True or False, got {options['memory_efficient']!r}"
+        )
     if "geometric_p" in options and not 0 < options["geometric_p"] < 1:  # type: ignore[operator]
         raise ValueError(f"geometric_p must be in (0, 1), got {options['geometric_p']}")
     if "poisson_rate" in options and not options["poisson_rate"] > 0:  # type: ignore[operator]
@@ -178,6 +186,7 @@ class ResidualBlock(InvertibleModule):
             probe=probe,
             n_probes=n_probes,
             grad=grad,
+            memory_efficient=memory_efficient,
             on_inverse_failure=on_inverse_failure,
         )
         _check_contraction(net)

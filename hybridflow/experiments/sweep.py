@@ -191,7 +191,7 @@ def run_sweep(
     if launcher not in ("local", "submitit"):
         raise ConfigError(f"launcher must be one of local, submitit; got {launcher!r}")
     if train_first and launcher != "local":  # a cluster's run folders outlive the sweep
-        raise ConfigError("train_first is for the local launcher (submitit skips done cells)")
+        raise ConfigError("train_first is for the local launcher (cluster run folders persist)")
     threads_per_job = threads
     started = time.time()
     commit = git_commit()  # before anything is written into the (tracked) report folder
@@ -219,13 +219,12 @@ def run_sweep(
         statuses = run_cells_submitit(
             cells, evaluate, launcher_args or {}, threads=threads_per_job, stream=stream
         )
-    elif train_first:  # a cell that failed to train keeps its status; the others are evaluated
+    else:  # train_first: a cell that failed to train keeps its status; the others are evaluated
         local = {"workers": workers, "threads": threads, "stream": stream}
-        statuses = run_cells(cells, None, **local)
+        statuses = run_cells(cells, None if train_first else evaluate, **local)
         trained = [c for c in cells if statuses[c.name].get("status") == "done"]
-        statuses |= run_cells(trained, evaluate, **local) if trained else {}
-    else:
-        statuses = run_cells(cells, evaluate, workers=workers, threads=threads, stream=stream)
+        if train_first and trained:
+            statuses |= run_cells(trained, evaluate, **local)
     evaluations = {}
     for cell in cells:
         path = cell.run_dir / EVAL_FILE

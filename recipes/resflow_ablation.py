@@ -23,7 +23,6 @@ digits and random 28×28 images (a check that the recipe runs, not a result); `-
     python recipes/resflow_ablation.py   # see report.md for the measured wall time
 """
 
-import hashlib
 import json
 import multiprocessing
 import statistics
@@ -116,13 +115,6 @@ def job_name(job):
     return f"{job['dataset']}-{job['task']}-{SHORT[job['row']]}-s{job['seed']}"
 
 
-def run_name(job):
-    """A hybrid job's run folder: named by its settings too, so a run cut short resumes and one
-    with other settings is left alone rather than refused."""
-    settings = json.dumps(job_settings(job), sort_keys=True).encode()
-    return f"{job_name(job)}-{hashlib.sha256(settings).hexdigest()[:8]}".replace(":", "_")
-
-
 def run_job(job):
     """Train one model (density or hybrid), score it exactly; one thread per process. Each
     result is kept in jobs/ beside the report, so a rerun (another sitting) skips it."""
@@ -155,7 +147,7 @@ def run_job(job):
                 "head": "resflow", "head_args": spec["head_args"], "lam": "1/D", "seed": seed,
                 "max_steps": spec["steps"], "epochs": 1000, "eval_every": 1000,
                 "weight_decay": 0.0, "progress": False, "num_threads": 1,
-                "out_dir": job["runs"], "name": run_name(job),
+                "out_dir": job["runs"], "name": store.run_name(job_name(job), job_settings(job)),
                 **TRAIN,
             }
         )  # fmt: skip

@@ -17,7 +17,6 @@ trains 10 steps of tiny models on scikit-learn digits (a check that the recipe r
 result); `--out=DIR`, `--seeds=N`.
 """
 
-import hashlib
 import json
 import statistics
 import sys
@@ -101,10 +100,7 @@ for label, spec in datasets.items():
             for key in ("progress", "log_every", "num_threads"):  # no effect on the result
                 job.pop(key)
             if (result := store.load(name, job)) is None:
-                # The run folder is named by its settings too: a run cut short in this sitting
-                # resumes, and one with other settings is left alone rather than refused.
-                digest = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
-                run_name = f"{name}-{digest[:8]}"
+                run_name = store.run_name(name, job)  # a run cut short in this sitting resumes
                 run = train_vae({**config, "out_dir": str(runs_dir), "name": run_name})
                 result = evaluate_vae(run, SAMPLES, NLL_IMAGES)
                 result["train_s"] = torch.load(run / "model.pt", weights_only=True)["train_time_s"]

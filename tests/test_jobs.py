@@ -70,3 +70,12 @@ def test_non_finite_results_are_kept_and_bad_values_named(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="job other: settings must be JSON"):
         store.load("other", {**SETTINGS, "root": Path("data")})
     assert store.names() == ["job"]
+
+
+def test_run_names_follow_the_settings(tmp_path: Path) -> None:
+    store = JobStore(tmp_path)
+    name = store.run_name("synthetic:1x16x16-s0", SETTINGS)
+    prefix = "synthetic_1x16x16-s0-"  # the job file's stem, then 8 hex digits of the settings
+    assert name.startswith(prefix) and len(name) == len(prefix) + 8
+    assert store.run_name("synthetic:1x16x16-s0", {**SETTINGS, "hidden": [64, 64]}) == name
+    assert store.run_name("synthetic:1x16x16-s0", {**SETTINGS, "seed": 1}) != name

@@ -7,6 +7,7 @@ stored result only when it was made with exactly the same settings, so changing 
 settings redoes its jobs rather than mixing results of two configurations.
 """
 
+import hashlib
 import json
 import math
 import sys
@@ -91,6 +92,13 @@ class JobStore:
         partial.write_text(text + "\n")
         partial.replace(path)
         return path
+
+    def run_name(self, name: str, settings: dict[str, Any]) -> str:
+        """A run folder name for job ``name``: the name and a digest of its settings, so a run
+        cut short resumes in its folder and a run with other settings gets another one (rather
+        than being refused by the folder's config check)."""
+        text = json.dumps(_as_json(settings, name), sort_keys=True).encode()
+        return self.path(name).stem + "-" + hashlib.sha256(text).hexdigest()[:8]
 
     def names(self) -> list[str]:
         """The stored jobs' file names without ``.json`` (``:`` and ``/`` as ``_``), sorted."""

@@ -183,6 +183,7 @@ fig7_runs = []
 for seed in seeds:
     settings = {"seed": seed, "fig7": FIG7, "opt": FIG7_OPT, "flow": FLOWS["IAF-DSF"]}
     settings["eval_samples"] = FIT["eval_samples"]
+    settings["columns"] = ["step", "forward KL", "reverse KL", "reverse KL trimmed"]
     if (run := store.load(f"fig7-s{seed}", settings)) is None:
         run = {"seed": seed, MAF: [], IAF: []}
         t0 = time.time()
@@ -196,10 +197,10 @@ for seed in seeds:
         @torch.no_grad()
         def record(style, step, q, val_p=val_p, entropy_term=entropy_term, run=run):
             forward = entropy_term - float(q.log_prob(val_p).mean())
-            reverse = target_diagnostics(
+            diag = target_diagnostics(
                 q, target, FIT["eval_samples"], generator=torch.Generator().manual_seed(7)
-            )["kl_reverse"]
-            run[style].append((step, forward, reverse))
+            )
+            run[style].append((step, forward, diag["kl_reverse"], diag["kl_reverse_trimmed"]))
 
         torch.manual_seed(seed)
         maf = VariationalFlow(dsf_stack(seed), 2)  # the DSF in the density direction: MAF-style
@@ -232,9 +233,11 @@ for seed in seeds:
     for style in curves:
         curves[style][seed] = [tuple(point) for point in run[style]]
 
-fig = Figure(figsize=(10, 3.6), layout="constrained")
-for k, (label, column) in enumerate((("forward KL(p‖q)", 1), ("reverse KL(q‖p)", 2))):
-    ax = fig.add_subplot(1, 2, k + 1)
+fig = Figure(figsize=(14, 3.6), layout="constrained")
+panels = ("forward KL(p‖q)", "reverse KL(q‖p)", "reverse KL, worst 0.1% of draws left out")
+for k, label in enumerate(panels):
+    column = k + 1
+    ax = fig.add_subplot(1, 3, k + 1)
     for style, per_seed in curves.items():
         for seed, points in per_seed.items():
             ax.plot(
@@ -245,7 +248,7 @@ for k, (label, column) in enumerate((("forward KL(p‖q)", 1), ("reverse KL(q‖
                 lw=1.2,
             )
     ax.set_yscale("symlog", linthresh=0.01)  # Monte Carlo estimates near 0 may be negative
-    ax.set(xlabel="step", ylabel=f"{label} (nats)", title=label)
+    ax.set(xlabel="step", ylabel="nats", title=label)
     ax.legend(fontsize=8)
 fig.savefig(out_dir / "fig7.png", dpi=90)
 finals = {style: [pts[-1] for pts in per_seed.values()] for style, per_seed in curves.items()}
@@ -317,11 +320,48 @@ lines += [
     "The same DSF (2 layers, 16 units, MADE 64-64) and the same optimisation "
     f"({FIG7_OPT}, warmup 100, cosine schedule, no annealing) trained by maximum likelihood on "
     f"{FIG7['train_points']:,} samples of p (density direction) and by the reverse KL "
-    "(sampling direction). Final values per seed (forward KL, reverse KL, nats):",
+    "(sampling direction). Both KLs are estimated at every evaluation: forward KL(p‖q) on "
+    f"{FIG7['val_points']:,} held-out samples of p, reverse KL(q‖p) from "
+    f"{FIT['eval_samples']:,} draws of q (the same draws at every evaluation), and beside it "
+    "the reverse KL without the 0.1% of draws with the lowest log p − log q. Final values, nats:",
     "",
+    "| training | seed | forward KL(p‖q) | reverse KL(q‖p) | reverse KL, worst 0.1% left out |",
+    "|---|---|---|---|---|",
 ]
 for style, values in finals.items():
-    lines.append(f"- {style}: " + "; ".join(f"{f:.3f}, {r:.3f}" for _, f, r in values))
-lines += ["", "![Figure 7](fig7.png)", ""]
+    for seed, (_, f, r, r_trim) in zip(seeds, values, strict=True):
+        lines.append(f"| {style} | {seed} | {f:.3f} | {r:.3f} | {r_trim:.3f} |")
+
+
+def median_final(style, column):
+    return statistics.median(v[column] for v in finals[style])
+
+
+dsf_fig5 = summary("mixture8", "IAF-DSF", "kl_reverse")[0]
+findings = []
+for column, what in ((1, "forward KL(p‖q)"), (2, "reverse KL(q‖p)"), (3, "trimmed reverse KL")):
+    m, i = median_final(MAF, column), median_final(IAF, column)
+    better = "MAF-style" if m < i else "IAF-style"
+    findings.append(
+        f"- {what}: median over seeds MAF-style {m:.3f}, IAF-style {i:.3f} nats; {better} is lower."
+    )
+tails = [(r, t) for _, _, r, t in finals[MAF] if r > 2 * t + 0.05]
+if tails:
+    findings.append(
+        f"- MAF-style: in {len(tails)} of {len(seeds)} seeds the reverse KL "
+        f"({', '.join(f'{r:.3f}' for r, _ in tails)}) falls to "
+        f"{', '.join(f'{t:.3f}' for _, t in tails)} without its worst 0.1% of draws. Maximum "
+        "likelihood covers every mode but leaves q with tails heavier than p's Gaussian ones: "
+        "forward KL barely sees them, reverse KL weighs each draw there by its log-ratio, "
+        "which grows with the squared distance under p. The estimate is real but rests on a "
+        "handful of draws, hence its jumps between evaluations."
+    )
+findings.append(
+    f"- IAF-style here reaches {median_final(IAF, 2):.3f} nats against {dsf_fig5:.3f} for the "
+    f"same DSF in Figure 5, which anneals the target over its first {FIT['anneal_steps']:,} "
+    f"steps and uses lr {FIT['lr']} (here {FIG7_OPT['lr']}, no annealing); this recipe does not "
+    "separate the two."
+)
+lines += ["", "What it shows:", "", *findings, "", "![Figure 7](fig7.png)", ""]
 (out_dir / "report.md").write_text("\n".join(lines))
 print(f"report: {out_dir / 'report.md'} ({wall / 60:.1f} min)")

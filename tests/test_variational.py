@@ -76,6 +76,15 @@ def test_elbo_bounds_the_log_normalizer_and_importance_weighting_tightens_it() -
     q = iaf_flow(2, 2, "affine", (16,))  # untrained: far from the target
     diag = target_diagnostics(q, target, samples=20_000)
     assert diag["elbo"] < target.log_normalizer and diag["kl_reverse"] > 0.5
+    # The trimmed ELBO drops the 20 draws of lowest log-weight, which an independent
+    # recomputation with the same generator finds too.
+    gen = torch.Generator().manual_seed(3)
+    trimmed = target_diagnostics(q, target, samples=20_000, generator=gen)["elbo_trimmed"]
+    with torch.no_grad():
+        x, log_q = q.rsample_and_log_prob(20_000, generator=torch.Generator().manual_seed(3))
+        log_w = (target.log_prob(x) - log_q).double().sort().values
+    assert trimmed == pytest.approx(float(log_w[20:].mean()), abs=1e-9)
+    assert float(log_w.mean()) < trimmed < float(log_w[21:].mean())
     bounds = {}
     for s in (4, 64, 1024):
         gen = torch.Generator().manual_seed(s)

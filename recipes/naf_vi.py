@@ -271,8 +271,9 @@ lines = [
     "# Variational inference with flows (NAF paper, Figures 5 and 7)"
     + (" — SMOKE RUN" if smoke else ""),
     "",
-    f"- Regenerate: `python recipes/naf_vi.py`; commit `{commit}`; {torch.get_num_threads()} "
-    f"threads; wall time of this invocation {wall / 60:.1f} minutes; seeds {seeds}.",
+    f"- Regenerate: `python recipes/naf_vi.py`; commit `{commit}`; threads: "
+    f"{torch.get_num_threads()}; wall time of this invocation {wall / 60:.1f} minutes; "
+    f"seeds {seeds}.",
     f"- Compute of all {len(rows) + len(fig7_runs)} fits, summed: "
     f"{sum(r['train_s'] for r in rows + fig7_runs) / 60:.1f} minutes; CPUs: "
     + "; ".join(f"{c} ({n} fits)" for c, n in Counter(r["cpu"] for r in rows + fig7_runs).items())

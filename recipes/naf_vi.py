@@ -235,9 +235,8 @@ for seed in seeds:
 
 fig = Figure(figsize=(14, 3.6), layout="constrained")
 panels = ("forward KL(p‖q)", "reverse KL(q‖p)", "reverse KL, worst 0.1% of draws left out")
-for k, label in enumerate(panels):
-    column = k + 1
-    ax = fig.add_subplot(1, 3, k + 1)
+for column, label in enumerate(panels, start=1):  # column of each (step, ...) point
+    ax = fig.add_subplot(1, 3, column)
     for style, per_seed in curves.items():
         for seed, points in per_seed.items():
             ax.plot(

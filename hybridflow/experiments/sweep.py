@@ -219,7 +219,7 @@ def run_sweep(
         statuses = run_cells_submitit(
             cells, evaluate, launcher_args or {}, threads=threads_per_job, stream=stream
         )
-    else:  # train_first: a cell that failed to train keeps its status; the others are evaluated
+    else:  # with train_first, every cell trains first; a cell that failed keeps its status
         local = {"workers": workers, "threads": threads, "stream": stream}
         statuses = run_cells(cells, None if train_first else evaluate, **local)
         trained = [c for c in cells if statuses[c.name].get("status") == "done"]
